@@ -1,0 +1,3 @@
+"""gehirn-ts: a programmable mail and event delivery daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,275 @@
+"""The embedded bus: durable, in-process, one machine.
+
+Messages live in their own SQLite file (WAL, fsync on commit); ``publish`` and
+``send`` fire only after the commit. Each message row is deleted when its handler
+succeeds (the ack), so whatever was not acked when the process died is delivered
+again at the next start: at least once. Which rows are ready, and when, is mirrored
+in memory (a heap per queue), so no polling is needed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gehirn_ts.events import Event, topic_matches
+from gehirn_ts.interfaces import BusMessage, Handler, IEventBus, Requeue
+from gehirn_ts.store.schema import configure
+
+log = Logger()
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    routing_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    ready_at REAL NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS bindings (
+    queue TEXT NOT NULL,
+    pattern TEXT NOT NULL,
+    PRIMARY KEY (queue, pattern)
+);
+"""
+
+
+@dataclass
+class _Queue:
+    ready: list[tuple[float, int, int]] = field(default_factory=list)  # (ready_at, id, attempt)
+    inflight: set[int] = field(default_factory=set)
+    handler: Handler | None = None
+    timer: IDelayedCall | None = None
+
+
+def _open(conn: sqlite3.Connection) -> None:
+    configure(conn)
+
+
+@implementer(IEventBus)
+class LocalBus(Service):
+    name = "bus"
+
+    def __init__(
+        self,
+        path: Path,
+        clock: IReactorTime,
+        *,
+        prefetch: int = 32,
+        default_delay: float = 5.0,
+        stop_grace: float = 15.0,
+    ) -> None:
+        self._path = path
+        self._clock = clock
+        self._prefetch = prefetch
+        self._default_delay = default_delay
+        self._stop_grace = stop_grace
+        self._queues: dict[str, _Queue] = {}
+        self._bindings: dict[str, set[str]] = {}
+        self._pool: adbapi.ConnectionPool | None = None
+        self._dispatching: set[Deferred[None]] = set()
+        self._started: Deferred[None] | None = None
+
+    # --- lifecycle ---
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = Deferred.fromCoroutine(self._load())
+
+    async def _load(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            str(self._path),
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_open,
+            cp_reactor=self._clock,
+        )
+
+        def tx(cur: sqlite3.Cursor) -> tuple[list[Any], list[Any]]:
+            cur.executescript(_SCHEMA)
+            cur.execute("SELECT queue, pattern FROM bindings")
+            bindings = cur.fetchall()
+            cur.execute("SELECT queue, ready_at, id, attempt FROM messages")
+            return bindings, cur.fetchall()
+
+        bindings, rows = await self._pool.runInteraction(tx)
+        for queue, pattern in bindings:
+            self._bindings.setdefault(queue, set()).add(pattern)
+        for queue, ready_at, msg_id, attempt in rows:
+            self._queue(queue).ready.append((ready_at, msg_id, attempt))
+        for name, q in self._queues.items():
+            heapq.heapify(q.ready)
+            self._pump(name)
+
+    async def _ready(self) -> adbapi.ConnectionPool:
+        if self._started is None:
+            raise RuntimeError("the bus is not running")
+        await self._started
+        assert self._pool is not None
+        return self._pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for q in self._queues.values():
+            if q.timer is not None and q.timer.active():
+                q.timer.cancel()
+            q.timer = None
+        if self._dispatching:
+            # Let handlers in flight finish; whatever they do not ack stays stored.
+            pending = defer.DeferredList(list(self._dispatching), consumeErrors=True)
+            pending.addTimeout(self._stop_grace, self._clock)
+            try:
+                await pending
+            except defer.TimeoutError:
+                log.warn("bus stopped with {n} messages unacked", n=len(self._dispatching))
+        if self._started is not None:
+            try:
+                await self._started
+            except Exception:
+                log.failure("bus failed to start")
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    # --- IEventBus ---
+
+    def bind(self, queue: str, patterns: Sequence[str]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._bind(queue, list(patterns)))
+
+    async def _bind(self, queue: str, patterns: list[str]) -> None:
+        pool = await self._ready()
+
+        def tx(cur: sqlite3.Cursor) -> None:
+            cur.executemany(
+                "INSERT OR IGNORE INTO bindings (queue, pattern) VALUES (?, ?)",
+                [(queue, p) for p in patterns],
+            )
+
+        await pool.runInteraction(tx)
+        self._bindings.setdefault(queue, set()).update(patterns)
+
+    def publish(self, event: Event) -> Deferred[None]:
+        queues = sorted(
+            q
+            for q, patterns in self._bindings.items()
+            if any(topic_matches(p, event.type) for p in patterns)
+        )
+        return Deferred.fromCoroutine(self._put(queues, event.type, event.to_json(), 0.0))
+
+    def send(self, queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._put([queue], queue, body, delay))
+
+    def consume(self, queue: str, handler: Handler) -> None:
+        q = self._queue(queue)
+        if q.handler is not None:
+            raise ValueError(f"queue {queue!r} has a consumer already")
+        q.handler = handler
+        self._pump(queue)
+
+    # --- internals ---
+
+    def _queue(self, name: str) -> _Queue:
+        return self._queues.setdefault(name, _Queue())
+
+    async def _put(self, queues: list[str], routing_key: str, body: bytes, delay: float) -> None:
+        pool = await self._ready()
+        if not self.running:
+            raise RuntimeError("the bus is stopping")
+        ready_at = self._clock.seconds() + delay
+
+        def tx(cur: sqlite3.Cursor) -> list[int]:
+            ids = []
+            for queue in queues:
+                cur.execute(
+                    "INSERT INTO messages (queue, routing_key, body, ready_at) VALUES (?,?,?,?)",
+                    (queue, routing_key, body, ready_at),
+                )
+                assert cur.lastrowid is not None
+                ids.append(cur.lastrowid)
+            return ids
+
+        ids = await pool.runInteraction(tx)
+        for queue, msg_id in zip(queues, ids, strict=True):
+            heapq.heappush(self._queue(queue).ready, (ready_at, msg_id, 1))
+            self._pump(queue)
+
+    def _pump(self, name: str) -> None:
+        q = self._queues[name]
+        if q.handler is None or not self.running or self._pool is None:
+            return
+        now = self._clock.seconds()
+        while q.ready and len(q.inflight) < self._prefetch and q.ready[0][0] <= now:
+            _, msg_id, attempt = heapq.heappop(q.ready)
+            q.inflight.add(msg_id)
+            d = Deferred.fromCoroutine(self._dispatch(name, q, msg_id, attempt))
+            self._dispatching.add(d)
+            d.addBoth(self._forget, d)
+        if q.timer is not None and q.timer.active():
+            q.timer.cancel()
+        q.timer = None
+        if q.ready and len(q.inflight) < self._prefetch:
+            wait = max(q.ready[0][0] - now, 0.0)
+            q.timer = self._clock.callLater(wait, self._pump, name)
+
+    def _forget(self, result: object, d: Deferred[None]) -> None:
+        self._dispatching.discard(d)
+
+    async def _dispatch(self, name: str, q: _Queue, msg_id: int, attempt: int) -> None:
+        pool = self._pool
+        assert pool is not None and q.handler is not None
+        redeliver: float | None = None
+        try:
+            row = await pool.runQuery(
+                "SELECT routing_key, body FROM messages WHERE id = ?", (msg_id,)
+            )
+            if not row:
+                return
+            message = BusMessage(name, bytes(row[0][1]), row[0][0], str(msg_id), attempt)
+            try:
+                await q.handler(message)
+            except Requeue as r:
+                redeliver = r.delay
+            except Exception:
+                log.failure("handler for queue {queue} failed; message requeued", queue=name)
+                redeliver = self._default_delay
+            if redeliver is None:
+                await pool.runOperation("DELETE FROM messages WHERE id = ?", (msg_id,))
+            else:
+                ready_at = self._clock.seconds() + redeliver
+                await pool.runOperation(
+                    "UPDATE messages SET ready_at = ?, attempt = attempt + 1 WHERE id = ?",
+                    (ready_at, msg_id),
+                )
+                heapq.heappush(q.ready, (ready_at, msg_id, attempt + 1))
+        except Exception:
+            # The store failed (disk full, pool closed at shutdown): the message stays
+            # stored and is delivered again at the next start.
+            log.failure("bus could not settle message {id} of {queue}", id=msg_id, queue=name)
+        finally:
+            q.inflight.discard(msg_id)
+            if name in self._queues:
+                self._pump(name)
+
+    def depth(self, queue: str) -> int:
+        """Messages in ``queue`` (ready, delayed or in flight)."""
+        q = self._queues.get(queue)
+        return 0 if q is None else len(q.ready) + len(q.inflight)

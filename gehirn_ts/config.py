@@ -1,0 +1,288 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every option is declared once, here, with its parser and its documentation; the
+sample file ``etc/gehirn-ts.toml`` is rendered from these declarations
+(``render_sample``) and a test keeps the two identical. Loading reports every
+bad key at once, each with its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gehirn_ts.durations import parse_duration, parse_size
+
+
+class ConfigError(Exception):
+    """The configuration has one or more bad keys; ``errors`` lists them all."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+Parser = Callable[[Any], Any]
+
+
+def opt(default: Any, parse: Parser, doc: str) -> Any:
+    """Declare an option: its default, how a raw TOML value becomes a typed one, and its doc."""
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+# --- value parsers: raise ValueError with a message that fits after "key: " ---
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _nonempty_str(value: Any) -> str:
+    text = _str(value)
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _duration(value: Any) -> float:
+    return parse_duration(value)
+
+
+def _size(value: Any) -> int:
+    return parse_size(value)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError("expected a number from 0 up to (not including) 1")
+    return float(value)
+
+
+def _schedule(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of durations")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(parse_duration(item))
+        except ValueError as e:
+            raise ValueError(f"item {i}: {e}") from None
+    return tuple(out)
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('expected a list of networks such as "127.0.0.0/8"')
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(_str(item), strict=False)))
+        except ValueError as e:
+            raise ValueError(f"{item!r} is not a network: {e}") from None
+    return tuple(out)
+
+
+_ENDPOINT_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
+
+
+def _endpoint(value: Any) -> str:
+    text = _nonempty_str(value)
+    kind = text.split(":", 1)[0]
+    if kind not in _ENDPOINT_KINDS or ":" not in text:
+        raise ValueError(
+            f'expected a Twisted endpoint string like "tcp:8025:interface=127.0.0.1" '
+            f"(one of {', '.join(_ENDPOINT_KINDS)})"
+        )
+    return text
+
+
+def _bus_url(value: Any) -> str:
+    text = _nonempty_str(value)
+    if text != "local:":
+        # RabbitMQ (amqp://) arrives with the AMQP bus; until then refuse it clearly.
+        raise ValueError('only "local:" (the embedded bus) is supported by this version')
+    return text
+
+
+# --- the schema ---
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where gehirn-ts keeps its files."""
+
+    dir: str = opt(
+        "var",
+        _nonempty_str,
+        "Directory for the database, the embedded bus and generated keys; relative paths "
+        "are taken from the working directory.",
+    )
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP API."""
+
+    listen: str = opt(
+        "tcp:8025:interface=127.0.0.1",
+        _endpoint,
+        "Twisted endpoint the HTTP API listens on.",
+    )
+    max_body: int = opt(1024 * 1024, _size, 'Largest request body accepted (bytes, or "1MiB").')
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    """The event bus."""
+
+    url: str = opt(
+        "local:",
+        _bus_url,
+        '"local:" for the embedded durable bus (one machine).',
+    )
+    prefetch: int = opt(32, _positive_int, "Messages a consumer works on at once.")
+
+
+@dataclass(frozen=True)
+class EdjConfig:
+    """Event delivery."""
+
+    retry_schedule: tuple[float, ...] = opt(
+        (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0),
+        _schedule,
+        "Delay before each retry of a failed delivery; after the last one the delivery is "
+        'dead-lettered. Durations: seconds or "5s", "5m", "2h", "1d".',
+    )
+    retry_jitter: float = opt(
+        0.2, _fraction, "Random spread applied to each retry delay (0.2 = +-20%)."
+    )
+    max_retry_after: float = opt(
+        86400.0, _duration, "Longest Retry-After from a destination that is honoured."
+    )
+    http_timeout: float = opt(10.0, _duration, "Timeout of one webhook request.")
+    allow_networks: tuple[str, ...] = opt(
+        (),
+        _networks,
+        "Private, loopback or link-local networks that destinations may nevertheless reach "
+        "(by default only public addresses are allowed).",
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    state: StateConfig = field(default_factory=StateConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    bus: BusConfig = field(default_factory=BusConfig)
+    edj: EdjConfig = field(default_factory=EdjConfig)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.state.dir)
+
+
+def _sections() -> list[tuple[str, type[Any]]]:
+    return [(f.name, f.default_factory) for f in dataclasses.fields(Config)]  # type: ignore[misc]
+
+
+def from_mapping(raw: Mapping[str, Any]) -> Config:
+    """Build a Config from parsed TOML; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    sections: dict[str, Any] = {}
+    known = dict(_sections())
+    for name in raw:
+        if name not in known:
+            errors.append(f"{name}: unknown section (known: {', '.join(known)})")
+    for name, cls in known.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            errors.append(f"{name}: expected a table [{name}]")
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in fields:
+                errors.append(f"{name}.{key}: unknown key (known: {', '.join(fields)})")
+                continue
+            try:
+                values[key] = fields[key].metadata["parse"](value)
+            except ValueError as e:
+                errors.append(f"{name}.{key}: {e}")
+        sections[name] = cls(**values)
+    if errors:
+        raise ConfigError(errors)
+    return Config(**sections)
+
+
+def load(path: str | Path | None) -> Config:
+    """Read a TOML file (None: the embedded defaults)."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from None
+    return from_mapping(raw)
+
+
+def toml_value(value: Any) -> str:
+    """Render a default as TOML (the few types the schema uses)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {value!r}")
+
+
+def render_sample() -> str:
+    """The documented sample configuration: every option, set to its default."""
+    lines = [
+        "# gehirn-ts configuration. Every option is shown with its default value;",
+        "# delete what you do not change. Rendered from gehirn_ts/config.py (make sample).",
+    ]
+    for name, cls in _sections():
+        lines += ["", f"# {cls.__doc__}", f"[{name}]"]
+        for f in dataclasses.fields(cls):
+            default = f.default
+            lines.append("")
+            lines += [f"# {line}" for line in _wrap(f.metadata["doc"])]
+            lines.append(f"{f.name} = {toml_value(default)}")
+    return "\n".join(lines) + "\n"
+
+
+def _wrap(text: str, width: int = 88) -> list[str]:
+    out: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            out.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*out, line] if line else out

@@ -1,0 +1,1 @@
+"""EDJ, the Event Delivery Junction."""

@@ -1,0 +1,1 @@
+"""Destinations: one class per kind, built from a URL by ``edj.registry``."""

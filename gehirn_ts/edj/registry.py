@@ -1,0 +1,92 @@
+"""URL scheme -> destination class; checks a URL when a subscription is created."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.interfaces import IReactorTime
+
+from gehirn_ts.edj import signature
+from gehirn_ts.edj.destinations.http import WebhookDestination
+from gehirn_ts.edj.netguard import AddressPolicy, ForbiddenAddress
+from gehirn_ts.interfaces import IDestination
+
+MAX_URL_LENGTH = 2048
+
+
+class DestinationError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Context:
+    """What destinations need from the daemon, injected by tap.py (tests pass fakes)."""
+
+    http: Any
+    clock: IReactorTime
+    policy: AddressPolicy
+    http_timeout: float = 10.0
+
+
+def _webhook(url: str, secret: str | None, ctx: Context) -> IDestination:
+    return WebhookDestination(url, secret, http=ctx.http, clock=ctx.clock, timeout=ctx.http_timeout)
+
+
+def _check_http(url: str, secret: str | None, policy: AddressPolicy) -> None:
+    parts = urlsplit(url)
+    try:
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise DestinationError("url", "has an invalid port")
+    if not host:
+        raise DestinationError("url", "has no host")
+    if parts.fragment:
+        raise DestinationError("url", "must not have a #fragment")
+    try:
+        policy.check_literal(host)
+    except ForbiddenAddress as e:
+        raise DestinationError("url", str(e))
+    if secret is not None:
+        try:
+            signature.parse_secret(secret)
+        except signature.SecretError as e:
+            raise DestinationError("secret", str(e))
+
+
+Builder = Callable[[str, str | None, Context], IDestination]
+Checker = Callable[[str, str | None, AddressPolicy], None]
+
+SCHEMES: dict[str, tuple[Builder, Checker]] = {
+    "http": (_webhook, _check_http),
+    "https": (_webhook, _check_http),
+}
+
+
+def check(url: Any, secret: Any, policy: AddressPolicy) -> None:
+    """Raise DestinationError naming the field when a subscription's destination is bad."""
+    if not isinstance(url, str) or not url:
+        raise DestinationError("url", "required, a destination URL such as https://...")
+    if len(url) > MAX_URL_LENGTH or any(c.isspace() or ord(c) < 32 for c in url):
+        raise DestinationError("url", f"must be at most {MAX_URL_LENGTH} characters, no spaces")
+    if secret is not None and not isinstance(secret, str):
+        raise DestinationError("secret", "must be a string")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise DestinationError(
+            "url", f"unsupported scheme {scheme!r} (supported: {', '.join(sorted(SCHEMES))})"
+        )
+    SCHEMES[scheme][1](url, secret, policy)
+
+
+def build(url: str, secret: str | None, ctx: Context) -> IDestination:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise DestinationError("url", f"unsupported scheme {scheme!r}")
+    return SCHEMES[scheme][0](url, secret, ctx)

@@ -1,0 +1,214 @@
+"""Runs the EDJ: routes events to deliveries, and attempts each delivery.
+
+Two bus queues: ``edj.route`` (bound to every event type) and ``edj.deliver``
+(one message per delivery attempt, body = the delivery id). The store holds each
+delivery's state and attempt log; the bus holds when it is next due.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from gehirn_ts.edj import registry
+from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.render import render
+from gehirn_ts.edj.retry import next_delay
+from gehirn_ts.edj.router import route
+from gehirn_ts.events import EDJ_DELIVERY_FAILED, Event, event_from_json
+from gehirn_ts.interfaces import BusMessage, Delivered, IEventBus, PermFail, Requeue, Result
+from gehirn_ts.redact import redact_url
+from gehirn_ts.store.db import Delivery, NotFound, Store, Subscription
+
+log = Logger()
+
+ROUTE_QUEUE = "edj.route"
+DELIVER_QUEUE = "edj.deliver"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    schedule: Sequence[float]
+    jitter: float = 0.2
+    max_retry_after: float = 86400.0
+
+
+class EdjService(Service):
+    name = "edj"
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        bus: IEventBus,
+        publisher: Publisher,
+        context: registry.Context,
+        retry: RetryPolicy,
+        clock: IReactorTime,
+        source: str = "/gehirn-ts/edj",
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._publisher = publisher
+        self._ctx = context
+        self._retry = retry
+        self._clock = clock
+        self._source = source
+        self._active: set[str] = set()
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(lambda f: log.failure("EDJ failed to start", f))
+
+    async def _start(self) -> None:
+        await self._bus.bind(ROUTE_QUEUE, ["#"])
+        self._bus.consume(ROUTE_QUEUE, self.route)
+        self._bus.consume(DELIVER_QUEUE, self.deliver)
+
+    # --- routing ---
+
+    async def route(self, message: BusMessage) -> None:
+        event = event_from_json(message.body)
+        subscriptions = route(event, await self._store.subscriptions_for(event.account))
+        if not subscriptions:
+            return
+        # Make sure the event is stored (an internal publisher may have crashed between
+        # the store and the bus), then create the deliveries idempotently.
+        await self._store.insert_event(event)
+        new = await self._store.create_deliveries(event.id, [s.id for s in subscriptions])
+        for delivery_id in new:
+            await self._bus.send(DELIVER_QUEUE, delivery_id.encode())
+        log.debug("event {event_id} routed to {n} deliveries", event_id=event.id, n=len(new))
+
+    # --- delivering ---
+
+    async def deliver(self, message: BusMessage) -> None:
+        delivery_id = message.body.decode()
+        if delivery_id in self._active:
+            return  # a duplicate message while the same delivery is being attempted
+        self._active.add(delivery_id)
+        try:
+            await self._deliver(delivery_id)
+        finally:
+            self._active.discard(delivery_id)
+
+    async def _deliver(self, delivery_id: str) -> None:
+        try:
+            delivery, event, sub = await self._store.delivery_context(delivery_id)
+        except NotFound:
+            log.warn("delivery {delivery_id} not found; message dropped", delivery_id=delivery_id)
+            return
+        if delivery.status != "pending":
+            return
+        now = self._clock.seconds()
+        if delivery.next_attempt_at is not None and delivery.next_attempt_at > now + 1.0:
+            raise Requeue(delivery.next_attempt_at - now)
+        if sub.deleted_at is not None:
+            await self._store.set_delivery_status(delivery_id, "cancelled")
+            return
+        started = self._clock.seconds()
+        result = await self._attempt(event, sub, delivery_id)
+        duration = self._clock.seconds() - started
+        await self._settle(delivery, event, sub, result, started, duration)
+
+    async def _attempt(self, event: Event, sub: Subscription, delivery_id: str) -> Result:
+        try:
+            destination = registry.build(sub.url, sub.secret, self._ctx)
+            body = render(event, destination.kind)
+        except ValueError as e:
+            return PermFail(f"destination unusable: {e}")
+        result: Result = await destination.deliver(event, body, delivery_id)
+        return result
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        event: Event,
+        sub: Subscription,
+        result: Result,
+        started: float,
+        duration: float,
+    ) -> None:
+        delay: float | None = None
+        if isinstance(result, Delivered):
+            status, outcome = "delivered", "delivered"
+        elif isinstance(result, PermFail):
+            status, outcome = "dead", "failed"
+        else:
+            delay = next_delay(
+                delivery.failures + 1,
+                self._retry.schedule,
+                jitter=self._retry.jitter,
+                retry_after=result.retry_after,
+                max_retry_after=self._retry.max_retry_after,
+            )
+            status, outcome = ("pending", "retry") if delay is not None else ("dead", "failed")
+        fields = dict(
+            delivery_id=delivery.id,
+            event_id=event.id,
+            destination=redact_url(sub.url),
+            outcome=outcome,
+            reason=result.reason,
+        )
+        if status == "dead":
+            # Published before the status is written: if the process dies in between, the
+            # attempt is repeated and the same failure event (same id) is stored once.
+            await self._dead_letter(delivery, event, sub, result, delivery.attempts + 1)
+            log.warn(
+                "delivery {delivery_id} of event {event_id} to {destination} dead: {reason}",
+                **fields,
+            )
+        else:
+            log.info(
+                "delivery {delivery_id} of event {event_id} to {destination}: {outcome} {reason}",
+                **fields,
+            )
+        await self._store.record_attempt(
+            delivery.id,
+            started_at=started,
+            duration=duration,
+            outcome=outcome,
+            status_code=result.status_code,
+            detail=result.reason or None,
+            new_status=status,
+            next_attempt_at=None if delay is None else self._clock.seconds() + delay,
+            failed=not isinstance(result, Delivered),
+        )
+        if delay is not None:
+            raise Requeue(delay)
+
+    async def _dead_letter(
+        self, delivery: Delivery, event: Event, sub: Subscription, result: Result, n: int
+    ) -> None:
+        if event.type == EDJ_DELIVERY_FAILED:
+            return  # never report the failure of a failure report: that could loop
+        failed = Event(
+            type=EDJ_DELIVERY_FAILED,
+            source=self._source,
+            id=f"{delivery.id}.dead.{n}",
+            account=sub.account,
+            severity="warning",
+            subject=delivery.id,
+            data={
+                "delivery_id": delivery.id,
+                "event_id": event.id,
+                "event_type": event.type,
+                "subscription_id": sub.id,
+                "destination": redact_url(sub.url),
+                "attempts": n,
+                "reason": result.reason,
+                "status_code": result.status_code,
+            },
+        )
+        await self._publisher.publish(failed)
+
+    async def replay(self, delivery_id: str, account_id: int | None) -> Delivery:
+        delivery = await self._store.replay_delivery(delivery_id, account_id)
+        await self._bus.send(DELIVER_QUEUE, delivery_id.encode())
+        return delivery

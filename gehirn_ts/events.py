@@ -1,0 +1,239 @@
+"""The event: CloudEvents 1.0 structured JSON, plus topic patterns.
+
+Extension attributes (CloudEvents 1.0 section 3.1.1 naming rules): ``account``
+(the owning account's name; absent for a provider-wide broadcast) and
+``severity`` (info | warning | critical).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SPECVERSION = "1.0"
+SEVERITIES = ("info", "warning", "critical")
+
+# The types gehirn-ts itself emits or documents.
+NOTICE_MAINTENANCE = "notice.maintenance"
+NOTICE_FAULT = "notice.fault"
+MAIL_RECEIVED = "mail.received"
+MAIL_DELIVERED = "mail.delivered"
+MAIL_DELAYED = "mail.delayed"
+MAIL_FAILED = "mail.failed"
+EDJ_DELIVERY_FAILED = "edj.delivery.failed"
+KNOWN_TYPES = (
+    NOTICE_MAINTENANCE,
+    NOTICE_FAULT,
+    "payment.*",
+    "permission.*",
+    MAIL_RECEIVED,
+    MAIL_DELIVERED,
+    MAIL_DELAYED,
+    MAIL_FAILED,
+    EDJ_DELIVERY_FAILED,
+)
+# Only the daemon may publish these: a client must not forge mail or delivery events.
+RESERVED_PREFIXES = ("mail.", "edj.")
+
+_WORD = r"[a-z0-9][a-z0-9_-]*"
+_TYPE_RE = re.compile(rf"^{_WORD}(\.{_WORD})*$")
+_ACCOUNT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+MAX_TYPE_LENGTH = 255
+_ATTRIBUTES = (
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "time",
+    "subject",
+    "datacontenttype",
+    "dataschema",
+    "data",
+    "account",
+    "severity",
+)
+
+
+class EventError(ValueError):
+    """An event attribute is missing or malformed; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    source: str
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    time: str = field(default_factory=lambda: now_rfc3339())
+    subject: str | None = None
+    account: str | None = None
+    severity: str = "info"
+    data: Any = None
+    datacontenttype: str = "application/json"
+    dataschema: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "datacontenttype": self.datacontenttype,
+            "severity": self.severity,
+        }
+        for name in ("subject", "account", "dataschema"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+    def to_json(self) -> bytes:
+        """Structured-mode JSON (CloudEvents JSON format, section 3)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def validate_type(value: Any, field_name: str = "type") -> str:
+    if not isinstance(value, str) or not value:
+        raise EventError(field_name, 'required, a string such as "notice.maintenance"')
+    if len(value) > MAX_TYPE_LENGTH or not _TYPE_RE.match(value):
+        raise EventError(
+            field_name,
+            "must be dot-separated lowercase words (letters, digits, '-', '_'), "
+            'e.g. "notice.fault"',
+        )
+    return value
+
+
+def validate_account_name(value: Any, field_name: str = "account") -> str:
+    if not isinstance(value, str) or not _ACCOUNT_RE.match(value):
+        raise EventError(
+            field_name,
+            "must be 1-63 lowercase letters, digits, '.', '-' or '_', starting "
+            "with a letter or digit",
+        )
+    return value
+
+
+def _opt_str(raw: Mapping[str, Any], name: str, limit: int = 1024) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise EventError(name, f"must be a non-empty string of at most {limit} characters")
+    return value
+
+
+def _check_time(value: str) -> str:
+    # RFC 3339 timestamp (CloudEvents 1.0 section 3.1.4 "Timestamp").
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise EventError("time", "must be an RFC 3339 timestamp such as 2026-01-02T03:04:05Z")
+    if parsed.tzinfo is None or "T" not in value.upper():
+        raise EventError("time", "must be an RFC 3339 timestamp with a time zone")
+    return value
+
+
+def event_from_dict(raw: Any, *, default_source: str = "/gehirn-ts") -> Event:
+    """Validate a structured-mode event; missing optional attributes get defaults."""
+    if not isinstance(raw, dict):
+        raise EventError("body", "must be a JSON object")
+    for name in raw:
+        if name not in _ATTRIBUTES:
+            raise EventError(name, "unknown attribute")
+    spec = raw.get("specversion", SPECVERSION)
+    if spec != SPECVERSION:
+        raise EventError("specversion", 'must be "1.0"')
+    type_ = validate_type(raw.get("type"))
+    severity = raw.get("severity", "info")
+    if severity not in SEVERITIES:
+        raise EventError("severity", f"must be one of {', '.join(SEVERITIES)}")
+    account = raw.get("account")
+    if account is not None:
+        validate_account_name(account)
+    time = _opt_str(raw, "time", 64)
+    if time is not None:
+        _check_time(time)
+    content_type = _opt_str(raw, "datacontenttype", 255) or "application/json"
+    event = Event(
+        type=type_,
+        source=_opt_str(raw, "source") or default_source,
+        id=_opt_str(raw, "id", 255) or str(uuid.uuid4()),
+        time=time or now_rfc3339(),
+        subject=_opt_str(raw, "subject"),
+        account=account,
+        severity=severity,
+        data=raw.get("data"),
+        datacontenttype=content_type,
+        dataschema=_opt_str(raw, "dataschema"),
+    )
+    return event
+
+
+def event_from_json(body: bytes) -> Event:
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise EventError("body", "is not valid JSON")
+    return event_from_dict(raw)
+
+
+# --- topic patterns (AMQP 0-9-1 topic exchange semantics) ---
+
+
+class PatternError(ValueError):
+    pass
+
+
+def validate_pattern(pattern: Any) -> str:
+    """A subscription pattern: words separated by '.', '*' = one word, '#' = zero or more."""
+    if not isinstance(pattern, str) or not pattern:
+        raise PatternError('must be a non-empty string such as "mail.*" or "notice.#"')
+    if len(pattern) > MAX_TYPE_LENGTH:
+        raise PatternError(f"longer than {MAX_TYPE_LENGTH} characters")
+    for word in pattern.split("."):
+        if word in ("*", "#"):
+            continue
+        if not re.fullmatch(_WORD, word):
+            raise PatternError(
+                f"word {word!r} is not valid: use lowercase words, '*' (one word) or "
+                "'#' (zero or more words) separated by '.'"
+            )
+    return pattern
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """True when ``routing_key`` matches ``pattern`` as an AMQP topic binding would."""
+    pwords = pattern.split(".")
+    kwords = routing_key.split(".")
+    # reachable[j]: the pattern prefix consumed so far can match the first j key words.
+    reachable = [True] + [False] * len(kwords)
+    for word in pwords:
+        nxt = [False] * (len(kwords) + 1)
+        if word == "#":
+            seen = False
+            for j in range(len(kwords) + 1):
+                seen = seen or reachable[j]
+                nxt[j] = seen
+        else:
+            for j in range(len(kwords)):
+                if reachable[j] and (word == "*" or word == kwords[j]):
+                    nxt[j + 1] = True
+        reachable = nxt
+    return reachable[len(kwords)]

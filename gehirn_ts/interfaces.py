@@ -1,0 +1,100 @@
+"""The interfaces the parts meet at (zope.interface).
+
+Bus vocabulary, shared by the embedded and the AMQP bus:
+- ``publish(event)`` puts an event on the topic exchange (routing key = its type);
+  every queue bound with a matching pattern gets a copy.
+- ``send(queue, body, delay)`` puts a message straight on one work queue, optionally
+  to become visible after ``delay`` seconds.
+- ``consume(queue, handler)`` calls ``handler(message)`` for each message; the message is
+  acked when the handler's Deferred succeeds. If it fails with ``Requeue(delay)`` the
+  message comes back after ``delay`` seconds; any other failure requeues it after the
+  bus's default delay. Delivery is at least once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from gehirn_ts.events import Event
+
+
+@dataclass(frozen=True)
+class BusMessage:
+    queue: str
+    body: bytes
+    routing_key: str
+    message_id: str
+    # 1 on first delivery; grows with each redelivery (requeue or crash).
+    attempt: int
+
+
+class Requeue(Exception):
+    """Raised by a consumer's handler: deliver this message again after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(f"requeue after {delay:.3f}s")
+        self.delay = delay
+
+
+class BusUnavailable(Exception):
+    """The bus cannot take a message now (the HTTP API answers 503)."""
+
+
+Handler = Callable[[BusMessage], Awaitable[None]]
+
+
+class IEventBus(Interface):
+    def bind(queue: str, patterns: Sequence[str]) -> Deferred[None]:
+        """Declare a durable queue that receives events whose type matches a pattern."""
+
+    def publish(event: Event) -> Deferred[None]:
+        """Publish an event; fires once it is durable."""
+
+    def send(queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:
+        """Put a message on a work queue; fires once it is durable."""
+
+    def consume(queue: str, handler: Handler) -> None:
+        """Start calling ``handler`` for the messages of ``queue``."""
+
+
+class Result:
+    """Outcome of one delivery attempt."""
+
+    retry_after: float | None = None
+    reason: str = ""
+    status_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Delivered(Result):
+    status_code: int | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TempFail(Result):
+    reason: str
+    retry_after: float | None = None
+    status_code: int | None = None
+
+
+@dataclass(frozen=True)
+class PermFail(Result):
+    reason: str
+    status_code: int | None = None
+
+
+class IDestination(Interface):
+    kind = Attribute("Short name of the destination kind, e.g. 'webhook'.")
+
+    def deliver(event: Event, rendered: bytes, delivery_id: str) -> Deferred[Result]:
+        """Deliver one rendered event; never raises, the Result says what happened."""
+
+    def redacted_url() -> str:
+        """The destination URL with its secrets hidden."""

@@ -1,0 +1,586 @@
+"""The Store: every read and write of durable state, through adbapi.
+
+One connection (SQLite has one writer at a time; WAL lets the CLI read meanwhile).
+Each method is one transaction, committed (and so fsync'd) before its Deferred fires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from gehirn_ts.events import Event, event_from_dict
+from gehirn_ts.store.schema import configure
+
+T = TypeVar("T")
+Cursor = sqlite3.Cursor
+
+KEY_PREFIX = "gts"
+
+
+class Conflict(Exception):
+    """A unique value is taken; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class NotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who an API key belongs to: an account, or the administrator (account None)."""
+
+    key_id: str
+    account_id: int | None
+    account: str | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.account_id is None
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Subscription:
+    id: str
+    account_id: int
+    account: str
+    pattern: str
+    url: str
+    secret: str | None
+    created_at: float
+    deleted_at: float | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    n: int
+    started_at: float
+    duration: float
+    outcome: str
+    status_code: int | None
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    event_id: str
+    subscription_id: str
+    status: str  # pending | delivered | dead | cancelled
+    attempts: int
+    failures: int
+    next_attempt_at: float | None
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def hash_secret(secret: str) -> str:
+    # API keys carry 256 random bits, so a fast hash is enough: there is nothing to
+    # brute-force that a slow hash would protect.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_token(token: str) -> tuple[str, str] | None:
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
+        return None
+    return parts[1], parts[2]
+
+
+def _new_key(cur: Cursor, account_id: int | None, now: float) -> tuple[str, str]:
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    cur.execute(
+        "INSERT INTO api_keys (id, account_id, is_admin, hash, created_at) VALUES (?,?,?,?,?)",
+        (key_id, account_id, int(account_id is None), hash_secret(secret), now),
+    )
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
+
+
+_SUB_COLUMNS = "s.id, s.account_id, a.name, s.pattern, s.url, s.secret, s.created_at, s.deleted_at"
+_DLV_COLUMNS = (
+    "id, event_id, subscription_id, status, attempts, failures, next_attempt_at, last_error, "
+    "created_at, updated_at"
+)
+
+
+def _subscription(row: Sequence[Any]) -> Subscription:
+    return Subscription(*row)
+
+
+def _delivery(row: Sequence[Any]) -> Delivery:
+    return Delivery(*row)
+
+
+def _open(conn: sqlite3.Connection) -> None:
+    configure(conn)
+
+
+class Store:
+    def __init__(self, path: Path, clock: IReactorTime) -> None:
+        self.path = path
+        self._clock = clock
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3",
+            str(path),
+            check_same_thread=False,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_open,
+            cp_reactor=clock,
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def _now(self) -> float:
+        return self._clock.seconds()
+
+    def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = self._pool.runInteraction(fn, *args)
+        return d
+
+    # --- accounts and keys ---
+
+    def create_account(self, name: str) -> Deferred[tuple[Account, str, str]]:
+        """Create an account and its first API key: (account, key id, token)."""
+        now = self._now()
+
+        def tx(cur: Cursor) -> tuple[Account, str, str]:
+            try:
+                cur.execute("INSERT INTO accounts (name, created_at) VALUES (?,?)", (name, now))
+            except sqlite3.IntegrityError:
+                raise Conflict("name", f"an account named {name!r} exists already")
+            account_id = cur.lastrowid
+            assert account_id is not None
+            key_id, token = _new_key(cur, account_id, now)
+            return Account(account_id, name, now), key_id, token
+
+        return self._run(tx)
+
+    def list_accounts(self) -> Deferred[list[Account]]:
+        def tx(cur: Cursor) -> list[Account]:
+            cur.execute("SELECT id, name, created_at FROM accounts ORDER BY name")
+            return [Account(*row) for row in cur.fetchall()]
+
+        return self._run(tx)
+
+    def account_by_name(self, name: str) -> Deferred[Account | None]:
+        def tx(cur: Cursor) -> Account | None:
+            cur.execute("SELECT id, name, created_at FROM accounts WHERE name = ?", (name,))
+            row = cur.fetchone()
+            return Account(*row) if row else None
+
+        return self._run(tx)
+
+    def create_key(self, account: str | None) -> Deferred[tuple[str, str]]:
+        """A new key for the named account, or an admin key (None): (key id, token)."""
+        now = self._now()
+
+        def tx(cur: Cursor) -> tuple[str, str]:
+            account_id = None
+            if account is not None:
+                cur.execute("SELECT id FROM accounts WHERE name = ?", (account,))
+                row = cur.fetchone()
+                if row is None:
+                    raise NotFound(f"no account named {account!r}")
+                account_id = row[0]
+            return _new_key(cur, account_id, now)
+
+        return self._run(tx)
+
+    def revoke_key(self, key_id: str) -> Deferred[None]:
+        now = self._now()
+
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (now, key_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no active key {key_id!r}")
+
+        return self._run(tx)
+
+    def list_keys(self) -> Deferred[list[dict[str, Any]]]:
+        def tx(cur: Cursor) -> list[dict[str, Any]]:
+            cur.execute(
+                "SELECT k.id, a.name, k.is_admin, k.created_at, k.revoked_at FROM api_keys k "
+                "LEFT JOIN accounts a ON a.id = k.account_id ORDER BY k.created_at"
+            )
+            return [
+                {
+                    "id": r[0],
+                    "account": r[1],
+                    "admin": bool(r[2]),
+                    "created_at": r[3],
+                    "revoked_at": r[4],
+                }
+                for r in cur.fetchall()
+            ]
+
+        return self._run(tx)
+
+    def authenticate(self, token: str) -> Deferred[Principal | None]:
+        parts = split_token(token)
+
+        def tx(cur: Cursor) -> Principal | None:
+            if parts is None:
+                return None
+            key_id, secret = parts
+            cur.execute(
+                "SELECT k.hash, k.account_id, a.name FROM api_keys k "
+                "LEFT JOIN accounts a ON a.id = k.account_id "
+                "WHERE k.id = ? AND k.revoked_at IS NULL",
+                (key_id,),
+            )
+            row = cur.fetchone()
+            if row is None or not hmac.compare_digest(row[0], hash_secret(secret)):
+                return None
+            return Principal(key_id, row[1], row[2])
+
+        return self._run(tx)
+
+    # --- subscriptions ---
+
+    def create_subscription(
+        self, account_id: int, pattern: str, url: str, secret: str | None
+    ) -> Deferred[Subscription]:
+        now = self._now()
+        sub_id = new_id("sub")
+
+        def tx(cur: Cursor) -> Subscription:
+            cur.execute(
+                "INSERT INTO subscriptions (id, account_id, pattern, url, secret, created_at) "
+                "VALUES (?,?,?,?,?,?)",
+                (sub_id, account_id, pattern, url, secret, now),
+            )
+            return self._get_subscription(cur, sub_id)
+
+        return self._run(tx)
+
+    @staticmethod
+    def _get_subscription(cur: Cursor, sub_id: str) -> Subscription:
+        cur.execute(
+            f"SELECT {_SUB_COLUMNS} FROM subscriptions s JOIN accounts a ON a.id = s.account_id "  # noqa: S608
+            "WHERE s.id = ?",
+            (sub_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(sub_id)
+        return _subscription(row)
+
+    def get_subscription(self, sub_id: str) -> Deferred[Subscription]:
+        return self._run(self._get_subscription, sub_id)
+
+    def list_subscriptions(self, account_id: int | None) -> Deferred[list[Subscription]]:
+        def tx(cur: Cursor) -> list[Subscription]:
+            cur.execute(
+                f"SELECT {_SUB_COLUMNS} FROM subscriptions s JOIN accounts a "  # noqa: S608
+                "ON a.id = s.account_id WHERE s.deleted_at IS NULL "
+                "AND (? IS NULL OR s.account_id = ?) ORDER BY s.created_at, s.id",
+                (account_id, account_id),
+            )
+            return [_subscription(r) for r in cur.fetchall()]
+
+        return self._run(tx)
+
+    def delete_subscription(self, sub_id: str, account_id: int | None) -> Deferred[None]:
+        now = self._now()
+
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE subscriptions SET deleted_at = ? WHERE id = ? AND deleted_at IS NULL "
+                "AND (? IS NULL OR account_id = ?)",
+                (now, sub_id, account_id, account_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(sub_id)
+
+        return self._run(tx)
+
+    # --- events and deliveries ---
+
+    def insert_event(self, event: Event) -> Deferred[bool]:
+        """Store an event. False when the same event (same id, same content) exists;
+        Conflict when its id is taken by a different event."""
+        now = self._now()
+        body = event.to_json()
+
+        def tx(cur: Cursor) -> bool:
+            account_id = None
+            if event.account is not None:
+                cur.execute("SELECT id FROM accounts WHERE name = ?", (event.account,))
+                row = cur.fetchone()
+                if row is None:
+                    raise NotFound(f"no account named {event.account!r}")
+                account_id = row[0]
+            cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
+            row = cur.fetchone()
+            if row is not None:
+                if json.loads(row[0]) == json.loads(body):
+                    return False
+                raise Conflict("id", f"an event with id {event.id!r} exists with other content")
+            cur.execute(
+                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
+                (event.id, account_id, event.type, body, now),
+            )
+            return True
+
+        return self._run(tx)
+
+    def get_event(self, event_id: str, account_id: int | None) -> Deferred[Event]:
+        def tx(cur: Cursor) -> Event:
+            cur.execute(
+                "SELECT body FROM events WHERE id = ? AND (? IS NULL OR account_id = ?)",
+                (event_id, account_id, account_id),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(event_id)
+            return event_from_dict(json.loads(row[0]))
+
+        return self._run(tx)
+
+    def subscriptions_for(self, account: str | None) -> Deferred[list[Subscription]]:
+        """Live subscriptions that may see an event of ``account`` (None: broadcast)."""
+
+        def tx(cur: Cursor) -> list[Subscription]:
+            cur.execute(
+                f"SELECT {_SUB_COLUMNS} FROM subscriptions s JOIN accounts a "  # noqa: S608
+                "ON a.id = s.account_id WHERE s.deleted_at IS NULL AND (? IS NULL OR a.name = ?)",
+                (account, account),
+            )
+            return [_subscription(r) for r in cur.fetchall()]
+
+        return self._run(tx)
+
+    def create_deliveries(
+        self, event_id: str, subscription_ids: Sequence[str]
+    ) -> Deferred[list[str]]:
+        """One delivery per subscription (idempotent); the ids not yet attempted."""
+        now = self._now()
+
+        def tx(cur: Cursor) -> list[str]:
+            for sub_id in subscription_ids:
+                cur.execute(
+                    "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "
+                    "created_at, updated_at) VALUES (?,?,?,'pending',?,?)",
+                    (new_id("dlv"), event_id, sub_id, now, now),
+                )
+            cur.execute(
+                "SELECT id FROM deliveries WHERE event_id = ? AND status = 'pending' "
+                "AND attempts = 0 ORDER BY id",
+                (event_id,),
+            )
+            return [r[0] for r in cur.fetchall()]
+
+        return self._run(tx)
+
+    def get_delivery(self, delivery_id: str) -> Deferred[Delivery]:
+        def tx(cur: Cursor) -> Delivery:
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+                (delivery_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(delivery_id)
+            return _delivery(row)
+
+        return self._run(tx)
+
+    def delivery_context(self, delivery_id: str) -> Deferred[tuple[Delivery, Event, Subscription]]:
+        """A delivery with its event and subscription, read in one transaction."""
+
+        def tx(cur: Cursor) -> tuple[Delivery, Event, Subscription]:
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+                (delivery_id,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(delivery_id)
+            delivery = _delivery(row)
+            cur.execute("SELECT body FROM events WHERE id = ?", (delivery.event_id,))
+            event = event_from_dict(json.loads(cur.fetchone()[0]))
+            return delivery, event, self._get_subscription(cur, delivery.subscription_id)
+
+        return self._run(tx)
+
+    def record_attempt(
+        self,
+        delivery_id: str,
+        *,
+        started_at: float,
+        duration: float,
+        outcome: str,
+        status_code: int | None,
+        detail: str | None,
+        new_status: str,
+        next_attempt_at: float | None,
+        failed: bool,
+    ) -> Deferred[Delivery]:
+        """Log one attempt and move the delivery to its new status, atomically."""
+        now = self._now()
+
+        def tx(cur: Cursor) -> Delivery:
+            cur.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, failures = failures + ?, "
+                "status = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
+                "WHERE id = ? RETURNING attempts",
+                (
+                    int(failed),
+                    new_status,
+                    next_attempt_at,
+                    detail if failed else None,
+                    now,
+                    delivery_id,
+                ),
+            )
+            (n,) = cur.fetchone()
+            cur.execute(
+                "INSERT INTO attempts (delivery_id, n, started_at, duration, outcome, "
+                "status_code, detail) VALUES (?,?,?,?,?,?,?)",
+                (delivery_id, n, started_at, duration, outcome, status_code, detail),
+            )
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+                (delivery_id,),
+            )
+            return _delivery(cur.fetchone())
+
+        return self._run(tx)
+
+    def set_delivery_status(self, delivery_id: str, status: str) -> Deferred[None]:
+        now = self._now()
+
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE deliveries SET status = ?, next_attempt_at = NULL, updated_at = ? "
+                "WHERE id = ?",
+                (status, now, delivery_id),
+            )
+
+        return self._run(tx)
+
+    def replay_delivery(self, delivery_id: str, account_id: int | None) -> Deferred[Delivery]:
+        """Put a dead delivery back to pending with a fresh retry schedule."""
+        now = self._now()
+
+        def tx(cur: Cursor) -> Delivery:
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries d WHERE id = ? AND (? IS NULL OR "  # noqa: S608
+                "EXISTS (SELECT 1 FROM subscriptions s WHERE s.id = d.subscription_id "
+                "AND s.account_id = ?))",
+                (delivery_id, account_id, account_id),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(delivery_id)
+            if _delivery(row).status != "dead":
+                raise Conflict("status", "only a dead delivery can be replayed")
+            cur.execute(
+                "UPDATE deliveries SET status = 'pending', failures = 0, next_attempt_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                (now, now, delivery_id),
+            )
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
+                (delivery_id,),
+            )
+            return _delivery(cur.fetchone())
+
+        return self._run(tx)
+
+    def list_deliveries(
+        self, account_id: int | None, status: str | None, limit: int
+    ) -> Deferred[list[Delivery]]:
+        def tx(cur: Cursor) -> list[Delivery]:
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries d WHERE (? IS NULL OR status = ?) "  # noqa: S608
+                "AND (? IS NULL OR EXISTS (SELECT 1 FROM subscriptions s WHERE "
+                "s.id = d.subscription_id AND s.account_id = ?)) "
+                "ORDER BY created_at DESC, id LIMIT ?",
+                (status, status, account_id, account_id, limit),
+            )
+            return [_delivery(r) for r in cur.fetchall()]
+
+        return self._run(tx)
+
+    def deliveries_of_event(self, event_id: str) -> Deferred[list[tuple[Delivery, list[Attempt]]]]:
+        def tx(cur: Cursor) -> list[tuple[Delivery, list[Attempt]]]:
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE event_id = ? "  # noqa: S608
+                "ORDER BY created_at, id",
+                (event_id,),
+            )
+            out = []
+            for row in cur.fetchall():
+                delivery = _delivery(row)
+                cur.execute(
+                    "SELECT n, started_at, duration, outcome, status_code, detail FROM attempts "
+                    "WHERE delivery_id = ? ORDER BY n",
+                    (delivery.id,),
+                )
+                out.append((delivery, [Attempt(*a) for a in cur.fetchall()]))
+            return out
+
+        return self._run(tx)
+
+    def pending_deliveries(self) -> Deferred[list[Delivery]]:
+        def tx(cur: Cursor) -> list[Delivery]:
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE status = 'pending'"  # noqa: S608
+            )
+            return [_delivery(r) for r in cur.fetchall()]
+
+        return self._run(tx)
+
+
+def bootstrap_admin_key(path: Path, now: float) -> str | None:
+    """Create the admin key if none exists yet (before the reactor runs); its token or None."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        configure(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        row = conn.execute(
+            "SELECT 1 FROM api_keys WHERE is_admin = 1 AND revoked_at IS NULL"
+        ).fetchone()
+        if row is not None:
+            conn.execute("ROLLBACK")
+            return None
+        _, token = _new_key(conn.cursor(), None, now)
+        conn.execute("COMMIT")
+        return token
+    finally:
+        conn.close()

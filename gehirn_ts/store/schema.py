@@ -1,0 +1,114 @@
+"""The versioned SQLite schema and its migrations.
+
+``PRAGMA user_version`` holds the number of migrations applied. Migrations only ever
+append: a released one is never edited. They run at start, before the reactor, so a
+database the code cannot use stops startup with a clear message.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+MIGRATIONS: list[str] = [
+    # 1: accounts, API keys, subscriptions, events, deliveries and their attempts.
+    """
+    CREATE TABLE accounts (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER REFERENCES accounts(id),
+        is_admin INTEGER NOT NULL DEFAULT 0,
+        hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL,
+        CHECK ((is_admin = 1 AND account_id IS NULL) OR (is_admin = 0 AND account_id IS NOT NULL))
+    );
+    CREATE TABLE subscriptions (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        pattern TEXT NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT,
+        created_at REAL NOT NULL,
+        deleted_at REAL
+    );
+    CREATE INDEX subscriptions_account ON subscriptions(account_id) WHERE deleted_at IS NULL;
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER REFERENCES accounts(id),
+        type TEXT NOT NULL,
+        body BLOB NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        event_id TEXT NOT NULL REFERENCES events(id),
+        subscription_id TEXT NOT NULL REFERENCES subscriptions(id),
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        UNIQUE (event_id, subscription_id)
+    );
+    CREATE INDEX deliveries_status ON deliveries(status);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        delivery_id TEXT NOT NULL REFERENCES deliveries(id),
+        n INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        duration REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        status_code INTEGER,
+        detail TEXT
+    );
+    CREATE INDEX attempts_delivery ON attempts(delivery_id);
+    """,
+]
+
+
+class SchemaError(Exception):
+    pass
+
+
+def configure(conn: sqlite3.Connection) -> None:
+    """Per-connection settings: WAL, fsync on every commit, foreign keys."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: in WAL mode each commit is fsync'd, so an acknowledged write survives a crash.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+
+
+def migrate(path: Path) -> int:
+    """Bring the database at ``path`` to the newest schema; return its version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        configure(conn)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise SchemaError(
+                f"{path}: schema version {version} is newer than this gehirn-ts "
+                f"({len(MIGRATIONS)}); upgrade gehirn-ts or restore a backup"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return len(MIGRATIONS)
+    finally:
+        conn.close()

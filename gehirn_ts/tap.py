@@ -1,0 +1,112 @@
+"""twistd plugin: options and makeService. The only place that picks concrete classes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.client import HTTPConnectionPool
+
+from gehirn_ts.bus.local import LocalBus
+from gehirn_ts.config import Config, ConfigError, load
+from gehirn_ts.edj import registry
+from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
+from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.store.db import Store, bootstrap_admin_key
+from gehirn_ts.store.schema import SchemaError, migrate
+from gehirn_ts.web.api import Api, make_site
+
+DB_FILE = "gehirn-ts.sqlite"
+BUS_FILE = "bus.sqlite"
+ADMIN_KEY_FILE = "admin.key"
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (default: the embedded defaults)"],
+    ]
+
+
+class _Closer(Service):
+    """Closes shared resources after every other service has stopped."""
+
+    def __init__(self, store: Store, pool: HTTPConnectionPool) -> None:
+        self._store = store
+        self._pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._store.close()
+        return self._pool.closeCachedConnections()
+
+
+def prepare_state(config: Config, now: float) -> Path:
+    """Create the state directory, migrate the database, make the admin key on first start."""
+    state = config.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    db = state / DB_FILE
+    migrate(db)
+    token = bootstrap_admin_key(db, now)
+    if token is not None:
+        key_file = state / ADMIN_KEY_FILE
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        # Shown once, on the terminal only (never through the logger), like a first-run
+        # setup token; it also stays readable by root in the state directory.
+        print(
+            f"gehirn-ts: created the admin API key (also in {key_file}):\n  {token}",
+            file=sys.stderr,
+        )
+    return db
+
+
+def build(config: Config, reactor: Any) -> MultiService:
+    db = prepare_state(config, reactor.seconds())
+    top = MultiService()
+    store = Store(db, reactor)
+    policy = AddressPolicy(config.edj.allow_networks)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    http = HTTPClient(guarded_agent(reactor, policy, pool))
+    _Closer(store, pool).setServiceParent(top)
+
+    bus = LocalBus(config.state_dir / BUS_FILE, reactor, prefetch=config.bus.prefetch)
+    bus.setServiceParent(top)
+    publisher = Publisher(store, bus)
+    edj = EdjService(
+        store=store,
+        bus=bus,
+        publisher=publisher,
+        context=registry.Context(http, reactor, policy, config.edj.http_timeout),
+        retry=RetryPolicy(
+            config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after
+        ),
+        clock=reactor,
+    )
+    edj.setServiceParent(top)
+
+    api = Api(store, publisher, edj, policy)
+    site = make_site(api, store, config.http.max_body)
+    web = StreamServerEndpointService(serverFromString(reactor, config.http.listen), site)
+    web._raiseSynchronously = True
+    web.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        config = load(options["config"])
+        return build(config, reactor)
+    except (ConfigError, SchemaError) as e:
+        print(f"gehirn-ts: {e}", file=sys.stderr)
+        raise SystemExit(2)

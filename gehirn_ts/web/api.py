@@ -1,0 +1,259 @@
+"""The v1 HTTP API: events, subscriptions, deliveries, health."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.web.server import Site
+
+from gehirn_ts.edj import registry
+from gehirn_ts.edj.netguard import AddressPolicy
+from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.worker import EdjService
+from gehirn_ts.events import (
+    RESERVED_PREFIXES,
+    EventError,
+    PatternError,
+    event_from_dict,
+    validate_account_name,
+    validate_pattern,
+)
+from gehirn_ts.interfaces import BusUnavailable
+from gehirn_ts.redact import redact_secret, redact_url
+from gehirn_ts.store.db import Attempt, Conflict, Delivery, NotFound, Principal, Store, Subscription
+from gehirn_ts.web.http import (
+    ApiError,
+    Call,
+    JsonApi,
+    Response,
+    Route,
+    bad_request,
+    request_factory,
+)
+
+DELIVERY_STATUSES = ("pending", "delivered", "dead", "cancelled")
+MAX_LIST = 1000
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def subscription_json(sub: Subscription) -> dict[str, Any]:
+    return {
+        "id": sub.id,
+        "account": sub.account,
+        "pattern": sub.pattern,
+        "url": redact_url(sub.url),
+        "secret": redact_secret(sub.secret),
+        "created_at": iso(sub.created_at),
+    }
+
+
+def delivery_json(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "event_id": d.event_id,
+        "subscription_id": d.subscription_id,
+        "status": d.status,
+        "attempts": d.attempts,
+        "next_attempt_at": iso(d.next_attempt_at) if d.status == "pending" else None,
+        "last_error": d.last_error,
+        "created_at": iso(d.created_at),
+        "updated_at": iso(d.updated_at),
+    }
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    return {
+        "n": a.n,
+        "started_at": iso(a.started_at),
+        "duration_ms": round(a.duration * 1000, 1),
+        "outcome": a.outcome,
+        "status_code": a.status_code,
+        "detail": a.detail,
+    }
+
+
+def _principal(call: Call) -> Principal:
+    assert call.principal is not None
+    return call.principal
+
+
+class Api:
+    def __init__(
+        self, store: Store, publisher: Publisher, edj: EdjService, policy: AddressPolicy
+    ) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._edj = edj
+        self._policy = policy
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("GET", "/healthz", self.healthz, (200, 503), auth=False),
+            Route("POST", "/v1/events", self.publish, (202, 400, 401, 403, 409, 413, 415, 503)),
+            Route("GET", "/v1/events/{id}", self.get_event, (200, 401, 404)),
+            Route(
+                "POST",
+                "/v1/subscriptions",
+                self.create_subscription,
+                (201, 400, 401, 403, 413, 415),
+            ),
+            Route("GET", "/v1/subscriptions", self.list_subscriptions, (200, 401)),
+            Route("GET", "/v1/subscriptions/{id}", self.get_subscription, (200, 401, 404)),
+            Route("DELETE", "/v1/subscriptions/{id}", self.delete_subscription, (204, 401, 404)),
+            Route("GET", "/v1/deliveries", self.list_deliveries, (200, 400, 401)),
+            Route("POST", "/v1/deliveries/{id}/replay", self.replay, (202, 401, 404, 409)),
+        ]
+
+    # --- handlers ---
+
+    async def healthz(self, call: Call) -> Response:
+        try:
+            await self._store.list_accounts()
+        except Exception:
+            return Response(503, {"status": "unavailable", "store": "error"})
+        return Response(200, {"status": "ok"})
+
+    async def _account_for(self, principal: Principal, requested: Any) -> str | None:
+        """The account a request acts for: an account key's own; an admin names one (or none)."""
+        if requested is not None:
+            try:
+                validate_account_name(requested)
+            except EventError as e:
+                raise bad_request("account", e.message)
+        if not principal.is_admin:
+            if requested is not None and requested != principal.account:
+                raise ApiError(
+                    403, "forbidden", "an account key acts only for its own account", "account"
+                )
+            return principal.account
+        if requested is not None and await self._store.account_by_name(requested) is None:
+            raise bad_request("account", f"no account named {requested!r}")
+        return requested  # type: ignore[no-any-return]
+
+    async def publish(self, call: Call) -> Response:
+        principal = _principal(call)
+        body = call.json()
+        if not isinstance(body, dict):
+            raise bad_request("body", "must be a JSON object (a structured CloudEvent)")
+        account = await self._account_for(principal, body.get("account"))
+        if account is not None:
+            body = {**body, "account": account}
+        try:
+            event = event_from_dict(body, default_source=f"/gehirn-ts/api/{account or 'admin'}")
+        except EventError as e:
+            raise bad_request(e.field, e.message)
+        if event.type.startswith(RESERVED_PREFIXES):
+            raise bad_request("type", "mail.* and edj.* events are published by gehirn-ts only")
+        if account is None and not principal.is_admin:
+            raise ApiError(403, "forbidden", "only the admin key publishes broadcasts", "account")
+        try:
+            await self._publisher.publish(event)
+        except Conflict as e:
+            raise ApiError(409, "conflict", e.message, e.field)
+        except BusUnavailable as e:
+            raise ApiError(
+                503,
+                "unavailable",
+                f"the event bus is unavailable: {e}",
+                headers={"Retry-After": "5"},
+            )
+        return Response(202, {"id": event.id})
+
+    async def get_event(self, call: Call) -> Response:
+        principal = _principal(call)
+        try:
+            event = await self._store.get_event(call.params["id"], principal.account_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "no such event", "id")
+        deliveries = await self._store.deliveries_of_event(event.id)
+        return Response(
+            200,
+            {
+                "event": event.to_dict(),
+                "deliveries": [
+                    {**delivery_json(d), "attempt_log": [attempt_json(a) for a in attempts]}
+                    for d, attempts in deliveries
+                ],
+            },
+        )
+
+    async def create_subscription(self, call: Call) -> Response:
+        principal = _principal(call)
+        body = call.json_object(("pattern", "url", "secret", "account"), ("pattern", "url"))
+        account = await self._account_for(principal, body.get("account"))
+        if account is None:
+            raise bad_request("account", "required with the admin key")
+        try:
+            pattern = validate_pattern(body["pattern"])
+        except PatternError as e:
+            raise bad_request("pattern", str(e))
+        try:
+            registry.check(body["url"], body.get("secret"), self._policy)
+        except registry.DestinationError as e:
+            raise bad_request(e.field, e.message)
+        acct = await self._store.account_by_name(account)
+        assert acct is not None
+        sub = await self._store.create_subscription(
+            acct.id, pattern, body["url"], body.get("secret")
+        )
+        return Response(201, subscription_json(sub), {"Location": f"/v1/subscriptions/{sub.id}"})
+
+    async def list_subscriptions(self, call: Call) -> Response:
+        subs = await self._store.list_subscriptions(_principal(call).account_id)
+        return Response(200, {"subscriptions": [subscription_json(s) for s in subs]})
+
+    async def _own_subscription(self, call: Call) -> Subscription:
+        principal = _principal(call)
+        try:
+            sub = await self._store.get_subscription(call.params["id"])
+        except NotFound:
+            sub = None
+        if (
+            sub is None
+            or sub.deleted_at is not None
+            or (not principal.is_admin and sub.account_id != principal.account_id)
+        ):
+            raise ApiError(404, "not_found", "no such subscription", "id")
+        return sub
+
+    async def get_subscription(self, call: Call) -> Response:
+        return Response(200, subscription_json(await self._own_subscription(call)))
+
+    async def delete_subscription(self, call: Call) -> Response:
+        sub = await self._own_subscription(call)
+        await self._store.delete_subscription(sub.id, _principal(call).account_id)
+        return Response(204)
+
+    async def list_deliveries(self, call: Call) -> Response:
+        status = call.query("status")
+        if status is not None and status not in DELIVERY_STATUSES:
+            raise bad_request("status", f"must be one of {', '.join(DELIVERY_STATUSES)}")
+        raw_limit = call.query("limit") or "100"
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST:
+            raise bad_request("limit", f"must be a whole number from 1 to {MAX_LIST}")
+        deliveries = await self._store.list_deliveries(
+            _principal(call).account_id, status, int(raw_limit)
+        )
+        return Response(200, {"deliveries": [delivery_json(d) for d in deliveries]})
+
+    async def replay(self, call: Call) -> Response:
+        try:
+            delivery = await self._edj.replay(call.params["id"], _principal(call).account_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "no such delivery", "id")
+        except Conflict as e:
+            raise ApiError(409, "conflict", e.message, e.field)
+        return Response(202, delivery_json(delivery))
+
+
+def make_site(api: Api, store: Store, max_body: int) -> Site:
+    root = JsonApi(api.routes(), store.authenticate)
+    site = Site(root, requestFactory=request_factory(max_body))
+    site.displayTracebacks = False
+    return site
