@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gehirn_ts.durations import parse_duration, parse_size
+from gehirn_ts.durations import format_duration, format_size, parse_duration, parse_size
 
 
 class ConfigError(Exception):
@@ -30,9 +30,10 @@ class ConfigError(Exception):
 Parser = Callable[[Any], Any]
 
 
-def opt(default: Any, parse: Parser, doc: str) -> Any:
-    """Declare an option: its default, how a raw TOML value becomes a typed one, and its doc."""
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def opt(default: Any, parse: Parser, doc: str, show: Callable[[Any], Any] | None = None) -> Any:
+    """Declare an option: its default, how a raw TOML value becomes a typed one, its doc,
+    and (``show``) how the sample writes the default when not as the value itself."""
+    return field(default=default, metadata={"parse": parse, "doc": doc, "show": show})
 
 
 # --- value parsers: raise ValueError with a message that fits after "key: " ---
@@ -147,7 +148,9 @@ class HttpConfig:
         _endpoint,
         "Twisted endpoint the HTTP API listens on.",
     )
-    max_body: int = opt(1024 * 1024, _size, 'Largest request body accepted (bytes, or "1MiB").')
+    max_body: int = opt(
+        1024 * 1024, _size, 'Largest request body accepted (bytes, or "1MiB").', format_size
+    )
 
 
 @dataclass(frozen=True)
@@ -171,14 +174,18 @@ class EdjConfig:
         _schedule,
         "Delay before each retry of a failed delivery; after the last one the delivery is "
         'dead-lettered. Durations: seconds or "5s", "5m", "2h", "1d".',
+        lambda v: [format_duration(x) for x in v],
     )
     retry_jitter: float = opt(
         0.2, _fraction, "Random spread applied to each retry delay (0.2 = +-20%)."
     )
     max_retry_after: float = opt(
-        86400.0, _duration, "Longest Retry-After from a destination that is honoured."
+        86400.0,
+        _duration,
+        "Longest Retry-After from a destination that is honoured.",
+        format_duration,
     )
-    http_timeout: float = opt(10.0, _duration, "Timeout of one webhook request.")
+    http_timeout: float = opt(10.0, _duration, "Timeout of one webhook request.", format_duration)
     allow_networks: tuple[str, ...] = opt(
         (),
         _networks,
@@ -269,7 +276,8 @@ def render_sample() -> str:
     for name, cls in _sections():
         lines += ["", f"# {cls.__doc__}", f"[{name}]"]
         for f in dataclasses.fields(cls):
-            default = f.default
+            show = f.metadata["show"]
+            default = show(f.default) if show else f.default
             lines.append("")
             lines += [f"# {line}" for line in _wrap(f.metadata["doc"])]
             lines.append(f"{f.name} = {toml_value(default)}")

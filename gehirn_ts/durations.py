@@ -56,3 +56,22 @@ def parse_size(value: Any) -> int:
     if size < 1:
         raise ValueError("a size must be at least 1 byte")
     return size
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling: 300 -> "5m", 0.5 -> "500ms"."""
+    for unit in ("d", "h", "m", "s"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    millis = seconds * 1000
+    if millis == int(millis):
+        return f"{int(millis)}ms"
+    return f"{seconds}s"
+
+
+def format_size(size: int) -> str:
+    for unit in ("GiB", "MiB", "KiB"):
+        if size >= _SIZE_UNITS[unit] and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"

@@ -1,0 +1,52 @@
+# gehirn-ts: `make run` and `make test` work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deps-installed
+
+# What the daemon needs from Debian: a Python with venv, and a compiler for any
+# dependency that has no wheel for this platform.
+RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
+# What the tests need beyond that (real peers are added here as they come).
+TEST_DEBS := curl
+
+.PHONY: run test lint unit integration sample bench deb clean install
+
+$(STAMP): setup.py pyproject.toml
+	@if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then scripts/apt-need $(RUN_DEBS); fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q '.[test]'
+	touch $(STAMP)
+
+# Reinstall the package itself (not its dependencies) so the installed twistd plugin
+# always matches the working tree.
+install: $(STAMP)
+	$(BIN)/pip install -q --no-deps --force-reinstall .
+
+run: install
+	$(BIN)/twistd --nodaemon --pidfile= gehirn-ts $(if $(CONFIG),--config $(CONFIG))
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install
+	@scripts/apt-need $(TEST_DEBS)
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)
+
+sample: $(STAMP)
+	$(BIN)/python -c 'from gehirn_ts.config import render_sample; print(render_sample(), end="")' \
+		> etc/gehirn-ts.toml
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

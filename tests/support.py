@@ -1,0 +1,49 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import functools
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+
+
+def inline(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Deferred[Any]]:
+    """Let a trial test be an ``async def``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(fn(*args, **kwargs))
+
+    return wrapper
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def until(
+    predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 10.0, step: float = 0.02
+) -> Any:
+    """Wait (on the reactor) until ``predicate`` is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if isinstance(value, Deferred) or hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await sleep(step)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

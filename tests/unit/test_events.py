@@ -1,0 +1,186 @@
+import json
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from gehirn_ts.events import (
+    Event,
+    EventError,
+    PatternError,
+    event_from_dict,
+    event_from_json,
+    topic_matches,
+    validate_pattern,
+)
+
+
+def test_minimal_event_gets_defaults():
+    event = event_from_dict({"type": "notice.fault"}, default_source="/x")
+    assert event.source == "/x"
+    assert event.severity == "info"
+    assert event.id and event.time.endswith("Z")
+    out = event.to_dict()
+    assert out["specversion"] == "1.0"
+    assert "data" not in out and "account" not in out
+
+
+def test_round_trip():
+    raw = {
+        "specversion": "1.0",
+        "id": "abc",
+        "source": "/billing",
+        "type": "payment.received",
+        "time": "2026-01-02T03:04:05Z",
+        "subject": "invoice 7",
+        "datacontenttype": "application/json",
+        "account": "acme",
+        "severity": "warning",
+        "data": {"amount": 12, "note": "grüße"},
+    }
+    event = event_from_dict(raw)
+    assert json.loads(event.to_json()) == raw
+    assert event_from_json(event.to_json()) == event
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({}, "type"),
+        ({"type": "Notice.Fault"}, "type"),
+        ({"type": "notice..fault"}, "type"),
+        ({"type": 5}, "type"),
+        ({"type": "a", "specversion": "0.3"}, "specversion"),
+        ({"type": "a", "severity": "panic"}, "severity"),
+        ({"type": "a", "account": "Has Space"}, "account"),
+        ({"type": "a", "time": "yesterday"}, "time"),
+        ({"type": "a", "time": "2026-01-02"}, "time"),
+        ({"type": "a", "time": "2026-01-02T03:04:05"}, "time"),
+        ({"type": "a", "colour": "red"}, "colour"),
+        ({"type": "a", "id": ""}, "id"),
+        ({"type": "a", "source": 7}, "source"),
+        ({"type": "a", "subject": "x" * 2000}, "subject"),
+    ],
+)
+def test_invalid_events_name_the_field(raw, field):
+    with pytest.raises(EventError) as e:
+        event_from_dict(raw)
+    assert e.value.field == field
+
+
+def test_not_an_object_and_not_json():
+    with pytest.raises(EventError) as e:
+        event_from_dict([1])
+    assert e.value.field == "body"
+    with pytest.raises(EventError):
+        event_from_json(b"{nope")
+
+
+@given(st.dictionaries(st.text(max_size=12), st.none() | st.text(max_size=30) | st.integers()))
+def test_event_parser_never_crashes(raw):
+    try:
+        event = event_from_dict(raw)
+    except EventError as e:
+        assert isinstance(e.field, str) and e.message
+        return
+    assert json.loads(event.to_json())["type"] == raw["type"]
+
+
+# --- topic patterns ---
+
+WORDS = st.sampled_from(["mail", "notice", "fault", "a", "b", "received", "x1"])
+KEYS = st.lists(WORDS, min_size=1, max_size=6).map(".".join)
+PATTERN_WORDS = WORDS | st.just("*") | st.just("#")
+PATTERNS = st.lists(PATTERN_WORDS, min_size=1, max_size=6).map(".".join)
+
+
+def reference_match(pattern: str, key: str) -> bool:
+    """An independent, recursive reading of the AMQP topic rules."""
+
+    def match(pw: list[str], kw: list[str]) -> bool:
+        if not pw:
+            return not kw
+        head, rest = pw[0], pw[1:]
+        if head == "#":
+            return any(match(rest, kw[i:]) for i in range(len(kw) + 1))
+        return bool(kw) and head in ("*", kw[0]) and match(rest, kw[1:])
+
+    return match(pattern.split("."), key.split("."))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "expected"),
+    [
+        ("mail.*", "mail.received", True),
+        ("mail.*", "mail", False),
+        ("mail.*", "mail.a.b", False),
+        ("mail.#", "mail", True),
+        ("mail.#", "mail.a.b", True),
+        ("#", "anything.at.all", True),
+        ("*", "one", True),
+        ("*", "one.two", False),
+        ("#.fault", "notice.fault", True),
+        ("#.fault", "fault", True),
+        ("notice.#.x", "notice.x", True),
+        ("notice.#.x", "notice.a.b.x", True),
+        ("*.*", "a.b", True),
+        ("a.#.#.b", "a.b", True),
+        ("mail.received", "mail.received", True),
+        ("mail.received", "mail.delivered", False),
+    ],
+)
+def test_topic_examples(pattern, key, expected):
+    assert topic_matches(pattern, key) is expected
+
+
+@given(PATTERNS, KEYS)
+def test_matches_reference_implementation(pattern, key):
+    assert topic_matches(pattern, key) == reference_match(pattern, key)
+
+
+@given(KEYS)
+def test_a_key_matches_itself_and_hash(key):
+    assert topic_matches(key, key)
+    assert topic_matches("#", key)
+
+
+@given(KEYS, st.data())
+def test_star_for_any_word_still_matches(key, data):
+    words = key.split(".")
+    i = data.draw(st.integers(0, len(words) - 1))
+    words[i] = "*"
+    assert topic_matches(".".join(words), key)
+
+
+@given(KEYS, st.data())
+def test_hash_inserted_anywhere_still_matches(key, data):
+    words = key.split(".")
+    i = data.draw(st.integers(0, len(words)))
+    assert topic_matches(".".join([*words[:i], "#", *words[i:]]), key)
+
+
+@given(KEYS, KEYS)
+def test_different_literal_keys_do_not_match(a, b):
+    assume(a != b)
+    assert not topic_matches(a, b)
+
+
+@pytest.mark.parametrize("bad", ["", "mail.", ".mail", "mail..x", "ma*l", "MAIL", "a.#b", 5, None])
+def test_invalid_patterns(bad):
+    with pytest.raises(PatternError):
+        validate_pattern(bad)
+
+
+@given(st.text(max_size=30))
+def test_pattern_validation_never_crashes(text):
+    try:
+        validate_pattern(text)
+    except PatternError:
+        return
+    topic_matches(text, "a.b")
+
+
+def test_event_is_frozen():
+    event = Event(type="a", source="/s")
+    with pytest.raises(AttributeError):
+        event.type = "b"  # type: ignore[misc]

@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from gehirn_ts.events import Event
+from gehirn_ts.store.db import Conflict, NotFound, Store, bootstrap_admin_key, hash_secret
+from gehirn_ts.store.schema import MIGRATIONS, SchemaError, migrate
+from tests.support import inline
+
+
+def test_migrate_creates_the_schema_and_is_idempotent(tmp_path):
+    db = tmp_path / "x.sqlite"
+    assert migrate(db) == len(MIGRATIONS)
+    assert migrate(db) == len(MIGRATIONS)
+    conn = sqlite3.connect(db)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"accounts", "api_keys", "subscriptions", "events", "deliveries", "attempts"} <= tables
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    db = tmp_path / "x.sqlite"
+    migrate(db)
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(SchemaError, match="newer"):
+        migrate(db)
+
+
+def test_admin_key_is_made_once_and_stored_hashed(tmp_path):
+    db = tmp_path / "x.sqlite"
+    migrate(db)
+    token = bootstrap_admin_key(db, 0.0)
+    assert token and token.startswith("gts_")
+    assert bootstrap_admin_key(db, 1.0) is None
+    rows = sqlite3.connect(db).execute("SELECT hash, is_admin FROM api_keys").fetchall()
+    assert rows == [(hash_secret(token.split("_", 2)[2]), 1)]
+    assert token.split("_", 2)[2] not in (tmp_path / "x.sqlite").read_bytes().decode("latin-1")
+
+
+class StoreTests(unittest.TestCase):
+    def setUp(self) -> None:
+        path = Path(self.mktemp())
+        path.mkdir()
+        self.db = path / "db.sqlite"
+        migrate(self.db)
+        self.store = Store(self.db, reactor)
+        self.addCleanup(self.store.close)
+
+    @inline
+    async def test_keys_authenticate_and_revoke(self) -> None:
+        account, key_id, token = await self.store.create_account("acme")
+        principal = await self.store.authenticate(token)
+        assert principal is not None
+        assert principal.account == "acme" and not principal.is_admin
+        assert await self.store.authenticate(token + "x") is None
+        assert await self.store.authenticate("gts_nope_nope") is None
+        assert await self.store.authenticate("garbage") is None
+        await self.store.revoke_key(key_id)
+        assert await self.store.authenticate(token) is None
+        with pytest.raises(NotFound):
+            await self.store.revoke_key(key_id)
+
+    @inline
+    async def test_admin_key_is_separate(self) -> None:
+        _, token = await self.store.create_key(None)
+        principal = await self.store.authenticate(token)
+        assert principal is not None and principal.is_admin and principal.account is None
+
+    @inline
+    async def test_duplicate_account(self) -> None:
+        await self.store.create_account("acme")
+        with pytest.raises(Conflict):
+            await self.store.create_account("acme")
+
+    @inline
+    async def test_events_are_idempotent_by_id(self) -> None:
+        await self.store.create_account("acme")
+        event = Event(type="notice.fault", source="/t", id="e1", account="acme")
+        assert await self.store.insert_event(event) is True
+        assert await self.store.insert_event(event) is False
+        with pytest.raises(Conflict):
+            await self.store.insert_event(Event(type="notice.other", source="/t", id="e1"))
+        assert (await self.store.get_event("e1", None)) == event
+
+    @inline
+    async def test_deliveries_are_created_once(self) -> None:
+        account, _, _ = await self.store.create_account("acme")
+        sub = await self.store.create_subscription(account.id, "#", "http://x.test/", None)
+        await self.store.insert_event(Event(type="a", source="/t", id="e1", account="acme"))
+        first = await self.store.create_deliveries("e1", [sub.id])
+        again = await self.store.create_deliveries("e1", [sub.id])
+        assert len(first) == 1 and again == first
+        d = await self.store.record_attempt(
+            first[0],
+            started_at=1,
+            duration=0.1,
+            outcome="retry",
+            status_code=503,
+            detail="HTTP 503",
+            new_status="pending",
+            next_attempt_at=10,
+            failed=True,
+        )
+        assert (d.attempts, d.failures, d.status) == (1, 1, "pending")
+        # Attempted: no longer handed out again by routing.
+        assert await self.store.create_deliveries("e1", [sub.id]) == []
+        history = await self.store.deliveries_of_event("e1")
+        assert [a.status_code for a in history[0][1]] == [503]
+
+    @inline
+    async def test_replay_only_dead(self) -> None:
+        account, _, _ = await self.store.create_account("acme")
+        sub = await self.store.create_subscription(account.id, "#", "http://x.test/", None)
+        await self.store.insert_event(Event(type="a", source="/t", id="e1", account="acme"))
+        (dlv,) = await self.store.create_deliveries("e1", [sub.id])
+        with pytest.raises(Conflict):
+            await self.store.replay_delivery(dlv, None)
+        await self.store.record_attempt(
+            dlv,
+            started_at=1,
+            duration=0.1,
+            outcome="failed",
+            status_code=410,
+            detail="HTTP 410",
+            new_status="dead",
+            next_attempt_at=None,
+            failed=True,
+        )
+        other, _, _ = await self.store.create_account("other")
+        with pytest.raises(NotFound):
+            await self.store.replay_delivery(dlv, other.id)
+        d = await self.store.replay_delivery(dlv, account.id)
+        assert (d.status, d.failures, d.attempts) == ("pending", 0, 1)
