@@ -7,7 +7,7 @@ setup(
     version="0.1.0",
     description="Programmable mail and event delivery daemon (twistd plugin)",
     python_requires=">=3.11",
-    packages=find_packages(include=["gehirn_ts", "gehirn_ts.*"]) + ["twisted.plugins"],
+    packages=[*find_packages(include=["gehirn_ts", "gehirn_ts.*"]), "twisted.plugins"],
     package_data={"gehirn_ts": ["py.typed"]},
     install_requires=[
         "Twisted[tls]>=24.3.0",

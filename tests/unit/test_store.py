@@ -56,7 +56,7 @@ class StoreTests(unittest.TestCase):
 
     @inline
     async def test_keys_authenticate_and_revoke(self) -> None:
-        account, key_id, token = await self.store.create_account("acme")
+        _account, key_id, token = await self.store.create_account("acme")
         principal = await self.store.authenticate(token)
         assert principal is not None
         assert principal.account == "acme" and not principal.is_admin
