@@ -11,7 +11,7 @@ RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
 # What the tests need beyond that (real peers are added here as they come).
 TEST_DEBS := curl
 
-.PHONY: run test lint unit integration sample bench deb clean install
+.PHONY: run test lint unit sample clean install
 
 $(STAMP): setup.py pyproject.toml
 	@if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then scripts/apt-need $(RUN_DEBS); fi
@@ -44,9 +44,6 @@ unit: $(STAMP)
 sample: $(STAMP)
 	$(BIN)/python -c 'from gehirn_ts.config import render_sample; print(render_sample(), end="")' \
 		> etc/gehirn-ts.toml
-
-bench: install
-	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,7 +10,9 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -28,11 +30,30 @@ DB_FILE = "gehirn-ts.sqlite"
 BUS_FILE = "bus.sqlite"
 ADMIN_KEY_FILE = "admin.key"
 
+log = Logger()
+
 
 class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: the embedded defaults)"],
     ]
+
+
+class OrderedService(MultiService):
+    """Starts children in order and stops them in reverse, each after the previous one
+    has finished stopping (MultiService stops them all at once): the listener closes
+    first, the bus drains, and the store closes last."""
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=child.name)
 
 
 class _Closer(Service):
@@ -71,7 +92,7 @@ def prepare_state(config: Config, now: float) -> Path:
 
 def build(config: Config, reactor: Any) -> MultiService:
     db = prepare_state(config, reactor.seconds())
-    top = MultiService()
+    top = OrderedService()
     store = Store(db, reactor)
     policy = AddressPolicy(config.edj.allow_networks)
     pool = HTTPConnectionPool(reactor, persistent=True)

@@ -17,6 +17,7 @@ from twisted.web.server import Site
 from gehirn_ts.config import from_mapping
 from gehirn_ts.store.db import Store
 from gehirn_ts.tap import ADMIN_KEY_FILE, DB_FILE, build
+from tests.openapi import documented
 from tests.support import free_port, until
 
 
@@ -126,6 +127,10 @@ class Daemon:
         )
         content = await response.content()
         self.last_headers = response.headers
+        # Every answer the API gives must be one docs/openapi.yaml documents.
+        assert documented(method, path, response.code) in (True, None), (
+            f"{method} {path} answered {response.code}, not in docs/openapi.yaml"
+        )
         try:
             parsed = json.loads(content) if content else None
         except ValueError:

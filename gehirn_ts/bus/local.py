@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gehirn_ts.events import Event, topic_matches
-from gehirn_ts.interfaces import BusMessage, Handler, IEventBus, Requeue
+from gehirn_ts.interfaces import BusMessage, BusUnavailable, Handler, IEventBus, Requeue
 from gehirn_ts.store.schema import configure
 
 log = Logger()
@@ -119,7 +119,7 @@ class LocalBus(Service):
 
     async def _ready(self) -> adbapi.ConnectionPool:
         if self._started is None:
-            raise RuntimeError("the bus is not running")
+            raise BusUnavailable("the bus is not running")
         await self._started
         assert self._pool is not None
         return self._pool
@@ -193,7 +193,7 @@ class LocalBus(Service):
     async def _put(self, queues: list[str], routing_key: str, body: bytes, delay: float) -> None:
         pool = await self._ready()
         if not self.running:
-            raise RuntimeError("the bus is stopping")
+            raise BusUnavailable("the bus is stopping")
         ready_at = self._clock.seconds() + delay
 
         def tx(cur: sqlite3.Cursor) -> list[int]:

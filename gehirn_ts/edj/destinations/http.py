@@ -113,12 +113,13 @@ class WebhookDestination:
             )
         except ForbiddenAddress as e:
             return PermFail(str(e))
-        except (CancelledError, neterror.TimeoutError, webclient.ResponseNeverReceived) as e:
-            return TempFail(
-                f"no response within {self._timeout:g}s"
-                if not isinstance(e, webclient.ResponseNeverReceived)
-                else "connection lost before a response"
-            )
+        except (CancelledError, neterror.TimeoutError):
+            return TempFail(f"no response within {self._timeout:g}s")
+        except webclient.ResponseNeverReceived as e:
+            # treq's timeout cancels the request, which surfaces as this error.
+            if any(f.check(CancelledError, neterror.TimeoutError) for f in e.reasons):
+                return TempFail(f"no response within {self._timeout:g}s")
+            return TempFail("connection lost before a response")
         except neterror.DNSLookupError as e:
             return TempFail(f"DNS lookup failed: {e}")
         except (neterror.ConnectError, neterror.ConnectionLost, OSError) as e:

@@ -1,0 +1,113 @@
+"""The webhook destination against real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import pytest
+from treq.client import HTTPClient
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from gehirn_ts.edj.destinations.http import WebhookDestination, classify
+from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
+from gehirn_ts.events import Event
+from gehirn_ts.interfaces import Delivered, PermFail, TempFail
+from tests.harness import Receiver
+from tests.support import free_port, inline
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (200, Delivered),
+        (204, Delivered),
+        (299, Delivered),
+        (301, TempFail),
+        (400, PermFail),
+        (401, PermFail),
+        (404, PermFail),
+        (410, PermFail),
+        (408, TempFail),
+        (429, TempFail),
+        (500, TempFail),
+        (502, TempFail),
+        (503, TempFail),
+    ],
+)
+def test_classify(status, kind):
+    assert isinstance(classify(status, None), kind)
+
+
+def test_address_policy():
+    default = AddressPolicy()
+    for private in (
+        "127.0.0.1",
+        "10.0.0.1",
+        "192.168.1.1",
+        "172.16.0.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+        "::ffff:127.0.0.1",
+        "not-an-ip",
+    ):
+        assert not default.allows(private), private
+    for public in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "1.1.1.1"):
+        assert default.allows(public), public
+    loopback = AddressPolicy(["127.0.0.0/8"])
+    assert loopback.allows("127.0.0.1") and loopback.allows("::ffff:127.0.0.2")
+    assert not loopback.allows("10.0.0.1") and not loopback.allows("::1")
+
+
+class Stall(Protocol):
+    """Accepts the connection and never answers."""
+
+
+class WebhookTests(unittest.TestCase):
+    def destination(self, url: str, allow: tuple[str, ...] = ("127.0.0.0/8",), timeout=2.0):
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http = HTTPClient(guarded_agent(reactor, AddressPolicy(allow), pool))
+        return WebhookDestination(url, None, http=http, clock=reactor, timeout=timeout)
+
+    @inline
+    async def test_outcomes_follow_the_status_code(self) -> None:
+        receiver = Receiver(plan=[200, 404, 503, (429, {"Retry-After": "30"})])
+        dest = self.destination(receiver.listen(self) + "/x")
+        event = Event(type="a", source="/s")
+        results = [await dest.deliver(event, b"{}", "d1") for _ in range(4)]
+        assert isinstance(results[0], Delivered)
+        assert isinstance(results[1], PermFail) and results[1].status_code == 404
+        assert isinstance(results[2], TempFail) and results[2].retry_after is None
+        assert isinstance(results[3], TempFail) and results[3].retry_after == 30
+
+    @inline
+    async def test_connection_refused_is_temporary(self) -> None:
+        dest = self.destination(f"http://127.0.0.1:{free_port()}/")
+        result = await dest.deliver(Event(type="a", source="/s"), b"{}", "d1")
+        assert isinstance(result, TempFail) and "connection" in result.reason
+
+    @inline
+    async def test_no_answer_times_out_as_temporary(self) -> None:
+        port = reactor.listenTCP(0, Factory.forProtocol(Stall), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        dest = self.destination(f"http://127.0.0.1:{port.getHost().port}/", timeout=0.3)
+        result = await dest.deliver(Event(type="a", source="/s"), b"{}", "d1")
+        assert isinstance(result, TempFail) and "no response within" in result.reason
+
+    @inline
+    async def test_private_address_behind_a_name_is_refused(self) -> None:
+        receiver = Receiver()
+        url = receiver.listen(self).replace("127.0.0.1", "localhost")
+        dest = self.destination(url, allow=())
+        result = await dest.deliver(Event(type="a", source="/s"), b"{}", "d1")
+        assert isinstance(result, PermFail) and "non-public" in result.reason
+        assert receiver.hits == []
+
+    def test_redacted_url(self) -> None:
+        dest = self.destination("https://u:p@example.com/hook?key=abc")
+        assert dest.redacted_url() == "https://u:****@example.com/hook?key=****"
