@@ -98,7 +98,6 @@ class LocalBus(Service):
             cp_min=1,
             cp_max=1,
             cp_openfun=_open,
-            cp_reactor=self._clock,
         )
 
         def tx(cur: sqlite3.Cursor) -> tuple[list[Any], list[Any]]:
@@ -153,6 +152,8 @@ class LocalBus(Service):
     # --- IEventBus ---
 
     def bind(self, queue: str, patterns: Sequence[str]) -> Deferred[None]:
+        # Effective at once for every later publish; stored for the next start.
+        self._bindings.setdefault(queue, set()).update(patterns)
         return Deferred.fromCoroutine(self._bind(queue, list(patterns)))
 
     async def _bind(self, queue: str, patterns: list[str]) -> None:
@@ -165,18 +166,12 @@ class LocalBus(Service):
             )
 
         await pool.runInteraction(tx)
-        self._bindings.setdefault(queue, set()).update(patterns)
 
     def publish(self, event: Event) -> Deferred[None]:
-        queues = sorted(
-            q
-            for q, patterns in self._bindings.items()
-            if any(topic_matches(p, event.type) for p in patterns)
-        )
-        return Deferred.fromCoroutine(self._put(queues, event.type, event.to_json(), 0.0))
+        return Deferred.fromCoroutine(self._put(None, event.type, event.to_json(), 0.0))
 
     def send(self, queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._put([queue], queue, body, delay))
+        return Deferred.fromCoroutine(self._put(queue, queue, body, delay))
 
     def consume(self, queue: str, handler: Handler) -> None:
         q = self._queue(queue)
@@ -190,8 +185,18 @@ class LocalBus(Service):
     def _queue(self, name: str) -> _Queue:
         return self._queues.setdefault(name, _Queue())
 
-    async def _put(self, queues: list[str], routing_key: str, body: bytes, delay: float) -> None:
-        pool = await self._ready()
+    async def _put(self, queue: str | None, routing_key: str, body: bytes, delay: float) -> None:
+        """Store a message for ``queue``, or (None) for every queue bound to match it."""
+        pool = await self._ready()  # the stored bindings are loaded by then
+        queues = (
+            [queue]
+            if queue is not None
+            else sorted(
+                q
+                for q, patterns in self._bindings.items()
+                if any(topic_matches(p, routing_key) for p in patterns)
+            )
+        )
         if not self.running:
             raise BusUnavailable("the bus is stopping")
         ready_at = self._clock.seconds() + delay

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -63,11 +62,10 @@ class EdjService(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = Deferred.fromCoroutine(self._start())
-        d.addErrback(lambda f: log.failure("EDJ failed to start", f))
-
-    async def _start(self) -> None:
-        await self._bus.bind(ROUTE_QUEUE, ["#"])
+        # Bound before the HTTP listener starts (services start in order), so no event
+        # published through the API can miss the routing queue.
+        d = self._bus.bind(ROUTE_QUEUE, ["#"])
+        d.addErrback(lambda f: log.failure("EDJ could not bind its queue", f))
         self._bus.consume(ROUTE_QUEUE, self.route)
         self._bus.consume(DELIVER_QUEUE, self.deliver)
 

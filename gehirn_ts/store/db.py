@@ -155,7 +155,6 @@ class Store:
             cp_min=1,
             cp_max=1,
             cp_openfun=_open,
-            cp_reactor=clock,
         )
 
     def close(self) -> None:

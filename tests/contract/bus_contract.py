@@ -85,6 +85,16 @@ class BusContract:
         assert len(every.messages) == 3
 
     @inline
+    async def test_a_binding_applies_to_publishes_made_right_after_it(self) -> None:
+        bus = await self.new_bus()
+        bound = bus.bind("fresh", ["#"])  # not awaited: startup order is enough
+        await bus.publish(Event(type="notice.fault", source="/t"))
+        await bound
+        rec = Recorder()
+        bus.consume("fresh", rec)
+        await until(lambda: len(rec.messages) == 1)
+
+    @inline
     async def test_send_delivers_once_and_ack_is_final(self) -> None:
         bus = await self.new_bus()
         rec = Recorder()

@@ -54,8 +54,11 @@ def wait_for(predicate: Any, timeout: float = 20.0, step: float = 0.05) -> Any:
 class Daemon:
     """One gehirn-ts process on a temp directory; restartable on the same state."""
 
-    def __init__(self, workdir: Path, **sections: dict[str, Any]) -> None:
+    def __init__(
+        self, workdir: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
+    ) -> None:
         self.workdir = workdir
+        self.env = ENV if env is None else env
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         config: dict[str, dict[str, Any]] = {

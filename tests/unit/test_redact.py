@@ -43,3 +43,8 @@ def test_redact_secret():
     assert redact_secret("whsec_abcdef") == "whsec_****"
     assert redact_secret("other") == "****"
     assert redact_secret(None) is None
+
+
+@given(st.text(max_size=80))
+def test_redact_url_never_crashes(text):
+    assert isinstance(redact_url(text), str)

@@ -139,3 +139,21 @@ class StoreTests(unittest.TestCase):
             await self.store.replay_delivery(dlv, other.id)
         d = await self.store.replay_delivery(dlv, account.id)
         assert (d.status, d.failures, d.attempts) == ("pending", 0, 1)
+
+
+def test_split_token():
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from gehirn_ts.store.db import split_token
+
+    assert split_token("gts_abc_s3_cr-et") == ("abc", "s3_cr-et")
+    for bad in ("", "gts_", "gts_abc", "gts__x", "xyz_abc_def", "gts_abc_"):
+        assert split_token(bad) is None
+
+    @given(st.text(max_size=60))
+    def never_crashes(text: str) -> None:
+        parts = split_token(text)
+        assert parts is None or f"gts_{parts[0]}_{parts[1]}" == text
+
+    never_crashes()

@@ -1,0 +1,1 @@
+"""Event buses: the embedded one (local.py) and, later, RabbitMQ (amqp.py)."""

@@ -1,0 +1,80 @@
+"""The EDJ worker on an injected clock: the retry schedule is followed to the second."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from treq.client import HTTPClient
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+from twisted.web.client import HTTPConnectionPool
+
+from gehirn_ts.bus.local import LocalBus
+from gehirn_ts.edj import registry
+from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
+from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.events import Event
+from gehirn_ts.store.db import Store
+from gehirn_ts.store.schema import migrate
+from tests.harness import Receiver
+from tests.support import inline, sleep, until
+
+
+class WorkerClockTests(unittest.TestCase):
+    @inline
+    async def test_retries_wait_for_the_injected_clock(self) -> None:
+        random.seed(0)
+        state = Path(self.mktemp())
+        state.mkdir()
+        clock = task.Clock()
+        clock.advance(1_000_000)
+        migrate(state / "db.sqlite")
+        store = Store(state / "db.sqlite", clock)
+        self.addCleanup(store.close)
+        bus = LocalBus(state / "bus.sqlite", clock)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        policy = AddressPolicy(["127.0.0.0/8"])
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        http = HTTPClient(guarded_agent(reactor, policy, pool))
+        publisher = Publisher(store, bus)
+        edj = EdjService(
+            store=store,
+            bus=bus,
+            publisher=publisher,
+            context=registry.Context(http, clock, policy, 5.0),
+            retry=RetryPolicy((10.0, 100.0), jitter=0.0),
+            clock=clock,
+        )
+        edj.startService()
+        receiver = Receiver(plan=[503, 503])
+        account, _, _ = await store.create_account("acme")
+        await store.create_subscription(account.id, "#", receiver.listen(self), None)
+        await publisher.publish(Event(type="notice.fault", source="/t", account="acme", id="e"))
+
+        await until(lambda: len(receiver.hits) == 1)
+        await until(
+            lambda: bus.depth("edj.deliver") == 1 and not bus._queues["edj.deliver"].inflight
+        )
+        clock.advance(9.9)
+        await sleep(0.3)
+        assert len(receiver.hits) == 1, "retried before the schedule's 10 s"
+        clock.advance(0.1)
+        await until(lambda: len(receiver.hits) == 2)
+        await until(lambda: not bus._queues["edj.deliver"].inflight)
+        clock.advance(99)
+        await sleep(0.3)
+        assert len(receiver.hits) == 2, "retried before the schedule's 100 s"
+        clock.advance(1)
+        await until(lambda: len(receiver.hits) == 3)
+        history = await until(lambda: self._done(store))
+        attempts = history[0][1]
+        assert [a.status_code for a in attempts] == [503, 503, 200]
+        # Times come from the injected clock, not the wall clock.
+        assert [round(a.started_at - 1_000_000) for a in attempts] == [0, 10, 110]
+
+    async def _done(self, store: Store):
+        history = await store.deliveries_of_event("e")
+        return history if history and history[0][0].status == "delivered" else None
