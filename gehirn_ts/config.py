@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -118,9 +119,21 @@ def _endpoint(value: Any) -> str:
 
 def _bus_url(value: Any) -> str:
     text = _nonempty_str(value)
-    if text != "local:":
-        # RabbitMQ (amqp://) arrives with the AMQP bus; until then refuse it clearly.
-        raise ValueError('only "local:" (the embedded bus) is supported by this version')
+    if text == "local:":
+        return text
+    from gehirn_ts.bus.amqp import AmqpUrl
+
+    try:
+        AmqpUrl.parse(text)
+    except ValueError as e:
+        raise ValueError(f'expected "local:" or amqp[s]://user:password@host:port/vhost: {e}')
+    return text
+
+
+def _namespace(value: Any) -> str:
+    text = _nonempty_str(value)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,63}", text):
+        raise ValueError("1-64 lowercase letters, digits, '.', '_' or '-'")
     return text
 
 
@@ -160,7 +173,22 @@ class BusConfig:
     url: str = opt(
         "local:",
         _bus_url,
-        '"local:" for the embedded durable bus (one machine).',
+        '"local:" for the embedded durable bus (one machine), or '
+        '"amqp://user:password@host:5672/vhost" (amqps:// for TLS) for RabbitMQ, which '
+        "several gehirn-ts nodes can share.",
+    )
+    namespace: str = opt(
+        "gehirn-ts",
+        _namespace,
+        "RabbitMQ only: prefix of the exchange and queue names, so that several "
+        "deployments can share one broker.",
+    )
+    publish_timeout: float = opt(
+        5.0,
+        _duration,
+        "RabbitMQ only: how long a publish waits for a lost broker connection to come "
+        "back before it fails (the HTTP API then answers 503).",
+        format_duration,
     )
     prefetch: int = opt(32, _positive_int, "Messages a consumer works on at once.")
 

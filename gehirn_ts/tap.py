@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
+from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
 from gehirn_ts.edj import registry
@@ -99,7 +100,17 @@ def build(config: Config, reactor: Any) -> MultiService:
     http = HTTPClient(guarded_agent(reactor, policy, pool))
     _Closer(store, pool).setServiceParent(top)
 
-    bus = LocalBus(config.state_dir / BUS_FILE, reactor, prefetch=config.bus.prefetch)
+    bus: LocalBus | AmqpBus
+    if config.bus.url == "local:":
+        bus = LocalBus(config.state_dir / BUS_FILE, reactor, prefetch=config.bus.prefetch)
+    else:
+        bus = AmqpBus(
+            config.bus.url,
+            reactor,
+            namespace=config.bus.namespace,
+            prefetch=config.bus.prefetch,
+            publish_timeout=config.bus.publish_timeout,
+        )
     bus.setServiceParent(top)
     publisher = Publisher(store, bus)
     edj = EdjService(

@@ -92,23 +92,27 @@ def migrate(path: Path) -> int:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         configure(conn)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise SchemaError(
-                f"{path}: schema version {version} is newer than this gehirn-ts "
-                f"({len(MIGRATIONS)}); upgrade gehirn-ts or restore a backup"
-            )
-        for number in range(version, len(MIGRATIONS)):
+        while True:
+            # The version is read inside the write transaction, so that two processes
+            # starting at once (nodes sharing a state directory) apply each step once.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in MIGRATIONS[number].split(";"):
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise SchemaError(
+                        f"{path}: schema version {version} is newer than this gehirn-ts "
+                        f"({len(MIGRATIONS)}); upgrade gehirn-ts or restore a backup"
+                    )
+                if version == len(MIGRATIONS):
+                    conn.execute("COMMIT")
+                    return version
+                for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number + 1}")
+                conn.execute(f"PRAGMA user_version={version + 1}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        return len(MIGRATIONS)
     finally:
         conn.close()

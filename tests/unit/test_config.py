@@ -44,7 +44,7 @@ def test_every_bad_key_is_reported_at_once_with_its_path():
         "http": {"listen": 8025, "max_body": "lots", "colour": "red"},
         "edj": {"retry_schedule": ["5s", "soon"], "retry_jitter": 2, "allow_networks": ["x"]},
         "bogus": {},
-        "bus": {"url": "amqp://guest@x/"},
+        "bus": {"url": "redis://x/", "namespace": "Has Space"},
     }
     with pytest.raises(ConfigError) as e:
         from_mapping(raw)
@@ -59,6 +59,7 @@ def test_every_bad_key_is_reported_at_once_with_its_path():
             "edj.allow_networks",
             "bogus",
             "bus.url",
+            "bus.namespace",
         ]
     )
     message = str(e.value)
