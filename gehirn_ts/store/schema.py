@@ -97,7 +97,7 @@ def migrate(path: Path) -> int:
             # starting at once (nodes sharing a state directory) apply each step once.
             conn.execute("BEGIN IMMEDIATE")
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                version: int = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > len(MIGRATIONS):
                     raise SchemaError(
                         f"{path}: schema version {version} is newer than this gehirn-ts "
