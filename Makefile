@@ -8,8 +8,8 @@ STAMP := $(VENV)/.deps-installed
 # What the daemon needs from Debian: a Python with venv, and a compiler for any
 # dependency that has no wheel for this platform.
 RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
-# What the tests need beyond that (real peers are added here as they come).
-TEST_DEBS := curl
+# What the tests need beyond that: the real peers.
+TEST_DEBS := curl rabbitmq-server
 
 .PHONY: run test lint unit sample clean install
 
@@ -33,10 +33,13 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The peers run only for the tests: started here, stopped whatever the outcome.
 test: install
 	@scripts/apt-need $(TEST_DEBS)
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	scripts/rabbitmq-node start
+	status=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
+		scripts/rabbitmq-node stop; exit $$status
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)

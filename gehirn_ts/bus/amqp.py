@@ -153,6 +153,7 @@ class AmqpBus(Service):
         self._loop: Deferred[None] | None = None
         self._sleep: Any = None
         self._inflight: set[Deferred[None]] = set()
+        self._binding: set[Deferred[None]] = set()
         self._spec = compat.load_spec()
 
     # --- names ---
@@ -311,7 +312,16 @@ class AmqpBus(Service):
 
     def bind(self, queue: str, patterns: Sequence[str]) -> Deferred[None]:
         self._bindings.setdefault(queue, set()).update(patterns)
-        return Deferred.fromCoroutine(self._bind(queue, list(patterns)))
+        d = Deferred.fromCoroutine(self._bind(queue, list(patterns)))
+        # Publishes wait for bindings in progress, so none can reach the exchange before
+        # the queue that should get it is bound (the broker would drop it).
+        self._binding.add(d)
+        d.addBoth(self._bound, d)
+        return d
+
+    def _bound(self, result: object, d: Deferred[None]) -> object:
+        self._binding.discard(d)
+        return result
 
     async def _bind(self, queue: str, patterns: list[str]) -> None:
         conn = await self._connection()
@@ -322,15 +332,18 @@ class AmqpBus(Service):
             )
 
     def publish(self, event: Event) -> Deferred[None]:
-        return Deferred.fromCoroutine(
-            self._publish(
-                self.exchange,
-                event.type,
-                event.to_json(),
-                {ATTEMPT_HEADER: 1},
-                "application/cloudevents+json",
-                event.id,
-            )
+        return Deferred.fromCoroutine(self._publish_event(event))
+
+    async def _publish_event(self, event: Event) -> None:
+        if self._binding:
+            await defer.DeferredList(list(self._binding), consumeErrors=True)
+        await self._publish(
+            self.exchange,
+            event.type,
+            event.to_json(),
+            {ATTEMPT_HEADER: 1},
+            "application/cloudevents+json",
+            event.id,
         )
 
     def send(self, queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:

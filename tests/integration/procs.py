@@ -72,6 +72,7 @@ class Daemon:
         }
         for name, values in sections.items():
             config.setdefault(name, {}).update(values)
+        self.state = Path(config.get("state", {}).get("dir", workdir / "var"))
         self.config = workdir / "gehirn-ts.toml"
         self.config.write_text(_toml(config))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -95,7 +96,7 @@ class Daemon:
             stderr=subprocess.STDOUT,
         )
         wait_for(self._healthy)
-        self.admin = (self.workdir / "var" / "admin.key").read_text().strip()
+        self.admin = (self.state / "admin.key").read_text().strip()
         return self
 
     def _healthy(self) -> bool:

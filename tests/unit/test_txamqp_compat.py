@@ -1,0 +1,327 @@
+"""Each weak spot of txamqp 0.8.2 that gehirn_ts.bus.txamqp_compat handles."""
+
+from __future__ import annotations
+
+import io
+import struct
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
+from txamqp.codec import Codec
+from txamqp.connection import Body, Frame, Header
+from txamqp.protocol import FrameReceiver
+
+from gehirn_ts.bus import txamqp_compat as compat
+from gehirn_ts.bus.amqp import AmqpUrl, delay_bucket
+
+# Class and method indexes, and the fields of the methods a client sends, as the
+# AMQP 0-9-1 specification (and RabbitMQ's extensions for confirms) define them.
+SPEC_IDS = {
+    "connection": (
+        10,
+        {
+            "start": 10,
+            "start-ok": 11,
+            "secure": 20,
+            "secure-ok": 21,
+            "tune": 30,
+            "tune-ok": 31,
+            "open": 40,
+            "open-ok": 41,
+            "close": 50,
+            "close-ok": 51,
+        },
+    ),
+    "channel": (
+        20,
+        {"open": 10, "open-ok": 11, "flow": 20, "flow-ok": 21, "close": 40, "close-ok": 41},
+    ),
+    "exchange": (40, {"declare": 10, "declare-ok": 11}),
+    "queue": (
+        50,
+        {
+            "declare": 10,
+            "declare-ok": 11,
+            "bind": 20,
+            "bind-ok": 21,
+            "purge": 30,
+            "purge-ok": 31,
+            "delete": 40,
+            "delete-ok": 41,
+        },
+    ),
+    "basic": (
+        60,
+        {
+            "qos": 10,
+            "qos-ok": 11,
+            "consume": 20,
+            "consume-ok": 21,
+            "cancel": 30,
+            "cancel-ok": 31,
+            "publish": 40,
+            "return": 50,
+            "deliver": 60,
+            "get": 70,
+            "get-ok": 71,
+            "get-empty": 72,
+            "ack": 80,
+            "reject": 90,
+            "recover-async": 100,
+            "recover": 110,
+            "recover-ok": 111,
+            "nack": 120,
+        },
+    ),
+    "confirm": (85, {"select": 10, "select-ok": 11}),
+}
+SENT_FIELDS = {
+    ("connection", "start-ok"): [
+        ("client-properties", "table"),
+        ("mechanism", "shortstr"),
+        ("response", "longstr"),
+        ("locale", "shortstr"),
+    ],
+    ("connection", "tune-ok"): [
+        ("channel-max", "short"),
+        ("frame-max", "long"),
+        ("heartbeat", "short"),
+    ],
+    ("connection", "open"): [
+        ("virtual-host", "shortstr"),
+        ("reserved-1", "shortstr"),
+        ("reserved-2", "bit"),
+    ],
+    ("connection", "close"): [
+        ("reply-code", "short"),
+        ("reply-text", "shortstr"),
+        ("class-id", "short"),
+        ("method-id", "short"),
+    ],
+    ("connection", "close-ok"): [],
+    ("channel", "open"): [("reserved-1", "shortstr")],
+    ("channel", "close-ok"): [],
+    ("exchange", "declare"): [
+        ("reserved-1", "short"),
+        ("exchange", "shortstr"),
+        ("type", "shortstr"),
+        ("passive", "bit"),
+        ("durable", "bit"),
+        ("auto-delete", "bit"),
+        ("internal", "bit"),
+        ("no-wait", "bit"),
+        ("arguments", "table"),
+    ],
+    ("queue", "declare"): [
+        ("reserved-1", "short"),
+        ("queue", "shortstr"),
+        ("passive", "bit"),
+        ("durable", "bit"),
+        ("exclusive", "bit"),
+        ("auto-delete", "bit"),
+        ("no-wait", "bit"),
+        ("arguments", "table"),
+    ],
+    ("queue", "bind"): [
+        ("reserved-1", "short"),
+        ("queue", "shortstr"),
+        ("exchange", "shortstr"),
+        ("routing-key", "shortstr"),
+        ("no-wait", "bit"),
+        ("arguments", "table"),
+    ],
+    ("basic", "qos"): [("prefetch-size", "long"), ("prefetch-count", "short"), ("global", "bit")],
+    ("basic", "consume"): [
+        ("reserved-1", "short"),
+        ("queue", "shortstr"),
+        ("consumer-tag", "shortstr"),
+        ("no-local", "bit"),
+        ("no-ack", "bit"),
+        ("exclusive", "bit"),
+        ("no-wait", "bit"),
+        ("arguments", "table"),
+    ],
+    ("basic", "cancel"): [("consumer-tag", "shortstr"), ("no-wait", "bit")],
+    ("basic", "publish"): [
+        ("reserved-1", "short"),
+        ("exchange", "shortstr"),
+        ("routing-key", "shortstr"),
+        ("mandatory", "bit"),
+        ("immediate", "bit"),
+    ],
+    ("basic", "ack"): [("delivery-tag", "longlong"), ("multiple", "bit")],
+    ("confirm", "select"): [("nowait", "bit")],
+}
+BASIC_PROPERTIES = [
+    "content-type",
+    "content-encoding",
+    "headers",
+    "delivery-mode",
+    "priority",
+    "correlation-id",
+    "reply-to",
+    "expiration",
+    "message-id",
+    "timestamp",
+    "type",
+    "user-id",
+    "app-id",
+    "reserved",
+]
+
+
+def test_spec_ids_match_the_specification():
+    spec = compat.load_spec()
+    assert (spec.major, spec.minor) == (0, 9)
+    assert {c.name for c in spec.classes} == set(SPEC_IDS)
+    for klass in spec.classes:
+        class_id, methods = SPEC_IDS[klass.name]
+        assert klass.id == class_id, klass.name
+        assert {m.name: m.id for m in klass.methods} == methods, klass.name
+
+
+def test_fields_of_sent_methods_match_the_specification():
+    spec = compat.load_spec()
+    for (klass, method), fields in SENT_FIELDS.items():
+        m = spec.classes.byname[klass].methods.byname[method]
+        assert [(f.name, f.type) for f in m.fields] == fields, (klass, method)
+    assert [f.name for f in spec.classes.byname["basic"].fields] == BASIC_PROPERTIES
+
+
+def test_frame_constants():
+    spec = compat.load_spec()
+    values = {c.name: c.id for c in spec.constants}
+    assert values["frame-method"] == 1 and values["frame-header"] == 2
+    assert values["frame-body"] == 3 and values["frame-heartbeat"] == 8
+    assert values["frame-end"] == 206
+
+
+def _frame_bytes(frame: Frame) -> bytes:
+    receiver = FrameReceiver(compat.load_spec())
+    return receiver._pack_frame(frame)
+
+
+@pytest.mark.parametrize("body", ["grüße 🚀 日本語".encode(), b"\xff\xfe\x00binary", b""])
+def test_body_frames_stay_bytes(body):
+    receiver = FrameReceiver(compat.load_spec())
+    frame = receiver._unpack_frame(_frame_bytes(Frame(1, Body(body))))
+    # Unpatched txamqp returns str here, and counts its length in characters.
+    assert isinstance(frame.payload.content, bytes)
+    assert frame.payload.content == body
+
+
+FIELD_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.text(max_size=20)
+    | st.binary(max_size=20)
+    | st.floats(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@given(st.dictionaries(st.text(max_size=12), FIELD_VALUES, max_size=6))
+def test_tables_round_trip(table):
+    buf = io.BytesIO()
+    Codec(buf).encode_table(table)
+    decoded = Codec(io.BytesIO(buf.getvalue())).decode_table()
+    assert decoded == table
+
+
+def test_x_death_table_from_rabbitmq_decodes():
+    # What RabbitMQ puts in headers when a TTL queue dead-letters a message: an array
+    # of tables with a 64-bit count and a timestamp. Unpatched txamqp raises on 'A'.
+    inner = (
+        b"\x05count"
+        + b"l"
+        + struct.pack("!q", 3)
+        + b"\x04time"
+        + b"T"
+        + struct.pack("!Q", 1_700_000_000)
+        + b"\x06reason"
+        + b"S"
+        + struct.pack("!L", 7)
+        + b"expired"
+    )
+    inner_table = struct.pack("!L", len(inner)) + inner
+    array = b"F" + inner_table
+    body = b"\x07x-death" + b"A" + struct.pack("!L", len(array)) + array
+    raw = struct.pack("!L", len(body)) + body
+    decoded = Codec(io.BytesIO(raw)).decode_table()
+    assert decoded == {
+        "x-death": [
+            {
+                "count": 3,
+                "time": datetime.fromtimestamp(1_700_000_000, UTC),
+                "reason": "expired",
+            }
+        ]
+    }
+
+
+def test_properties_by_spec_name_survive_a_header_frame():
+    message = compat.content(
+        b"{}",
+        delivery_mode=2,
+        content_type="application/json",
+        headers={"x-gehirn-attempt": 1},
+        message_id="m1",
+    )
+    assert message.properties == {
+        "delivery-mode": 2,
+        "content-type": "application/json",
+        "headers": {"x-gehirn-attempt": 1},
+        "message-id": "m1",
+    }
+    spec = compat.load_spec()
+    header = Header(spec.classes.byname["basic"], 0, 2, **message.properties)
+    frame = FrameReceiver(spec)._unpack_frame(_frame_bytes(Frame(1, header)))
+    assert frame.payload.properties == message.properties
+
+
+def test_misspelt_property_is_refused():
+    with pytest.raises(ValueError, match="deliverymode"):
+        compat.content(b"", deliverymode=2)
+
+
+def test_client_sends_the_0_9_1_protocol_header():
+    client = compat.BusClient(compat.BusDelegate(), "/", compat.load_spec())
+    transport = StringTransport()
+    client.makeConnection(transport)
+    assert transport.value() == b"AMQP\x00\x00\x09\x01"
+
+
+@given(st.floats(min_value=0, max_value=7 * 86400))
+def test_delay_buckets_round_up_by_at_most_ten_percent(seconds):
+    ms = delay_bucket(seconds)
+    wanted = max(seconds * 1000, 50)
+    assert wanted <= ms <= wanted * 1.1 + 1
+
+
+def test_few_delay_queues_cover_a_week():
+    buckets = {delay_bucket(s / 10) for s in range(0, 7 * 86400 * 10, 997)}
+    assert len(buckets) < 150
+
+
+def test_amqp_urls():
+    url = AmqpUrl.parse("amqps://u%40x:p%2Fw@broker.example:5999/prod%2Fv")
+    assert (url.host, url.port, url.user, url.password, url.vhost, url.tls) == (
+        "broker.example",
+        5999,
+        "u@x",
+        "p/w",
+        "prod/v",
+        True,
+    )
+    assert AmqpUrl.parse("amqp://h/").vhost == "/"
+    assert AmqpUrl.parse("amqp://h").port == 5672
+    for bad in ("http://h/", "amqp:///x"):
+        with pytest.raises(ValueError):
+            AmqpUrl.parse(bad)
