@@ -11,7 +11,7 @@ RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
 # What the tests need beyond that: the real peers.
 TEST_DEBS := curl rabbitmq-server
 
-.PHONY: run test lint unit sample clean install
+.PHONY: run test lint unit bench sample clean install
 
 $(STAMP): setup.py pyproject.toml
 	@if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then scripts/apt-need $(RUN_DEBS); fi
@@ -43,6 +43,13 @@ test: install
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)
+
+# Benchmarks print figures side by side with a peer measured in the same run.
+bench: install
+	@scripts/apt-need $(TEST_DEBS)
+	scripts/rabbitmq-node start
+	status=0; $(BIN)/python bench/events.py || status=$$?; scripts/rabbitmq-node stop; \
+		exit $$status
 
 sample: $(STAMP)
 	$(BIN)/python -c 'from gehirn_ts.config import render_sample; print(render_sample(), end="")' \

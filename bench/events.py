@@ -1,0 +1,223 @@
+"""Event delivery benchmark (make bench): API publish -> bus -> webhook, per bus.
+
+Figures, side by side in one run on this machine:
+- end-to-end events/s (published over the HTTP API with 32 requests in flight,
+  delivered to a local webhook receiver) on the embedded bus and on RabbitMQ;
+- the ceiling of the client: a bare txamqp publish (with confirms) / consume (with
+  acks) loop on the same broker, through gehirn_ts.bus.txamqp_compat;
+- latency from publish to delivery, p50 and p99, at a steady 200 events/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet import defer, reactor, task
+from twisted.web.client import Agent, HTTPConnectionPool
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gehirn_ts.bus import txamqp_compat as compat  # noqa: E402
+from gehirn_ts.bus.amqp import AmqpBus  # noqa: E402
+from gehirn_ts.interfaces import BusMessage  # noqa: E402
+from tests.rabbitmq import rabbitmq_url  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+TOTAL = int(os.environ.get("BENCH_EVENTS", "3000"))
+CONCURRENCY = 32
+STEADY_RATE = 200
+STEADY_SECONDS = 10
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class Http:
+    def __init__(self) -> None:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = CONCURRENCY
+        self.client = HTTPClient(Agent(reactor, pool=pool))
+
+    async def call(self, method: str, url: str, body: Any = None, token: str = "") -> Any:
+        headers = {"content-type": ["application/json"]}
+        if token:
+            headers["authorization"] = [f"Bearer {token}"]
+        data = json.dumps(body).encode() if body is not None else None
+        response = await self.client.request(method, url, data=data, headers=headers)
+        content = await response.content()
+        return response.code, (json.loads(content) if content else None)
+
+
+async def wait_until(predicate: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out")
+        await sleep(0.05)
+
+
+async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str, float]:
+    workdir = Path(tempfile.mkdtemp(prefix="gehirn-bench-"))
+    port = free_port()
+    namespace = "bench-" + secrets.token_hex(3)
+    (workdir / "c.toml").write_text(
+        f'[http]\nlisten = "tcp:{port}:interface=127.0.0.1"\nmax_body = "1MiB"\n'
+        f'[bus]\nurl = "{bus_url}"\nnamespace = "{namespace}"\n'
+        '[edj]\nallow_networks = ["127.0.0.0/8"]\n'
+    )
+    log = (workdir / "twistd.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
+        cwd=workdir, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async def up() -> bool:
+            try:
+                return (await http.call("GET", base + "/healthz"))[0] == 200
+            except Exception:
+                return False
+
+        await wait_until(up, 30)
+        out = subprocess.run(
+            [sys.executable, "-m", "gehirn_ts.cli", "-c", "c.toml", "--json", "account",
+             "create", "bench"], cwd=workdir, env=ENV, capture_output=True, check=True)
+        token = json.loads(out.stdout)["api_key"]
+        await http.call("POST", base + "/v1/subscriptions",
+                        {"pattern": "#", "url": receiver + "/hook"}, token)
+
+        async def delivered(n: int) -> bool:
+            stats = (await http.call("GET", receiver + "/stats"))[1]
+            return bool(stats["unique"] >= n)
+
+        # Throughput: TOTAL events, CONCURRENCY requests in flight.
+        await http.call("POST", receiver + "/reset")
+        counter = iter(range(TOTAL))
+        start = time.monotonic()
+
+        async def worker() -> None:
+            for n in counter:
+                status, _ = await http.call("POST", base + "/v1/events",
+                                            {"type": "notice.fault", "data": {"n": n}}, token)
+                assert status == 202, status
+
+        await defer.gatherResults([defer.Deferred.fromCoroutine(worker())
+                                   for _ in range(CONCURRENCY)])
+        published = time.monotonic() - start
+        await wait_until(lambda: delivered(TOTAL), 600)
+        done = time.monotonic() - start
+
+        # Latency at a steady rate.
+        await http.call("POST", receiver + "/reset")
+        count = STEADY_RATE * STEADY_SECONDS
+        calls = []
+        t0 = time.monotonic()
+        for n in range(count):
+            target = t0 + n / STEADY_RATE
+            if target > time.monotonic():
+                await sleep(target - time.monotonic())
+            calls.append(defer.Deferred.fromCoroutine(http.call(
+                "POST", base + "/v1/events",
+                {"type": "notice.fault", "data": {"n": n, "t": time.time()}}, token)))
+        await defer.gatherResults(calls)
+        await wait_until(lambda: delivered(count), 300)
+        latencies = sorted((await http.call("GET", receiver + "/stats"))[1]["latencies_ms"])
+        rss = _rss_mb(proc.pid)
+        return {
+            "publish_rate": TOTAL / published,
+            "delivery_rate": TOTAL / done,
+            "p50": statistics.median(latencies),
+            "p99": latencies[int(len(latencies) * 0.99) - 1],
+            "rss_mb": rss,
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def bare_txamqp(url: str) -> float:
+    """The same broker through txamqp alone: publish with confirms, consume with acks."""
+    bus = AmqpBus(url, reactor, namespace="bare-" + secrets.token_hex(3), prefetch=64,
+                  heartbeat=0)
+    bus.startService()
+    while not bus.connected():
+        await sleep(0.05)
+    conn = bus._conn
+    assert conn is not None
+    queue = bus.queue_name("bare")
+    await bus._declare(conn, queue)
+    got = 0
+    finished: defer.Deferred[None] = defer.Deferred()
+
+    async def handler(message: BusMessage) -> None:
+        nonlocal got
+        got += 1
+        if got == TOTAL and not finished.called:
+            finished.callback(None)
+
+    start = time.monotonic()
+    bus.consume("bare", handler)
+    body = json.dumps({"type": "notice.fault", "data": {"n": 0}}).encode()
+    in_flight: list[defer.Deferred[None]] = []
+    for _ in range(TOTAL):
+        in_flight.append(bus.send("bare", body))
+        if len(in_flight) >= CONCURRENCY:
+            await in_flight.pop(0)
+    await defer.gatherResults(in_flight)
+    await finished
+    rate = TOTAL / (time.monotonic() - start)
+    await bus.stopService()
+    assert compat.PROTOCOL_HEADER  # the same client layer as the daemon
+    return rate
+
+
+async def main(_: Any) -> None:
+    url = rabbitmq_url()
+    rport = free_port()
+    receiver_proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "receiver.py"),
+                                      str(rport)])
+    receiver = f"http://127.0.0.1:{rport}"
+    http = Http()
+    try:
+        await sleep(1.0)
+        results = {
+            "embedded bus": await run_daemon_bench(http, "local:", receiver),
+            "RabbitMQ bus": await run_daemon_bench(http, url, receiver),
+        }
+        bare = await bare_txamqp(url)
+    finally:
+        receiver_proc.terminate()
+    print(f"\nEvent delivery, {TOTAL} events, {CONCURRENCY} API requests in flight; "
+          f"latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s ({os.cpu_count()} cores)")
+    print(f"{'':16}{'API 202/s':>12}{'delivered/s':>13}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'peak RSS MB':>13}")
+    for name, r in results.items():
+        print(f"{name:16}{r['publish_rate']:12.0f}{r['delivery_rate']:13.0f}{r['p50']:9.1f}"
+              f"{r['p99']:9.1f}{r['rss_mb']:13.1f}")
+    print(f"{'bare txamqp':16}{'':12}{bare:13.0f}   (publish+confirm, consume+ack, same broker)")
+
+
+if __name__ == "__main__":
+    task.react(lambda r: defer.Deferred.fromCoroutine(main(r)))
