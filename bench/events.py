@@ -83,10 +83,14 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
     log = (workdir / "twistd.log").open("wb")
     proc = subprocess.Popen(
         [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
-        cwd=workdir, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+        cwd=workdir,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:
+
         async def up() -> bool:
             try:
                 return (await http.call("GET", base + "/healthz"))[0] == 200
@@ -95,11 +99,26 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
 
         await wait_until(up, 30)
         out = subprocess.run(
-            [sys.executable, "-m", "gehirn_ts.cli", "-c", "c.toml", "--json", "account",
-             "create", "bench"], cwd=workdir, env=ENV, capture_output=True, check=True)
+            [
+                sys.executable,
+                "-m",
+                "gehirn_ts.cli",
+                "-c",
+                "c.toml",
+                "--json",
+                "account",
+                "create",
+                "bench",
+            ],
+            cwd=workdir,
+            env=ENV,
+            capture_output=True,
+            check=True,
+        )
         token = json.loads(out.stdout)["api_key"]
-        await http.call("POST", base + "/v1/subscriptions",
-                        {"pattern": "#", "url": receiver + "/hook"}, token)
+        await http.call(
+            "POST", base + "/v1/subscriptions", {"pattern": "#", "url": receiver + "/hook"}, token
+        )
 
         async def delivered(n: int) -> bool:
             stats = (await http.call("GET", receiver + "/stats"))[1]
@@ -112,12 +131,14 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
 
         async def worker() -> None:
             for n in counter:
-                status, _ = await http.call("POST", base + "/v1/events",
-                                            {"type": "notice.fault", "data": {"n": n}}, token)
+                status, _ = await http.call(
+                    "POST", base + "/v1/events", {"type": "notice.fault", "data": {"n": n}}, token
+                )
                 assert status == 202, status
 
-        await defer.gatherResults([defer.Deferred.fromCoroutine(worker())
-                                   for _ in range(CONCURRENCY)])
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(worker()) for _ in range(CONCURRENCY)]
+        )
         published = time.monotonic() - start
         await wait_until(lambda: delivered(TOTAL), 600)
         done = time.monotonic() - start
@@ -131,9 +152,16 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             target = t0 + n / STEADY_RATE
             if target > time.monotonic():
                 await sleep(target - time.monotonic())
-            calls.append(defer.Deferred.fromCoroutine(http.call(
-                "POST", base + "/v1/events",
-                {"type": "notice.fault", "data": {"n": n, "t": time.time()}}, token)))
+            calls.append(
+                defer.Deferred.fromCoroutine(
+                    http.call(
+                        "POST",
+                        base + "/v1/events",
+                        {"type": "notice.fault", "data": {"n": n, "t": time.time()}},
+                        token,
+                    )
+                )
+            )
         await defer.gatherResults(calls)
         await wait_until(lambda: delivered(count), 300)
         latencies = sorted((await http.call("GET", receiver + "/stats"))[1]["latencies_ms"])
@@ -159,8 +187,7 @@ def _rss_mb(pid: int) -> float:
 
 async def bare_txamqp(url: str) -> float:
     """The same broker through txamqp alone: publish with confirms, consume with acks."""
-    bus = AmqpBus(url, reactor, namespace="bare-" + secrets.token_hex(3), prefetch=64,
-                  heartbeat=0)
+    bus = AmqpBus(url, reactor, namespace="bare-" + secrets.token_hex(3), prefetch=64, heartbeat=0)
     bus.startService()
     while not bus.connected():
         await sleep(0.05)
@@ -196,8 +223,9 @@ async def bare_txamqp(url: str) -> float:
 async def main(_: Any) -> None:
     url = rabbitmq_url()
     rport = free_port()
-    receiver_proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "receiver.py"),
-                                      str(rport)])
+    receiver_proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "receiver.py"), str(rport)]
+    )
     receiver = f"http://127.0.0.1:{rport}"
     http = Http()
     try:
@@ -209,13 +237,18 @@ async def main(_: Any) -> None:
         bare = await bare_txamqp(url)
     finally:
         receiver_proc.terminate()
-    print(f"\nEvent delivery, {TOTAL} events, {CONCURRENCY} API requests in flight; "
-          f"latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s ({os.cpu_count()} cores)")
-    print(f"{'':16}{'API 202/s':>12}{'delivered/s':>13}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'peak RSS MB':>13}")
+    print(
+        f"\nEvent delivery, {TOTAL} events, {CONCURRENCY} API requests in flight; "
+        f"latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s ({os.cpu_count()} cores)"
+    )
+    print(
+        f"{'':16}{'API 202/s':>12}{'delivered/s':>13}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MB':>13}"
+    )
     for name, r in results.items():
-        print(f"{name:16}{r['publish_rate']:12.0f}{r['delivery_rate']:13.0f}{r['p50']:9.1f}"
-              f"{r['p99']:9.1f}{r['rss_mb']:13.1f}")
+        print(
+            f"{name:16}{r['publish_rate']:12.0f}{r['delivery_rate']:13.0f}{r['p50']:9.1f}"
+            f"{r['p99']:9.1f}{r['rss_mb']:13.1f}"
+        )
     print(f"{'bare txamqp':16}{'':12}{bare:13.0f}   (publish+confirm, consume+ack, same broker)")
 
 

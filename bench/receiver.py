@@ -46,8 +46,15 @@ class Receiver(Resource):
 
     def render_GET(self, request):  # type: ignore[no-untyped-def]
         request.setHeader("content-type", "application/json")
-        return json.dumps({"count": self.count, "unique": len(self.ids), "first": self.first,
-                           "last": self.last, "latencies_ms": self.latencies}).encode()
+        return json.dumps(
+            {
+                "count": self.count,
+                "unique": len(self.ids),
+                "first": self.first,
+                "last": self.last,
+                "latencies_ms": self.latencies,
+            }
+        ).encode()
 
 
 class Quiet(Site):

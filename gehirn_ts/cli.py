@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (Conflict, NotFound, CliError) as e:
             outcome["error"] = e.message if isinstance(e, Conflict) else str(e)
         finally:
-            store.close()
+            await store.close()
 
     _react(go)
     if "error" in outcome:

@@ -10,6 +10,7 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -66,8 +67,7 @@ class _Closer(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        self._store.close()
-        return self._pool.closeCachedConnections()
+        return defer.gatherResults([self._store.close(), self._pool.closeCachedConnections()])
 
 
 def prepare_state(config: Config, now: float) -> Path:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -26,7 +25,7 @@ from zope.interface import implementer
 
 from gehirn_ts.events import Event, topic_matches
 from gehirn_ts.interfaces import BusMessage, BusUnavailable, Handler, IEventBus, Requeue
-from gehirn_ts.store.schema import configure
+from gehirn_ts.store.batch import BatchedDatabase
 
 log = Logger()
 
@@ -55,8 +54,9 @@ class _Queue:
     timer: IDelayedCall | None = None
 
 
-def _open(conn: sqlite3.Connection) -> None:
-    configure(conn)
+def _query(cur: sqlite3.Cursor, sql: str, args: tuple[Any, ...]) -> list[Any]:
+    cur.execute(sql, args)
+    return cur.fetchall()
 
 
 @implementer(IEventBus)
@@ -79,7 +79,7 @@ class LocalBus(Service):
         self._stop_grace = stop_grace
         self._queues: dict[str, _Queue] = {}
         self._bindings: dict[str, set[str]] = {}
-        self._pool: adbapi.ConnectionPool | None = None
+        self._db: BatchedDatabase | None = None
         self._dispatching: set[Deferred[None]] = set()
         self._started: Deferred[None] | None = None
 
@@ -91,23 +91,18 @@ class LocalBus(Service):
 
     async def _load(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3",
-            str(self._path),
-            check_same_thread=False,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_open,
-        )
+        self._db = BatchedDatabase(self._path)
 
         def tx(cur: sqlite3.Cursor) -> tuple[list[Any], list[Any]]:
-            cur.executescript(_SCHEMA)
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    cur.execute(statement)
             cur.execute("SELECT queue, pattern FROM bindings")
             bindings = cur.fetchall()
             cur.execute("SELECT queue, ready_at, id, attempt FROM messages")
             return bindings, cur.fetchall()
 
-        bindings, rows = await self._pool.runInteraction(tx)
+        bindings, rows = await self._db.run(tx)
         for queue, pattern in bindings:
             self._bindings.setdefault(queue, set()).add(pattern)
         for queue, ready_at, msg_id, attempt in rows:
@@ -116,12 +111,12 @@ class LocalBus(Service):
             heapq.heapify(q.ready)
             self._pump(name)
 
-    async def _ready(self) -> adbapi.ConnectionPool:
+    async def _ready(self) -> BatchedDatabase:
         if self._started is None:
             raise BusUnavailable("the bus is not running")
         await self._started
-        assert self._pool is not None
-        return self._pool
+        assert self._db is not None
+        return self._db
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -145,9 +140,9 @@ class LocalBus(Service):
                 await self._started
             except Exception:
                 log.failure("bus failed to start")
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
 
     # --- IEventBus ---
 
@@ -165,7 +160,7 @@ class LocalBus(Service):
                 [(queue, p) for p in patterns],
             )
 
-        await pool.runInteraction(tx)
+        await pool.run(tx)
 
     def publish(self, event: Event) -> Deferred[None]:
         return Deferred.fromCoroutine(self._put(None, event.type, event.to_json(), 0.0))
@@ -212,14 +207,14 @@ class LocalBus(Service):
                 ids.append(cur.lastrowid)
             return ids
 
-        ids = await pool.runInteraction(tx)
+        ids = await pool.run(tx)
         for queue, msg_id in zip(queues, ids, strict=True):
             heapq.heappush(self._queue(queue).ready, (ready_at, msg_id, 1))
             self._pump(queue)
 
     def _pump(self, name: str) -> None:
         q = self._queues[name]
-        if q.handler is None or not self.running or self._pool is None:
+        if q.handler is None or not self.running or self._db is None:
             return
         now = self._clock.seconds()
         while q.ready and len(q.inflight) < self._prefetch and q.ready[0][0] <= now:
@@ -239,12 +234,12 @@ class LocalBus(Service):
         self._dispatching.discard(d)
 
     async def _dispatch(self, name: str, q: _Queue, msg_id: int, attempt: int) -> None:
-        pool = self._pool
-        assert pool is not None and q.handler is not None
+        db = self._db
+        assert db is not None and q.handler is not None
         redeliver: float | None = None
         try:
-            row = await pool.runQuery(
-                "SELECT routing_key, body FROM messages WHERE id = ?", (msg_id,)
+            row = await db.run(
+                _query, "SELECT routing_key, body FROM messages WHERE id = ?", (msg_id,)
             )
             if not row:
                 return
@@ -257,10 +252,11 @@ class LocalBus(Service):
                 log.failure("handler for queue {queue} failed; message requeued", queue=name)
                 redeliver = self._default_delay
             if redeliver is None:
-                await pool.runOperation("DELETE FROM messages WHERE id = ?", (msg_id,))
+                await db.run(_query, "DELETE FROM messages WHERE id = ?", (msg_id,))
             else:
                 ready_at = self._clock.seconds() + redeliver
-                await pool.runOperation(
+                await db.run(
+                    _query,
                     "UPDATE messages SET ready_at = ?, attempt = attempt + 1 WHERE id = ?",
                     (ready_at, msg_id),
                 )

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from gehirn_ts.events import Event, event_from_dict
+from gehirn_ts.store.batch import BatchedDatabase
 from gehirn_ts.store.schema import configure
 
 T = TypeVar("T")
@@ -140,32 +140,20 @@ def _delivery(row: Sequence[Any]) -> Delivery:
     return Delivery(*row)
 
 
-def _open(conn: sqlite3.Connection) -> None:
-    configure(conn)
-
-
 class Store:
     def __init__(self, path: Path, clock: IReactorTime) -> None:
         self.path = path
         self._clock = clock
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3",
-            str(path),
-            check_same_thread=False,
-            cp_min=1,
-            cp_max=1,
-            cp_openfun=_open,
-        )
+        self._db = BatchedDatabase(path)
 
-    def close(self) -> None:
-        self._pool.close()
+    def close(self) -> Deferred[None]:
+        return self._db.close()
 
     def _now(self) -> float:
         return self._clock.seconds()
 
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
-        d: Deferred[Any] = self._pool.runInteraction(fn, *args)
-        return d
+        return self._db.run(fn, *args)
 
     # --- accounts and keys ---
 

@@ -41,11 +41,12 @@ class LocalBusContract(BusContract, unittest.TestCase):
             q.handler = None
             if q.timer is not None and q.timer.active():
                 q.timer.cancel()
-        bus._pool.close()
-        bus._pool = None
+        db, bus._db = bus._db, None
+        db._closed = True  # refuses every later write, as a dead process would
+        self.addCleanup(db.close)
 
     def _stop(self, bus: LocalBus) -> Any:
-        if bus._pool is None:
+        if bus._db is None:
             return None
         bus.running = True
         return bus.stopService()

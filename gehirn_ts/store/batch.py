@@ -1,0 +1,138 @@
+"""Group commit for SQLite: interactions queued while one commit is in flight share the next.
+
+Every commit is fsync'd (synchronous=FULL), so one transaction per write caps a busy
+daemon at the disk's fsync rate. Here each interaction still runs atomically (inside
+its own SAVEPOINT, rolled back alone if it raises) and its Deferred still fires only
+after the commit that made it durable; but the writes that arrive together are
+committed, and fsync'd, together.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from gehirn_ts.store.schema import configure
+
+T = TypeVar("T")
+MAX_BATCH = 256
+
+Interaction = Callable[..., Any]
+
+
+class BatchedDatabase:
+    """One SQLite connection, used from one worker thread, with group commit."""
+
+    def __init__(self, path: Path, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self._reactor = reactor
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[tuple[Interaction, tuple[Any, ...], Deferred[Any]]] = []
+        self._busy = False
+        self._closed = False
+        self._threadpool = ThreadPool(1, 1, name=f"sqlite:{path.name}")
+        self._threadpool.start()
+        # Never leave the thread behind when the reactor stops without close().
+        reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
+
+    def run(self, fn: Interaction, *args: Any) -> Deferred[Any]:
+        """Run ``fn(cursor, *args)`` in a transaction; fires after it is committed."""
+        d: Deferred[Any] = Deferred()
+        if self._closed:
+            d.errback(RuntimeError(f"database {self._path.name} is closed"))
+            return d
+        self._queue.append((fn, args, d))
+        if not self._busy:
+            self._next()
+        return d
+
+    def _next(self) -> None:
+        if not self._queue:
+            self._busy = False
+            return
+        self._busy = True
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        work = deferToThreadPool(
+            self._reactor, self._threadpool, self._execute, [(fn, args) for fn, args, _ in batch]
+        )
+        work.addCallbacks(self._settle, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _settle(self, outcomes: list[tuple[bool, Any]], batch: list[Any]) -> None:
+        for (ok, value), (_, _, d) in zip(outcomes, batch, strict=True):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+        self._next()
+
+    def _fail(self, failure: Failure, batch: list[Any]) -> None:
+        # The commit itself failed (disk full, I/O error): nothing in the batch is durable.
+        for _, _, d in batch:
+            d.errback(failure)
+        self._next()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            configure(self._conn)
+        return self._conn
+
+    def _execute(self, batch: list[tuple[Interaction, tuple[Any, ...]]]) -> list[Any]:
+        """In the worker thread: one transaction, a savepoint per interaction."""
+        conn = self._connection()
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn, args in batch:
+                cur = conn.cursor()
+                cur.execute("SAVEPOINT one")
+                try:
+                    value = fn(cur, *args)
+                except Exception:
+                    cur.execute("ROLLBACK TO one")
+                    cur.execute("RELEASE one")
+                    outcomes.append((False, Failure()))
+                else:
+                    cur.execute("RELEASE one")
+                    outcomes.append((True, value))
+                finally:
+                    cur.close()
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    def _stop_threads(self) -> None:
+        if self._threadpool.started:
+            self._threadpool.stop()
+
+    def close(self) -> Deferred[None]:
+        """Finish what is queued, then close the connection and the thread."""
+        self._closed = True
+        done: Deferred[None] = Deferred()
+
+        def finish() -> None:
+            if self._busy:
+                self._reactor.callLater(0.01, finish)
+                return
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                self._threadpool.callInThread(conn.close)
+            self._stop_threads()
+            done.callback(None)
+
+        finish()
+        return done
