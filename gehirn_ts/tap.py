@@ -97,6 +97,9 @@ def build(config: Config, reactor: Any) -> MultiService:
     store = Store(db, reactor)
     policy = AddressPolicy(config.edj.allow_networks)
     pool = HTTPConnectionPool(reactor, persistent=True)
+    # Keep-alive connections per destination host: enough for the deliveries that a
+    # busy webhook receives at once (Twisted's default is 2).
+    pool.maxPersistentPerHost = config.bus.prefetch
     http = HTTPClient(guarded_agent(reactor, policy, pool))
     _Closer(store, pool).setServiceParent(top)
 

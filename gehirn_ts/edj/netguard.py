@@ -135,6 +135,17 @@ class _PinnedReactor:
         return getattr(self._reactor, name)
 
 
+def _literal(host: str, port: int) -> list[Address] | None:
+    """An IP literal needs no lookup (and no trip to the resolver's thread)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.version == 4:
+        return [IPv4Address("TCP", host, port)]
+    return [IPv6Address("TCP", host, port)]
+
+
 @implementer(IStreamClientEndpoint)
 class GuardedEndpoint:
     def __init__(
@@ -150,9 +161,11 @@ class GuardedEndpoint:
         return Deferred.fromCoroutine(self._connect(protocolFactory))
 
     async def _connect(self, factory: IProtocolFactory) -> IProtocol:
-        collector = _Collector()
-        self._reactor.nameResolver.resolveHostName(collector, self._host, self._port)
-        found = await collector.done
+        found = _literal(self._host, self._port)
+        if found is None:
+            collector = _Collector()
+            self._reactor.nameResolver.resolveHostName(collector, self._host, self._port)
+            found = await collector.done
         allowed = [a for a in found if self._policy.allows(a.host)]
         if not allowed:
             if not found:
