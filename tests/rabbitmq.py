@@ -31,6 +31,10 @@ def rabbitmq_url() -> str:
     return URL
 
 
+def ctl(*args: str) -> None:
+    subprocess.run([str(SCRIPT), "ctl", *args], check=True, timeout=60, stdout=subprocess.DEVNULL)
+
+
 def restart() -> None:
     """Stop the whole node and start it again (connections drop, durable data stays)."""
     _run("stop")

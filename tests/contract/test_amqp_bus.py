@@ -8,10 +8,10 @@ from twisted.trial import unittest
 
 from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.events import Event
-from gehirn_ts.interfaces import Requeue
+from gehirn_ts.interfaces import BusUnavailable, Requeue
 from tests.contract.bus_contract import BusContract
 from tests.rabbitmq import rabbitmq_url
-from tests.support import inline, until
+from tests.support import inline, sleep, until
 
 
 class AmqpBusContract(BusContract, unittest.TestCase):
@@ -108,3 +108,67 @@ class AmqpMethodsSent(unittest.TestCase):
             assert SPEC_IDS[klass][0] == class_id, (klass, method)
             assert SPEC_IDS[klass][1][method] == method_id, (klass, method)
             assert (klass, method) in SENT_FIELDS, (klass, method)
+
+
+class AmqpBrokerRefusals(unittest.TestCase):
+    timeout = 60
+
+    async def bus(self, **kwargs: Any) -> AmqpBus:
+        bus = AmqpBus(
+            rabbitmq_url(), reactor, namespace="test-" + secrets.token_hex(4), heartbeat=0, **kwargs
+        )
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await until(bus.connected)
+        return bus
+
+    @inline
+    async def test_a_nack_fails_the_publish(self) -> None:
+        from tests.rabbitmq import ctl
+
+        bus = await self.bus()
+        # A policy makes the broker refuse (nack) publishes beyond one queued message.
+        name = bus.queue_name("full")
+        ctl(
+            "set_policy",
+            f"full-{name}",
+            f"^{name}$",
+            '{"max-length": 1, "overflow": "reject-publish"}',
+            "--apply-to",
+            "queues",
+        )
+        self.addCleanup(ctl, "clear_policy", f"full-{name}")
+        await bus.send("full", b"first")
+        failure = None
+        for _ in range(20):  # the policy takes a moment to apply
+            try:
+                await bus.send("full", b"more")
+            except BusUnavailable as e:
+                failure = e
+                break
+            await sleep(0.1)
+        assert failure is not None and "nack" in str(failure)
+
+    @inline
+    async def test_a_message_that_keeps_failing_goes_to_the_dead_letter_queue(self) -> None:
+        bus = await self.bus(default_delay=0.05, max_failures=3)
+        calls: list[int] = []
+
+        async def broken(message: Any) -> None:
+            calls.append(message.attempt)
+            raise RuntimeError("always fails (expected by the test)")
+
+        bus.consume("poison", broken)
+        await bus.send("poison", b"bad")
+        await until(lambda: len(calls) == 3)
+        conn = bus._conn
+        dead = f"{bus._ns}.dead"
+
+        async def in_dead_queue() -> bool:
+            reply = await conn.publish_ch.queue_declare(queue=dead, durable=True)
+            return bool(reply.message_count == 1)
+
+        await until(in_dead_queue)
+        await sleep(0.3)
+        assert calls == [1, 2, 3]
+        self.flushLoggedErrors(RuntimeError)
