@@ -44,7 +44,8 @@ def parse_retry_after(value: str | bytes | None, now: float) -> float | None:
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: str.isdigit() accepts '¹' and other digits int() refuses.
+    if value.isascii() and value.isdigit():
         return float(int(value))
     try:
         when = parsedate_to_datetime(value)

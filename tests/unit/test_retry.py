@@ -70,3 +70,9 @@ def test_parse_retry_after_seconds_and_dates():
 def test_parse_retry_after_never_crashes(value):
     result = parse_retry_after(value, now=1_000_000_000)
     assert result is None or result >= 0
+
+
+@pytest.mark.parametrize("odd", ["¹", "٣", b"\xb9", "1\u00a0", "9" * 400])
+def test_parse_retry_after_odd_digits(odd):
+    result = parse_retry_after(odd, now=0)
+    assert result is None or result >= 0
