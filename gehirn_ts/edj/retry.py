@@ -46,7 +46,8 @@ def parse_retry_after(value: str | bytes | None, now: float) -> float | None:
     value = value.strip()
     # ASCII digits only: str.isdigit() accepts '¹' and other digits int() refuses.
     if value.isascii() and value.isdigit():
-        return float(int(value))
+        # Capped: the caller caps again (max_retry_after); this only keeps it a float.
+        return float(min(int(value[:12]), 10**9))
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
