@@ -1,0 +1,1 @@
+"""The MTA: the ESMTP server, policy, spool, inbound processing and (later) delivery."""
