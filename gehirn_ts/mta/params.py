@@ -46,7 +46,7 @@ def xtext_decode(text: str) -> str:
 
 
 def xtext_encode(text: str) -> str:
-    out = []
+    out: list[str] = []
     for ch in text:
         code = ord(ch)
         if code > 0x7E:

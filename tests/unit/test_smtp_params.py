@@ -226,7 +226,7 @@ def test_sender_routing_is_detected():
 @given(st.binary(max_size=80))
 def test_path_parser_never_crashes(arg):
     try:
-        mailbox, rest = parse_path(arg, kind="recipient", allow_postmaster=True)
+        mailbox, _rest = parse_path(arg, kind="recipient", allow_postmaster=True)
     except SmtpError as e:
         assert e.reply.code in (501, 553)
         return
