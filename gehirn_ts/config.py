@@ -222,12 +222,85 @@ class EdjConfig:
     )
 
 
+def _listener(value: Any) -> str:
+    """An endpoint string, or "" for a listener that is off."""
+    text = _str(value)
+    return text if text == "" else _endpoint(text)
+
+
+def _domain_name(value: Any) -> str:
+    text = _str(value).lower()
+    if text and not re.fullmatch(
+        r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", text
+    ):
+        raise ValueError(f"{text!r} is not a domain name")
+    return text
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """The SMTP server."""
+
+    hostname: str = opt(
+        "localhost", _domain_name, "Name in the greeting, EHLO reply and Received headers."
+    )
+    listen: str = opt(
+        "tcp:2525:interface=127.0.0.1",
+        _listener,
+        'Inbound MX listener (port 25 in production); "" turns it off.',
+    )
+    submission: str = opt(
+        "tcp:2587:interface=127.0.0.1",
+        _listener,
+        "Submission listener (port 587): STARTTLS, then AUTH before MAIL.",
+    )
+    submissions: str = opt(
+        "tcp:2465:interface=127.0.0.1",
+        _listener,
+        "Submission with implicit TLS (port 465); the endpoint is plain TCP, TLS is added.",
+    )
+    tls_cert: str = opt(
+        "",
+        _str,
+        "PEM certificate chain; with tls_key empty too, a self-signed pair is made under "
+        "state.dir on first start (for development only).",
+    )
+    tls_key: str = opt("", _str, "PEM private key of tls_cert.")
+    trusted_networks: tuple[str, ...] = opt(
+        (),
+        _networks,
+        "Clients allowed to relay without AUTH (legacy hosts). Empty: nobody, not even loopback.",
+    )
+    bootstrap_domain: str = opt(
+        "localhost",
+        _domain_name,
+        "On a first start with no domain served yet, serve this one for an account named "
+        '"local" (created if needed). "" to skip.',
+    )
+    max_message_size: int = opt(
+        25 * 1024 * 1024, _size, "Largest message accepted (advertised as SIZE).", format_size
+    )
+    max_recipients: int = opt(1000, _positive_int, "Recipients per message.")
+    max_line: int = opt(16 * 1024, _size, "Longest command or message line.", format_size)
+    idle_timeout: float = opt(
+        300.0, _duration, "A session idle this long is closed (421).", format_duration
+    )
+    max_connections_per_ip: int = opt(20, _positive_int, "Concurrent sessions per client IP.")
+    auth_failures: int = opt(
+        5, _positive_int, "Failed AUTH attempts per client IP within auth_failure_window ..."
+    )
+    auth_failure_window: float = opt(
+        600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     state: StateConfig = field(default_factory=StateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     bus: BusConfig = field(default_factory=BusConfig)
     edj: EdjConfig = field(default_factory=EdjConfig)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
 
     @property
     def state_dir(self) -> Path:

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
@@ -24,13 +25,20 @@ from gehirn_ts.edj import registry
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
-from gehirn_ts.store.db import Store, bootstrap_admin_key
+from gehirn_ts.mta.esmtp import EsmtpFactory, Settings
+from gehirn_ts.mta.inbound import Inbound
+from gehirn_ts.mta.policy import RelayPolicy
+from gehirn_ts.mta.spool import Spool
+from gehirn_ts.mta.tls import make_self_signed, server_options
+from gehirn_ts.store.db import MailStore, Store, bootstrap_admin_key, bootstrap_domain
 from gehirn_ts.store.schema import SchemaError, migrate
 from gehirn_ts.web.api import Api, make_site
 
 DB_FILE = "gehirn-ts.sqlite"
 BUS_FILE = "bus.sqlite"
 ADMIN_KEY_FILE = "admin.key"
+DEV_CERT = "tls/dev-cert.pem"
+DEV_KEY = "tls/dev-key.pem"
 
 log = Logger()
 
@@ -76,6 +84,13 @@ def prepare_state(config: Config, now: float) -> Path:
     state.mkdir(parents=True, exist_ok=True)
     db = state / DB_FILE
     migrate(db)
+    if not (config.smtp.tls_cert or config.smtp.tls_key):
+        if not (state / DEV_CERT).exists():
+            make_self_signed(state / DEV_CERT, state / DEV_KEY, config.smtp.hostname)
+    elif not (config.smtp.tls_cert and config.smtp.tls_key):
+        raise ConfigError(["smtp.tls_cert, smtp.tls_key: give both, or neither"])
+    if config.smtp.bootstrap_domain:
+        bootstrap_domain(db, config.smtp.bootstrap_domain, now)
     token = bootstrap_admin_key(db, now)
     if token is not None:
         key_file = state / ADMIN_KEY_FILE
@@ -128,12 +143,85 @@ def build(config: Config, reactor: Any) -> MultiService:
     )
     edj.setServiceParent(top)
 
-    api = Api(store, publisher, edj, policy)
+    mail = MailStore(store)
+    spool = Spool(config.state_dir / "spool")
+    inbound = Inbound(
+        spool=spool,
+        kvs=config.state_dir / "kvs",
+        mail=mail,
+        publisher=publisher,
+        owner=mail.domain_owner,
+        hostname=config.smtp.hostname,
+    )
+    _Resume(inbound).setServiceParent(top)
+
+    api = Api(store, publisher, edj, policy, mail, inbound)
     site = make_site(api, store, config.http.max_body)
     web = StreamServerEndpointService(serverFromString(reactor, config.http.listen), site)
     web._raiseSynchronously = True
     web.setServiceParent(top)
+
+    smtp = config.smtp
+    tls = _tls_options(config)
+    relay = RelayPolicy(mail.domain_owner, mail.smtp_authenticate, smtp.trusted_networks)
+    settings = Settings(
+        hostname=smtp.hostname,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_line=smtp.max_line,
+        idle_timeout=smtp.idle_timeout,
+        max_connections_per_ip=smtp.max_connections_per_ip,
+        auth_failures=smtp.auth_failures,
+        auth_failure_window=smtp.auth_failure_window,
+    )
+    for listener, description in (
+        ("smtp", smtp.listen),
+        ("submission", smtp.submission),
+        ("submissions", smtp.submissions),
+    ):
+        if not description:
+            continue
+        implicit = listener == "submissions"
+        factory: Any = EsmtpFactory(
+            settings=settings,
+            listener=listener,
+            policy=relay,
+            spool=spool,
+            accepted=inbound.accepted,
+            clock=reactor,
+            tls=tls,
+            implicit_tls=implicit,
+        )
+        if implicit:
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        service = StreamServerEndpointService(serverFromString(reactor, description), factory)
+        service._raiseSynchronously = True
+        service.setServiceParent(top)
     return top
+
+
+class _Resume(Service):
+    """At start, processes the received mail a previous run left in the spool."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        self._inbound = inbound
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._resume())
+        d.addErrback(lambda f: log.failure("resuming the spool failed", f))
+
+    async def _resume(self) -> None:
+        n = await self._inbound.resume()
+        if n:
+            log.info("resumed {n} spooled messages", n=n)
+
+
+def _tls_options(config: Config) -> Any:
+    smtp = config.smtp
+    if smtp.tls_cert or smtp.tls_key:
+        return server_options(Path(smtp.tls_cert), Path(smtp.tls_key))
+    return server_options(config.state_dir / DEV_CERT, config.state_dir / DEV_KEY)
 
 
 def makeService(options: Options) -> IService:

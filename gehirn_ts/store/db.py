@@ -554,6 +554,29 @@ class Store:
         return self._run(tx)
 
 
+def bootstrap_domain(path: Path, domain: str, now: float) -> bool:
+    """Serve ``domain`` for the account "local" when no domain is served yet."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        configure(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("SELECT 1 FROM domains LIMIT 1").fetchone() is not None:
+            conn.execute("ROLLBACK")
+            return False
+        conn.execute(
+            "INSERT OR IGNORE INTO accounts (name, created_at) VALUES ('local', ?)", (now,)
+        )
+        (account_id,) = conn.execute("SELECT id FROM accounts WHERE name = 'local'").fetchone()
+        conn.execute(
+            "INSERT INTO domains (name, account_id, created_at) VALUES (?,?,?)",
+            (domain, account_id, now),
+        )
+        conn.execute("COMMIT")
+        return True
+    finally:
+        conn.close()
+
+
 def bootstrap_admin_key(path: Path, now: float) -> str | None:
     """Create the admin key if none exists yet (before the reactor runs); its token or None."""
     conn = sqlite3.connect(path, isolation_level=None)
@@ -571,3 +594,176 @@ def bootstrap_admin_key(path: Path, now: float) -> str | None:
         return token
     finally:
         conn.close()
+
+
+@dataclass(frozen=True)
+class Received:
+    id: str
+    account: str | None
+    object: str
+    sender: str
+    recipients: list[str]
+    size: int
+    received_at: float
+    meta: dict[str, Any]
+
+
+class MailStore:
+    """Mail domains, SMTP credentials and the index of received mail."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return self._store._run(fn, *args)
+
+    def add_domain(self, name: str, account: str) -> Deferred[None]:
+        now = self._store._now()
+
+        def tx(cur: Cursor) -> None:
+            cur.execute("SELECT id FROM accounts WHERE name = ?", (account,))
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"no account named {account!r}")
+            try:
+                cur.execute(
+                    "INSERT INTO domains (name, account_id, created_at) VALUES (?,?,?)",
+                    (name.lower(), row[0], now),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("name", f"the domain {name!r} is served already")
+
+        return self._run(tx)
+
+    def remove_domain(self, name: str) -> Deferred[None]:
+        def tx(cur: Cursor) -> None:
+            cur.execute("DELETE FROM domains WHERE name = ?", (name.lower(),))
+            if cur.rowcount == 0:
+                raise NotFound(f"no domain {name!r}")
+
+        return self._run(tx)
+
+    def list_domains(self) -> Deferred[list[tuple[str, str]]]:
+        def tx(cur: Cursor) -> list[tuple[str, str]]:
+            cur.execute(
+                "SELECT d.name, a.name FROM domains d JOIN accounts a "
+                "ON a.id = d.account_id ORDER BY d.name"
+            )
+            return [(r[0], r[1]) for r in cur.fetchall()]
+
+        return self._run(tx)
+
+    def domain_owner(self, name: str) -> Deferred[str | None]:
+        def tx(cur: Cursor) -> str | None:
+            cur.execute(
+                "SELECT a.name FROM domains d JOIN accounts a ON a.id = d.account_id "
+                "WHERE d.name = ?",
+                (name.lower(),),
+            )
+            row = cur.fetchone()
+            return row[0] if row else None
+
+        return self._run(tx)
+
+    def create_credential(self, account: str, username: str) -> Deferred[str]:
+        """SMTP credentials: a generated password (shown once), stored hashed."""
+        now = self._store._now()
+        password = secrets.token_urlsafe(24)
+
+        def tx(cur: Cursor) -> str:
+            cur.execute("SELECT id FROM accounts WHERE name = ?", (account,))
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"no account named {account!r}")
+            try:
+                cur.execute(
+                    "INSERT INTO smtp_credentials (username, account_id, hash, created_at) "
+                    "VALUES (?,?,?,?)",
+                    (username, row[0], hash_secret(password), now),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("username", f"the SMTP user {username!r} exists already")
+            return password
+
+        return self._run(tx)
+
+    def revoke_credential(self, username: str) -> Deferred[None]:
+        now = self._store._now()
+
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "UPDATE smtp_credentials SET revoked_at = ? WHERE username = ? "
+                "AND revoked_at IS NULL",
+                (now, username),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no active SMTP user {username!r}")
+
+        return self._run(tx)
+
+    def smtp_authenticate(self, username: str, password: str) -> Deferred[str | None]:
+        def tx(cur: Cursor) -> str | None:
+            cur.execute(
+                "SELECT c.hash, a.name FROM smtp_credentials c JOIN accounts a "
+                "ON a.id = c.account_id WHERE c.username = ? AND c.revoked_at IS NULL",
+                (username,),
+            )
+            row = cur.fetchone()
+            # Hash even for an unknown user, so timing does not tell which users exist.
+            digest = hash_secret(password)
+            if row is None or not hmac.compare_digest(row[0], digest):
+                return None
+            return str(row[1])
+
+        return self._run(tx)
+
+    def record_received(self, item: Received) -> Deferred[bool]:
+        """Index a received message for an account; False if it is indexed already."""
+
+        def tx(cur: Cursor) -> bool:
+            account_id = None
+            if item.account is not None:
+                cur.execute("SELECT id FROM accounts WHERE name = ?", (item.account,))
+                row = cur.fetchone()
+                account_id = row[0] if row else None
+            cur.execute(
+                "INSERT OR IGNORE INTO received (id, account_id, object, sender, recipients, "
+                "size, received_at, meta) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    item.id,
+                    account_id,
+                    item.object,
+                    item.sender,
+                    json.dumps(item.recipients),
+                    item.size,
+                    item.received_at,
+                    json.dumps(item.meta),
+                ),
+            )
+            return cur.rowcount == 1
+
+        return self._run(tx)
+
+    def get_received(self, item_id: str, account_id: int | None) -> Deferred[Received]:
+        def tx(cur: Cursor) -> Received:
+            cur.execute(
+                "SELECT r.id, a.name, r.object, r.sender, r.recipients, r.size, r.received_at, "
+                "r.meta FROM received r LEFT JOIN accounts a ON a.id = r.account_id "
+                "WHERE r.id = ? AND (? IS NULL OR r.account_id = ?) ORDER BY a.name LIMIT 1",
+                (item_id, account_id, account_id),
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(item_id)
+            return Received(
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                json.loads(row[4]),
+                row[5],
+                row[6],
+                json.loads(row[7]),
+            )
+
+        return self._run(tx)

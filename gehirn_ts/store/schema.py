@@ -70,6 +70,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX attempts_delivery ON attempts(delivery_id);
     """,
+    # 2: mail domains, SMTP credentials, received mail (the KVS index).
+    """
+    CREATE TABLE domains (
+        name TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE smtp_credentials (
+        username TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE TABLE received (
+        id TEXT NOT NULL,
+        account_id INTEGER REFERENCES accounts(id),
+        object TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        received_at REAL NOT NULL,
+        meta TEXT NOT NULL,
+        PRIMARY KEY (id, account_id)
+    );
+    CREATE INDEX received_account ON received(account_id, received_at);
+    """,
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from twisted.internet.threads import deferToThread
 from twisted.web.server import Site
 
 from gehirn_ts.edj import registry
@@ -20,8 +21,19 @@ from gehirn_ts.events import (
     validate_pattern,
 )
 from gehirn_ts.interfaces import BusUnavailable
+from gehirn_ts.mta.inbound import Inbound
 from gehirn_ts.redact import redact_secret, redact_url
-from gehirn_ts.store.db import Attempt, Conflict, Delivery, NotFound, Principal, Store, Subscription
+from gehirn_ts.store.db import (
+    Attempt,
+    Conflict,
+    Delivery,
+    MailStore,
+    NotFound,
+    Principal,
+    Received,
+    Store,
+    Subscription,
+)
 from gehirn_ts.web.http import (
     ApiError,
     Call,
@@ -85,12 +97,20 @@ def _principal(call: Call) -> Principal:
 
 class Api:
     def __init__(
-        self, store: Store, publisher: Publisher, edj: EdjService, policy: AddressPolicy
+        self,
+        store: Store,
+        publisher: Publisher,
+        edj: EdjService,
+        policy: AddressPolicy,
+        mail: MailStore,
+        inbound: Inbound,
     ) -> None:
         self._store = store
         self._publisher = publisher
         self._edj = edj
         self._policy = policy
+        self._mail = mail
+        self._inbound = inbound
 
     def routes(self) -> list[Route]:
         return [
@@ -108,6 +128,8 @@ class Api:
             Route("DELETE", "/v1/subscriptions/{id}", self.delete_subscription, (204, 401, 404)),
             Route("GET", "/v1/deliveries", self.list_deliveries, (200, 400, 401)),
             Route("POST", "/v1/deliveries/{id}/replay", self.replay, (202, 401, 404, 409)),
+            Route("GET", "/v1/received/{id}", self.received, (200, 401, 404)),
+            Route("GET", "/v1/received/{id}/raw", self.received_raw, (200, 401, 404)),
         ]
 
     # --- handlers ---
@@ -250,6 +272,33 @@ class Api:
         except Conflict as e:
             raise ApiError(409, "conflict", e.message, e.field)
         return Response(202, delivery_json(delivery))
+
+    async def _received(self, call: Call) -> Received:
+        try:
+            return await self._mail.get_received(call.params["id"], _principal(call).account_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "no such received message", "id")
+
+    async def received(self, call: Call) -> Response:
+        item = await self._received(call)
+        return Response(
+            200,
+            {
+                "id": item.id,
+                "account": item.account,
+                "sender": item.sender,
+                "recipients": item.recipients,
+                "size": item.size,
+                "received_at": iso(item.received_at),
+                **item.meta,
+            },
+        )
+
+    async def received_raw(self, call: Call) -> Response:
+        item = await self._received(call)
+        path = self._inbound.object_path(item.object)
+        data = await deferToThread(path.read_bytes)
+        return Response(200, raw=data, headers={"content-type": "message/rfc822"})
 
 
 def make_site(api: Api, store: Store, max_body: int) -> Site:

@@ -56,6 +56,7 @@ class Response:
     status: int
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None  # sent as is (with headers' content-type) instead of JSON
 
 
 @dataclass
@@ -188,7 +189,10 @@ class JsonApi(Resource):
         request.setResponseCode(response.status)
         for name, value in response.headers.items():
             request.setHeader(name, value)
-        if response.body is not None and response.status != 204:
+        if response.raw is not None:
+            request.setHeader("content-length", str(len(response.raw)))
+            request.write(response.raw)
+        elif response.body is not None and response.status != 204:
             payload = json.dumps(response.body, ensure_ascii=False).encode() + b"\n"
             request.setHeader("content-type", "application/json; charset=utf-8")
             request.setHeader("content-length", str(len(payload)))

@@ -1,0 +1,224 @@
+"""Received mail -> the KVS, the index in the store, and a ``mail.received`` event.
+
+Runs after the 250 (the message is in the spool, durable) and again at every start for
+whatever the spool still holds, so each step is idempotent: the KVS object is a hard
+link named by the queue id, the index row is keyed by (queue id, account), and the
+event id is derived from both, so a repeat stores and publishes nothing twice.
+Recipients outside the served domains (relayed mail from authenticated or trusted
+clients) are moved to ``spool/outbound/`` for the outbound queue.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import os
+import re
+from collections.abc import Awaitable, Callable
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.events import MAIL_RECEIVED, Event
+from gehirn_ts.mta.spool import Envelope, Spool, _fsync_dir
+from gehirn_ts.store.db import MailStore, Received
+
+log = Logger()
+
+SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
+EXCERPT_CHARS = 300
+OwnerLookup = Callable[[str], Awaitable[str | None]]
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """Headers and a text excerpt, from the first bytes of the message (in a thread)."""
+    with path.open("rb") as f:
+        head = f.read(SUMMARY_BYTES)
+    out: dict[str, Any] = {
+        "from": None,
+        "to": None,
+        "cc": None,
+        "subject": None,
+        "message_id": None,
+        "date": None,
+        "excerpt": "",
+    }
+    try:
+        message = BytesParser(policy=email.policy.default).parsebytes(head)
+        for name in ("from", "to", "cc", "subject", "message_id", "date"):
+            value = message.get(name.replace("_", "-"))
+            if value is not None:
+                out[name] = str(value)[:998]
+        part = message.get_body(preferencelist=("plain", "html"))
+        if part is not None:
+            text = part.get_content()
+            if part.get_content_subtype() == "html":
+                text = re.sub(r"<[^>]*>", " ", text)
+            out["excerpt"] = " ".join(text.split())[:EXCERPT_CHARS]
+    except Exception:  # noqa: S110 - a malformed message still gets stored and published
+        pass
+    return out
+
+
+class Inbound:
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        kvs: Path,
+        mail: MailStore,
+        publisher: Publisher,
+        owner: OwnerLookup,
+        hostname: str,
+    ) -> None:
+        self._spool = spool
+        self._kvs = kvs
+        self._mail = mail
+        self._publisher = publisher
+        self._owner = owner
+        self._hostname = hostname
+        self._outbound = spool.root / "outbound"
+        kvs.mkdir(parents=True, exist_ok=True)
+        self._outbound.mkdir(parents=True, exist_ok=True)
+        self._active: set[str] = set()
+
+    def accepted(self, envelope: Envelope, kinds: dict[str, str] | None = None) -> None:
+        d = Deferred.fromCoroutine(self.process(envelope))
+        d.addErrback(
+            lambda f: log.failure(
+                "processing received {qid} failed; it stays spooled for the next start",
+                f,
+                qid=envelope.queue_id,
+            )
+        )
+
+    async def resume(self) -> int:
+        pending = self._spool.pending()
+        for envelope in pending:
+            await self.process(envelope)
+        return len(pending)
+
+    async def process(self, envelope: Envelope) -> None:
+        qid = envelope.queue_id
+        if qid in self._active:
+            return
+        self._active.add(qid)
+        try:
+            await self._process(envelope)
+        finally:
+            self._active.discard(qid)
+
+    async def _process(self, envelope: Envelope) -> None:
+        qid = envelope.queue_id
+        source = self._spool.message_path(qid)
+        by_account: dict[str | None, list[dict[str, Any]]] = {}
+        relayed = []
+        for rcpt in envelope.recipients:
+            domain = rcpt.address.rpartition("@")[2] if "@" in rcpt.address else ""
+            if domain == "":
+                by_account.setdefault(None, []).append(vars(rcpt))
+                continue
+            owner = await self._owner(domain)
+            if owner is None:
+                relayed.append(rcpt)
+            else:
+                by_account.setdefault(owner, []).append(vars(rcpt))
+        summary = await deferToThread(summarize, source)
+        obj = f"{qid}.eml"
+        if by_account:
+            await deferToThread(self._link, source, self._kvs / obj)
+        for account, rcpts in by_account.items():
+            meta = {
+                **summary,
+                "client": {
+                    "ip": envelope.client_ip,
+                    "helo": envelope.helo,
+                    "tls": envelope.tls,
+                    "authenticated": envelope.authenticated,
+                },
+                "dsn": {"ret": envelope.ret, "envid": envelope.envid},
+                "body": envelope.body,
+                "auth": {"spf": None, "dkim": None},
+            }
+            await self._mail.record_received(
+                Received(
+                    id=qid,
+                    account=account,
+                    object=obj,
+                    sender=envelope.sender,
+                    recipients=[r["address"] for r in rcpts],
+                    size=envelope.size,
+                    received_at=envelope.received_at,
+                    meta=meta,
+                )
+            )
+            if account is not None:
+                await self._publisher.publish(self._event(envelope, account, rcpts, meta))
+        if relayed:
+            outbound = Envelope(**{**vars(envelope), "recipients": relayed})
+            await deferToThread(self._to_outbound, source, outbound)
+        self._spool.remove(qid)
+        log.info(
+            "received {qid} stored for {accounts}{relay}",
+            qid=qid,
+            accounts=sorted(a or "postmaster" for a in by_account),
+            relay=f", {len(relayed)} recipients to relay" if relayed else "",
+        )
+
+    def _event(
+        self, envelope: Envelope, account: str, rcpts: list[dict[str, Any]], meta: dict[str, Any]
+    ) -> Event:
+        return Event(
+            type=MAIL_RECEIVED,
+            source=f"/gehirn-ts/mta/{self._hostname}",
+            id=f"received.{envelope.queue_id}.{account}",
+            account=account,
+            subject=envelope.queue_id,
+            data={
+                "queue_id": envelope.queue_id,
+                "envelope": {
+                    "sender": envelope.sender,
+                    "recipients": rcpts,
+                    "ret": envelope.ret,
+                    "envid": envelope.envid,
+                    "body": envelope.body,
+                },
+                "from": meta["from"],
+                "to": meta["to"],
+                "cc": meta["cc"],
+                "subject": meta["subject"],
+                "message_id": meta["message_id"],
+                "date": meta["date"],
+                "size": envelope.size,
+                "kvs_key": envelope.queue_id,
+                "excerpt": meta["excerpt"],
+                "client": meta["client"],
+                "auth": meta["auth"],
+            },
+        )
+
+    @staticmethod
+    def _link(source: Path, target: Path) -> None:
+        if not target.exists():
+            os.link(source, target)
+            _fsync_dir(target.parent)
+
+    def _to_outbound(self, source: Path, envelope: Envelope) -> None:
+        qid = envelope.queue_id
+        eml = self._outbound / f"{qid}.eml"
+        if not eml.exists():
+            os.link(source, eml)
+        tmp = self._outbound / f".{qid}.json"
+        with tmp.open("wb") as f:
+            f.write(envelope.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._outbound / f"{qid}.json")
+        _fsync_dir(self._outbound)
+
+    def object_path(self, obj: str) -> Path:
+        return self._kvs / obj

@@ -1,0 +1,67 @@
+"""Who may send what to whom (RFC 5321 section 3.9: no open relay).
+
+- A recipient in a served domain (or the bare <postmaster>, RFC 5321 section 4.5.1)
+  is local: accepted on every listener.
+- Any other recipient is relayed only for an authenticated session or a client in
+  ``trusted_networks`` (the legacy hosts); everybody else gets 554 5.7.1.
+- Sender-specified routing (source routes, '%', '!', a quoted '@') from a client that is
+  neither authenticated nor trusted is refused, as Postfix does with
+  allow_untrusted_routing = no: such forms have relayed through MTAs that read them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable, Sequence
+
+from gehirn_ts.mta import replies
+from gehirn_ts.mta.address import Mailbox
+from gehirn_ts.mta.esmtp import Session
+from gehirn_ts.mta.replies import SmtpError
+
+LOCAL = "local"
+RELAY = "relay"
+
+OwnerLookup = Callable[[str], Awaitable[str | None]]
+Authenticator = Callable[[str, str], Awaitable[str | None]]
+
+
+class Networks:
+    def __init__(self, networks: Sequence[str]) -> None:
+        self._nets = [ipaddress.ip_network(n, strict=False) for n in networks]
+
+    def __contains__(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == n.version and ip in n for n in self._nets)
+
+
+class RelayPolicy:
+    def __init__(
+        self, owner: OwnerLookup, authenticator: Authenticator, trusted_networks: Sequence[str]
+    ) -> None:
+        self._owner = owner
+        self._authenticate = authenticator
+        self._trusted = Networks(trusted_networks)
+
+    def trusted(self, session: Session) -> bool:
+        return session.account is not None or session.client_ip in self._trusted
+
+    async def recipient(self, mailbox: Mailbox, session: Session) -> str:
+        trusted = self.trusted(session)
+        if mailbox.is_routed and not trusted:
+            raise SmtpError(replies.ROUTING_DENIED)
+        if mailbox.domain == "":
+            return LOCAL  # the bare <postmaster>
+        if await self._owner(mailbox.domain) is not None:
+            return LOCAL
+        if trusted:
+            return RELAY
+        raise SmtpError(replies.RELAY_DENIED)
+
+    async def authenticate(self, username: str, password: str) -> str | None:
+        return await self._authenticate(username, password)
