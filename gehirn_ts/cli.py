@@ -14,9 +14,9 @@ from typing import Any
 
 from twisted.internet import task
 
-from gehirn_ts.config import ConfigError, load
+from gehirn_ts.config import ConfigError, domain_name, load
 from gehirn_ts.events import EventError, validate_account_name
-from gehirn_ts.store.db import Conflict, NotFound, Store
+from gehirn_ts.store.db import Conflict, MailStore, NotFound, Store
 from gehirn_ts.store.schema import SchemaError, migrate
 
 
@@ -56,6 +56,27 @@ def _parser() -> argparse.ArgumentParser:
     kr = key.add_parser("revoke", parents=[common], help="revoke an API key")
     kr.add_argument("key_id", help="the key id (the part after gts_)")
     key.add_parser("list", parents=[common], help="list API keys (never their secrets)")
+
+    domain = sub.add_parser("domain", help="mail domains served").add_subparsers(
+        dest="cmd", required=True
+    )
+    da = domain.add_parser("add", parents=[common], help="serve a domain for an account")
+    da.add_argument("name")
+    da.add_argument("account")
+    dr = domain.add_parser("remove", parents=[common], help="stop serving a domain")
+    dr.add_argument("name")
+    domain.add_parser("list", parents=[common], help="list served domains")
+
+    smtp_user = sub.add_parser("smtp-user", help="SMTP AUTH credentials").add_subparsers(
+        dest="cmd", required=True
+    )
+    sc = smtp_user.add_parser(
+        "create", parents=[common], help="create SMTP credentials and print the password"
+    )
+    sc.add_argument("account")
+    sc.add_argument("username")
+    sr = smtp_user.add_parser("revoke", parents=[common], help="revoke SMTP credentials")
+    sr.add_argument("username")
     return p
 
 
@@ -96,6 +117,30 @@ async def _run(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
             lines.append(f"{k['id']}\t{owner}\t{k['created_at']}{revoked}")
         text = "\n".join(lines)
         return keys, text or "no keys"
+    mail = MailStore(store)
+    if args.group == "domain" and args.cmd == "add":
+        try:
+            name = domain_name(args.name)
+        except ValueError as e:
+            raise CliError(f"NAME: {e}")
+        await mail.add_domain(name, args.account)
+        return {"domain": name, "account": args.account}, f"{name} served for {args.account}"
+    if args.group == "domain" and args.cmd == "remove":
+        await mail.remove_domain(args.name)
+        return {"removed": args.name.lower()}, f"{args.name.lower()} no longer served"
+    if args.group == "domain" and args.cmd == "list":
+        domains = await mail.list_domains()
+        rows = [{"domain": d, "account": a} for d, a in domains]
+        return rows, "\n".join(f"{d}\t{a}" for d, a in domains) or "no domains"
+    if args.group == "smtp-user" and args.cmd == "create":
+        password = await mail.create_credential(args.account, args.username)
+        return (
+            {"username": args.username, "account": args.account, "password": password},
+            f"SMTP user {args.username} for {args.account}\npassword (shown once): {password}",
+        )
+    if args.group == "smtp-user" and args.cmd == "revoke":
+        await mail.revoke_credential(args.username)
+        return {"revoked": args.username}, f"SMTP user {args.username} revoked"
     raise CliError(f"unknown command {args.group} {args.cmd}")
 
 

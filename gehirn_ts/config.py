@@ -228,7 +228,7 @@ def _listener(value: Any) -> str:
     return text if text == "" else _endpoint(text)
 
 
-def _domain_name(value: Any) -> str:
+def domain_name(value: Any) -> str:
     text = _str(value).lower()
     if text and not re.fullmatch(
         r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*", text
@@ -242,7 +242,7 @@ class SmtpConfig:
     """The SMTP server."""
 
     hostname: str = opt(
-        "localhost", _domain_name, "Name in the greeting, EHLO reply and Received headers."
+        "localhost", domain_name, "Name in the greeting, EHLO reply and Received headers."
     )
     listen: str = opt(
         "tcp:2525:interface=127.0.0.1",
@@ -273,7 +273,7 @@ class SmtpConfig:
     )
     bootstrap_domain: str = opt(
         "localhost",
-        _domain_name,
+        domain_name,
         "On a first start with no domain served yet, serve this one for an account named "
         '"local" (created if needed). "" to skip.',
     )

@@ -129,6 +129,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self.setTimeout(self.timeout)
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._closing = True
         self.setTimeout(None)
         self._abort_data()
         if getattr(self, "_counted", False):
@@ -138,6 +139,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
     def timeoutConnection(self) -> None:
         self._reply(replies.TIMEOUT)
         self._abort_data()
+        self._closing = True
         self._transport.loseConnection()
 
     def _reply(self, reply: Reply) -> None:
@@ -184,6 +186,9 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             self.resetTimeout()
             try:
                 result = self._handle(line, too_long)
+            except SmtpError as e:
+                self._reply(e.reply)
+                result = None
             except Exception:
                 log.failure("SMTP command failed")
                 self._reply(replies.LOCAL_ERROR)
