@@ -284,7 +284,7 @@ class ProtocolTests(unittest.TestCase):
 
     def test_idle_timeout(self) -> None:
         h = Harness(self, idle_timeout=60)
-        proto, t = h.connect()
+        _proto, t = h.connect()
         h.clock.advance(59)
         assert not t.disconnecting
         h.clock.advance(2)
@@ -293,11 +293,11 @@ class ProtocolTests(unittest.TestCase):
 
     def test_connections_per_ip_are_capped(self) -> None:
         h = Harness(self, max_connections_per_ip=2)
-        (p1, t1), (p2, t2), (p3, t3) = h.connect(), h.connect(), h.connect()
+        (p1, t1), (_p2, _t2), (_p3, t3) = h.connect(), h.connect(), h.connect()
         assert codes(t3) == ["421 4.7.0 Too many connections from your address, try later"]
         assert t3.disconnecting and not t1.disconnecting
         p1.connectionLost(None)
-        p4, t4 = h.connect()
+        _p4, t4 = h.connect()
         assert codes(t4)[0].startswith("220")
 
     def test_too_many_recipients(self) -> None:
