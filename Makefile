@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deps-installed
 # dependency that has no wheel for this platform.
 RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
 # What the tests need beyond that: the real peers.
-TEST_DEBS := curl rabbitmq-server
+TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl
 
 .PHONY: run test lint unit bench sample clean install
 

@@ -73,6 +73,11 @@ class Daemon:
         raw: dict[str, Any] = {
             "state": {"dir": str(self.state)},
             "http": {"listen": f"tcp:{self.port}:interface=127.0.0.1"},
+            "smtp": {
+                "listen": f"tcp:{free_port()}:interface=127.0.0.1",
+                "submission": "",
+                "submissions": "",
+            },
             "edj": {
                 "retry_schedule": ["100ms", "100ms", "100ms"],
                 "retry_jitter": 0,

@@ -442,7 +442,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             self._reply(replies.SYNTAX)
             return
         if not self.tx.has_sender:
-            self._reply(replies.NEED_MAIL)
+            self._reply(replies.NEED_MAIL_DATA)
             return
         if not self.tx.recipients:
             self._reply(replies.NEED_RCPT)

@@ -14,6 +14,7 @@ import email.policy
 import os
 import re
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,12 @@ class Inbound:
     async def resume(self) -> int:
         pending = self._spool.pending()
         for envelope in pending:
-            await self.process(envelope)
+            try:
+                await self.process(envelope)
+            except Exception:
+                log.failure(
+                    "processing spooled {qid} failed; it stays spooled", qid=envelope.queue_id
+                )
         return len(pending)
 
     async def process(self, envelope: Envelope) -> None:
@@ -172,10 +178,14 @@ class Inbound:
     def _event(
         self, envelope: Envelope, account: str, rcpts: list[dict[str, Any]], meta: dict[str, Any]
     ) -> Event:
+        # Everything, the time included, derives from the spooled envelope: a repeat after
+        # a crash builds the very same event, which the store then keeps once.
+        when = datetime.fromtimestamp(envelope.received_at, UTC)
         return Event(
             type=MAIL_RECEIVED,
             source=f"/gehirn-ts/mta/{self._hostname}",
             id=f"received.{envelope.queue_id}.{account}",
+            time=when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             account=account,
             subject=envelope.queue_id,
             data={

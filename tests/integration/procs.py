@@ -61,8 +61,19 @@ class Daemon:
         self.env = ENV if env is None else env
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.smtp_port, self.submission_port, self.submissions_port = (
+            free_port(),
+            free_port(),
+            free_port(),
+        )
         config: dict[str, dict[str, Any]] = {
             "http": {"listen": f"tcp:{self.port}:interface=127.0.0.1"},
+            "smtp": {
+                "listen": f"tcp:{self.smtp_port}:interface=127.0.0.1",
+                "submission": f"tcp:{self.submission_port}:interface=127.0.0.1",
+                "submissions": f"tcp:{self.submissions_port}:interface=127.0.0.1",
+                "bootstrap_domain": "",
+            },
             "edj": {
                 "retry_schedule": ["200ms", "200ms"],
                 "retry_jitter": 0,

@@ -234,6 +234,20 @@ def test_embedded_defaults_without_a_config(tmp_path: Path) -> None:
         admin = (tmp_path / "var" / "admin.key").read_text().strip()
         assert oct((tmp_path / "var" / "admin.key").stat().st_mode & 0o777) == "0o600"
         assert http("GET", "http://127.0.0.1:8025/v1/subscriptions", token=admin)[0] == 200
+        # make run's SMTP: mail for localhost on 2525, owned by the account "local".
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as s:
+            s.ehlo("client.test")
+            s.mail("someone@example.org")
+            assert s.rcpt("anyone@localhost")[0] == 250
+            assert s.rcpt("other@example.net")[0] == 554
+            code, reply = s.data(b"Subject: hi\r\n\r\nhello\r\n")
+            assert code == 250
+        qid = reply.rsplit(b" ", 1)[1].decode()
+        wait_for(
+            lambda: http("GET", f"http://127.0.0.1:8025/v1/received/{qid}", token=admin)[0] == 200
+        )
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)

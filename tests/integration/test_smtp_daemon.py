@@ -1,0 +1,236 @@
+"""The SMTP server in the daemon process, with real clients: smtplib and swaks."""
+
+from __future__ import annotations
+
+import email.policy
+import json
+import shutil
+import smtplib
+import sqlite3
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import Daemon, Receiver, wait_for
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path).start()
+    d.token = d.cli("account", "create", "acme")["api_key"]
+    d.cli("domain", "add", "mail.test", "acme")
+    d.password = d.cli("smtp-user", "create", "acme", "app")["password"]
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def insecure() -> ssl.SSLContext:
+    # The development certificate is self-signed.
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def queue_id(reply: bytes) -> str:
+    assert reply.startswith(b"2.0.0 Ok: queued as "), reply
+    return reply.rsplit(b" ", 1)[1].decode()
+
+
+def message(subject: str = "Hello", to: str = "user@mail.test") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = "sender@example.org"
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Message-ID"] = "<m1@example.org>"
+    msg.set_content("Grüße aus dem Test.\n")
+    return msg
+
+
+def wire(msg: EmailMessage) -> bytes:
+    # CRLF line ends: the server refuses bare LF (docs/mta.md).
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+def test_submission_with_starttls_auth_and_dsn_parameters(daemon, receiver) -> None:
+    status, _ = daemon.call(
+        "POST", "/v1/subscriptions", {"pattern": "mail.*", "url": receiver.url}, daemon.token
+    )
+    assert status == 201
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
+        s.ehlo("client.test")
+        assert not s.has_extn("auth")  # not before TLS
+        s.starttls(context=insecure())
+        s.ehlo("client.test")
+        assert s.has_extn("auth") and "PLAIN" in s.esmtp_features["auth"]
+        s.login("app", daemon.password)
+        code, _ = s.mail(
+            "sender@example.org", ["RET=HDRS", "ENVID=env+2B1", "BODY=8BITMIME", "SIZE=500"]
+        )
+        assert code == 250
+        code, _ = s.rcpt(
+            "user@mail.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;user@mail.test"]
+        )
+        assert code == 250
+        code, reply = s.data(wire(message()))
+        assert code == 250
+    qid = queue_id(reply)
+    # Stored right after the 250 (the spool already holds it durably).
+    wait_for(lambda: daemon.call("GET", f"/v1/received/{qid}", token=daemon.token)[0] == 200)
+    _, meta = daemon.call("GET", f"/v1/received/{qid}", token=daemon.token)
+    assert meta["subject"] == "Hello" and meta["recipients"] == ["user@mail.test"]
+    assert meta["dsn"] == {"ret": "HDRS", "envid": "env+1"}
+    assert meta["client"]["tls"] is True and meta["client"]["authenticated"] == "acme"
+    assert "Grüße aus dem Test." in meta["excerpt"]
+    wait_for(lambda: receiver.hits)
+    event = json.loads(receiver.hits[0].body)
+    assert event["type"] == "mail.received" and event["account"] == "acme"
+    assert event["data"]["envelope"]["recipients"] == [
+        {
+            "address": "user@mail.test",
+            "notify": ["SUCCESS", "FAILURE"],
+            "orcpt": ["rfc822", "user@mail.test"],
+        }
+    ]
+    assert event["data"]["envelope"]["ret"] == "HDRS"
+
+
+def test_implicit_tls_and_auth_login(daemon) -> None:
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", daemon.submissions_port, context=insecure(), timeout=10
+    ) as s:
+        s.ehlo("client.test")
+        s.login("app", daemon.password)  # smtplib picks CRAM-MD5, PLAIN, LOGIN in turn
+        s.send_message(message("via 465"))
+
+
+def test_wrong_password_is_535(daemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
+        s.starttls(context=insecure())
+        with pytest.raises(smtplib.SMTPAuthenticationError) as e:
+            s.login("app", "wrong")
+        assert e.value.smtp_code == 535 and e.value.smtp_error.startswith(b"5.7.8")
+
+
+def test_inbound_mx_accepts_local_mail_and_is_no_open_relay(daemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("remote-mx.test")
+        s.mail("someone@example.org")
+        code, reply = s.rcpt("victim@elsewhere.example")
+        assert (code, reply) == (554, b"5.7.1 Relay access denied")
+        assert s.rcpt("user@mail.test")[0] == 250
+        assert s.rcpt("postmaster")[0] == 250
+        code, reply = s.data(wire(message()))
+        assert code == 250
+    wait_for(
+        lambda: daemon.call("GET", f"/v1/received/{queue_id(reply)}", token=daemon.token)[0] == 200
+    )
+
+
+def test_authenticated_relay_is_kept_for_the_outbound_queue(daemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
+        s.starttls(context=insecure())
+        s.login("app", daemon.password)
+        s.mail("app@mail.test")
+        assert s.rcpt("friend@elsewhere.example")[0] == 250
+        code, reply = s.data(wire(message(to="friend@elsewhere.example")))
+        assert code == 250
+    outbound = daemon.state / "spool" / "outbound" / f"{queue_id(reply)}.json"
+    wait_for(outbound.exists)
+    assert (
+        json.loads(outbound.read_text())["recipients"][0]["address"] == "friend@elsewhere.example"
+    )
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="make test installs swaks")
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_swaks_tls_auth(daemon, mechanism) -> None:
+    out = subprocess.run(
+        [
+            "swaks",
+            "--server",
+            f"127.0.0.1:{daemon.submission_port}",
+            "--tls",
+            "--auth",
+            mechanism,
+            "--auth-user",
+            "app",
+            "--auth-password",
+            daemon.password,
+            "--from",
+            "app@mail.test",
+            "--to",
+            "user@mail.test",
+            "--header",
+            "Subject: swaks",
+            "--body",
+            "hello from swaks",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "235 2.7.0 Authentication succeeded" in out.stdout
+    assert "250 2.0.0 Ok: queued as" in out.stdout
+
+
+def test_kill_in_the_middle_of_500_messages_loses_and_duplicates_nothing(daemon) -> None:
+    accepted: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+                s.ehlo("client.test")
+                for i in range(125):
+                    if stop.is_set():
+                        return
+                    s.mail("sender@example.org")
+                    s.rcpt("user@mail.test")
+                    code, reply = s.data(wire(message(f"{n}-{i}")))
+                    if code == 250:
+                        with lock:
+                            accepted.append(queue_id(reply))
+        except (OSError, smtplib.SMTPException):
+            return  # the daemon is gone: what was not answered 250 was never accepted
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(accepted) >= 150, timeout=120)
+    daemon.kill()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    daemon.start()
+
+    def stored(qid: str) -> bool:
+        return daemon.call("GET", f"/v1/received/{qid}", token=daemon.token)[0] == 200
+
+    wait_for(lambda: all(stored(q) for q in accepted), timeout=120)
+    for qid in accepted:
+        status, _ = daemon.call("GET", f"/v1/events/received.{qid}.acme", token=daemon.token)
+        assert status == 200, qid
+    db = sqlite3.connect(daemon.state / "gehirn-ts.sqlite")
+    dupes = db.execute("SELECT id FROM received GROUP BY id HAVING count(*) > 1").fetchall()
+    assert dupes == []
+    kvs = list((daemon.state / "kvs").iterdir())
+    assert len(kvs) == len({p.name for p in kvs}) >= len(accepted)
+    print(
+        f"\n{len(accepted)} messages got a 250 before the kill; all stored with their "
+        f"event after the restart; {len(kvs)} objects in the KVS, none duplicated"
+    )
