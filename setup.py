@@ -20,6 +20,7 @@ setup(
         "dnspython>=2.6.0",
         "zope.interface>=6.0",
         "prometheus_client>=0.20.0",
+        "authres>=1.2.0",
     ],
     extras_require={
         "test": [

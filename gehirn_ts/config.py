@@ -117,6 +117,16 @@ def _endpoint(value: Any) -> str:
     return text
 
 
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        text = _str(value)
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return text
+
+    return parse
+
+
 def _bus_url(value: Any) -> str:
     text = _nonempty_str(value)
     if text == "local:":
@@ -292,6 +302,41 @@ class SmtpConfig:
     auth_failure_window: float = opt(
         600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration
     )
+    spf_fail: str = opt(
+        "reject",
+        _choice("reject", "tag"),
+        'SPF "fail" at MAIL (clients neither authenticated nor trusted): "reject" answers '
+        '550 5.7.23; "tag" accepts and records the verdict.',
+    )
+
+
+def _addresses(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of IP addresses")
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_address(_str(item))))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address") from None
+    return tuple(out)
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError("expected a port number from 1 to 65535")
+    return value
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """The DNS resolver for SPF and DKIM lookups."""
+
+    nameservers: tuple[str, ...] = opt(
+        (), _addresses, "Resolver addresses; empty: the system's /etc/resolv.conf."
+    )
+    port: int = opt(53, _port, "Port of the nameservers above.")
+    timeout: float = opt(5.0, _duration, "Timeout of one lookup.", format_duration)
 
 
 @dataclass(frozen=True)
@@ -301,6 +346,7 @@ class Config:
     bus: BusConfig = field(default_factory=BusConfig)
     edj: EdjConfig = field(default_factory=EdjConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
 
     @property
     def state_dir(self) -> Path:

@@ -21,13 +21,16 @@ from twisted.web.client import HTTPConnectionPool
 from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
+from gehirn_ts.dnsresolver import make_resolver
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.mta.dkim import verify as dkim_verify
 from gehirn_ts.mta.esmtp import EsmtpFactory, Settings
 from gehirn_ts.mta.inbound import Inbound
 from gehirn_ts.mta.policy import RelayPolicy
+from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import make_self_signed, server_options
 from gehirn_ts.store.db import MailStore, Store, bootstrap_admin_key, bootstrap_domain
@@ -145,6 +148,7 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     mail = MailStore(store)
     spool = Spool(config.state_dir / "spool")
+    resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
     inbound = Inbound(
         spool=spool,
         kvs=config.state_dir / "kvs",
@@ -152,6 +156,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         publisher=publisher,
         owner=mail.domain_owner,
         hostname=config.smtp.hostname,
+        dkim_verify=lambda message: dkim_verify(message, resolver),
     )
     _Resume(inbound).setServiceParent(top)
 
@@ -163,7 +168,13 @@ def build(config: Config, reactor: Any) -> MultiService:
 
     smtp = config.smtp
     tls = _tls_options(config)
-    relay = RelayPolicy(mail.domain_owner, mail.smtp_authenticate, smtp.trusted_networks)
+    relay = RelayPolicy(
+        mail.domain_owner,
+        mail.smtp_authenticate,
+        smtp.trusted_networks,
+        spf=SpfChecker(resolver, smtp.hostname),
+        spf_fail=smtp.spf_fail,
+    )
     settings = Settings(
         hostname=smtp.hostname,
         max_message_size=smtp.max_message_size,

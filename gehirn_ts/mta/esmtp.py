@@ -79,6 +79,9 @@ class Policy(Protocol):
     def authenticate(self, username: str, password: str) -> Awaitable[str | None]:
         """The account the credentials belong to, or None."""
 
+    def check_sender(self, sender: Mailbox | None, session: Session) -> Awaitable[Any]:
+        """The SPF verdict (or None when not checked); raises SmtpError to refuse."""
+
 
 Accepted = Callable[[Envelope, dict[str, str]], None]
 
@@ -89,6 +92,7 @@ class _Transaction:
     has_sender: bool = False
     params: MailParams = field(default_factory=MailParams)
     recipients: list[tuple[Mailbox, RcptParams, str]] = field(default_factory=list)
+    spf: Any = None  # SpfResult, when checked
 
 
 class Esmtp(smtp.ESMTP):  # type: ignore[misc]
@@ -389,30 +393,34 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self.session.username = username
         self._reply(replies.AUTH_OK)
 
-    def cmd_MAIL(self, arg: bytes) -> None:
+    def cmd_MAIL(self, arg: bytes) -> Deferred[None] | None:
         if self.session.helo is None:
             self._reply(replies.HELO_FIRST)
-            return
+            return None
         if self.session.listener != "smtp":
             if not self.session.tls:
                 self._reply(replies.TLS_REQUIRED)
-                return
+                return None
             if self.session.account is None:
                 self._reply(replies.AUTH_REQUIRED)
-                return
+                return None
         if self.tx.has_sender:
             self._reply(replies.NESTED_MAIL)
-            return
+            return None
         if not arg.upper().startswith(b"FROM:"):
             self._reply(replies.SYNTAX)
-            return
+            return None
         mailbox, rest = parse_path(arg[5:], kind="sender")
         params = parse_mail(
             rest,
             size_limit=self.settings.max_message_size,
             allowed=MAIL_PARAMS if self.session.esmtp else frozenset(),
         )
-        self.tx = _Transaction(sender=mailbox, has_sender=True, params=params)
+        return Deferred.fromCoroutine(self._sender(mailbox, params))
+
+    async def _sender(self, mailbox: Mailbox | None, params: MailParams) -> None:
+        verdict = await self.f.policy.check_sender(mailbox, self.session)
+        self.tx = _Transaction(sender=mailbox, has_sender=True, params=params, spf=verdict)
         self._reply(replies.SENDER_OK)
 
     def cmd_RCPT(self, arg: bytes) -> Deferred[None] | None:
@@ -449,6 +457,11 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             return
         self._incoming = self.f.spool.begin()
         self._data_error = None
+        if self.tx.spf is not None:
+            # RFC 7208 section 9.1: prepended, above this server's Received field.
+            self._incoming.write(
+                b"Received-SPF: " + self.tx.spf.header.encode("ascii", "replace") + CRLF
+            )
         self._incoming.write(self._received_header(self._incoming.queue_id))
         self._mode = "data"
         self._reply(replies.START_DATA)
@@ -525,6 +538,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             body=tx.params.body,
             ret=tx.params.ret,
             envid=tx.params.envid,
+            extra={"spf": tx.spf.as_dict()} if tx.spf is not None else {},
         )
         kinds = {str(m): kind for m, _, kind in tx.recipients}
         return Deferred.fromCoroutine(self._commit(incoming, envelope, kinds))

@@ -25,6 +25,9 @@ from twisted.logger import Logger
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
+from gehirn_ts.mta.dkim import DkimResult
+from gehirn_ts.mta.headers import authentication_results
+from gehirn_ts.mta.spf import SpfResult
 from gehirn_ts.mta.spool import Envelope, Spool, _fsync_dir
 from gehirn_ts.store.db import MailStore, Received
 
@@ -75,7 +78,9 @@ class Inbound:
         publisher: Publisher,
         owner: OwnerLookup,
         hostname: str,
+        dkim_verify: Callable[[bytes], list[DkimResult]] | None = None,
     ) -> None:
+        self._dkim_verify = dkim_verify
         self._spool = spool
         self._kvs = kvs
         self._mail = mail
@@ -134,9 +139,14 @@ class Inbound:
             else:
                 by_account.setdefault(owner, []).append(vars(rcpt))
         summary = await deferToThread(summarize, source)
+        dkim_results = await deferToThread(self._dkim, source)
+        spf_data = envelope.extra.get("spf")
+        spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
+        auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
         obj = f"{qid}.eml"
         if by_account:
-            await deferToThread(self._link, source, self._kvs / obj)
+            header = authentication_results(self._hostname, spf, dkim_results)
+            await deferToThread(self._store_object, source, self._kvs / obj, header)
         for account, rcpts in by_account.items():
             meta = {
                 **summary,
@@ -148,7 +158,7 @@ class Inbound:
                 },
                 "dsn": {"ret": envelope.ret, "envid": envelope.envid},
                 "body": envelope.body,
-                "auth": {"spf": None, "dkim": None},
+                "auth": auth,
             }
             await self._mail.record_received(
                 Received(
@@ -211,11 +221,25 @@ class Inbound:
             },
         )
 
+    def _dkim(self, source: Path) -> list[DkimResult]:
+        if self._dkim_verify is None:
+            return []
+        return self._dkim_verify(source.read_bytes())
+
     @staticmethod
-    def _link(source: Path, target: Path) -> None:
-        if not target.exists():
-            os.link(source, target)
-            _fsync_dir(target.parent)
+    def _store_object(source: Path, target: Path, header: bytes) -> None:
+        """The KVS object: our Authentication-Results field, then the message as spooled."""
+        if target.exists():
+            return
+        tmp = target.with_name("." + target.name)
+        with source.open("rb") as src, tmp.open("wb") as out:
+            out.write(header)
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
 
     def _to_outbound(self, source: Path, envelope: Envelope) -> None:
         qid = envelope.queue_id

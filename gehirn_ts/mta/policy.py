@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox
 from gehirn_ts.mta.esmtp import Session
-from gehirn_ts.mta.replies import SmtpError
+from gehirn_ts.mta.replies import Reply, SmtpError
+from gehirn_ts.mta.spf import SpfChecker, SpfResult
 
 LOCAL = "local"
 RELAY = "relay"
@@ -42,11 +43,31 @@ class Networks:
 
 class RelayPolicy:
     def __init__(
-        self, owner: OwnerLookup, authenticator: Authenticator, trusted_networks: Sequence[str]
+        self,
+        owner: OwnerLookup,
+        authenticator: Authenticator,
+        trusted_networks: Sequence[str],
+        spf: SpfChecker | None = None,
+        spf_fail: str = "reject",
     ) -> None:
         self._owner = owner
         self._authenticate = authenticator
         self._trusted = Networks(trusted_networks)
+        self._spf = spf
+        self._spf_fail = spf_fail
+
+    async def check_sender(self, sender: Mailbox | None, session: Session) -> SpfResult | None:
+        """SPF for clients that are neither authenticated nor trusted (RFC 7208)."""
+        if self._spf is None or self.trusted(session):
+            return None
+        verdict = await self._spf.check(
+            session.client_ip, str(sender) if sender else "", session.helo or ""
+        )
+        if verdict.result == "fail" and self._spf_fail == "reject":
+            # RFC 7372 section 3.2: 5.7.23, SPF validation failed.
+            text = f"SPF validation failed: {verdict.explanation}"[:300]
+            raise SmtpError(Reply(550, "5.7.23", text))
+        return verdict
 
     def trusted(self, session: Session) -> bool:
         return session.account is not None or session.client_ip in self._trusted

@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from tests.dnstest import dns_server
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +75,7 @@ class Daemon:
                 "submissions": f"tcp:{self.submissions_port}:interface=127.0.0.1",
                 "bootstrap_domain": "",
             },
+            "dns": dns_server().config(),
             "edj": {
                 "retry_schedule": ["200ms", "200ms"],
                 "retry_jitter": 0,

@@ -234,3 +234,67 @@ def test_kill_in_the_middle_of_500_messages_loses_and_duplicates_nothing(daemon)
         f"\n{len(accepted)} messages got a 250 before the kill; all stored with their "
         f"event after the restart; {len(kvs)} objects in the KVS, none duplicated"
     )
+
+
+def test_spf_fail_is_refused_and_dkim_verdicts_are_recorded(daemon, receiver) -> None:
+    import base64
+
+    import dkim
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from tests.dnstest import dns_server
+
+    dns = dns_server()
+    dns.set("spf-fail.example", "TXT", "v=spf1 -all")
+    dns.set("signer.example", "TXT", "v=spf1 ip4:127.0.0.1 -all")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    dns.set(
+        "k1._domainkey.signer.example",
+        "TXT",
+        "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode(),
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    daemon.call(
+        "POST", "/v1/subscriptions", {"pattern": "mail.*", "url": receiver.url}, daemon.token
+    )
+    body = wire(message())
+    signed = dkim.sign(body, b"k1", b"signer.example", pem) + body
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        code, reply = s.mail("forger@spf-fail.example")
+        assert code == 550 and reply.startswith(b"5.7.23 SPF validation failed")
+        assert s.mail("news@signer.example")[0] == 250
+        assert s.rcpt("user@mail.test")[0] == 250
+        code, reply = s.data(signed)
+        assert code == 250
+    qid = queue_id(reply)
+    wait_for(lambda: receiver.hits)
+    event = json.loads(receiver.hits[0].body)
+    assert event["data"]["auth"]["spf"]["result"] == "pass"
+    assert event["data"]["auth"]["dkim"] == [
+        {"result": "pass", "domain": "signer.example", "selector": "k1"}
+    ]
+    raw = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-H",
+            f"Authorization: Bearer {daemon.token}",
+            f"{daemon.base}/v1/received/{qid}/raw",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert raw.startswith(
+        b"Authentication-Results: localhost; spf=pass "
+        b"smtp.mailfrom=signer.example; dkim=pass header.d=signer.example "
+        b"header.s=k1\r\nReceived-SPF: Pass "
+    )

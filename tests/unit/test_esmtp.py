@@ -50,6 +50,9 @@ class FakePolicy:
             return defer.succeed(LOCAL)
         return defer.fail(SmtpError(replies.RELAY_DENIED))
 
+    def check_sender(self, sender: Any, session: Session) -> Any:
+        return defer.succeed(None)
+
     def authenticate(self, username: str, password: str) -> Any:
         return defer.succeed("acme" if (username, password) == ("user", "secret") else None)
 

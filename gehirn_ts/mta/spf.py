@@ -1,0 +1,82 @@
+"""SPF (RFC 7208) with pyspf, in a thread, against the configured resolver.
+
+pyspf looks names up through its module-level ``DNSLookup``; it is replaced here, once,
+by one that asks our resolver (same return shape as pyspf's dnspython driver).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import spf
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+
+_resolver: dns.resolver.Resolver | None = None
+
+
+def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> list[Any]:
+    assert _resolver is not None
+    out: list[Any] = []
+    try:
+        answers = _resolver.resolve(name, qtype, lifetime=min(timeout, _resolver.lifetime))
+    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+        return out
+    except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
+        raise spf.TempError(f"DNS {e}")
+    for rdata in answers:
+        if qtype in ("A", "AAAA"):
+            out.append(((name, qtype), rdata.address))
+        elif qtype == "MX":
+            out.append(((name, qtype), (rdata.preference, rdata.exchange)))
+        elif qtype == "PTR":
+            out.append(((name, qtype), rdata.target.to_text(True)))
+        elif qtype in ("TXT", "SPF"):
+            out.append(((name, qtype), rdata.strings))
+    return out
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    result: str  # pass fail softfail neutral none temperror permerror
+    explanation: str
+    identity: str  # mailfrom | helo
+    domain: str
+    header: str  # the Received-SPF field, without the name
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "result": self.result,
+            "identity": self.identity,
+            "domain": self.domain,
+            "explanation": self.explanation,
+        }
+
+
+class SpfChecker:
+    def __init__(self, resolver: dns.resolver.Resolver, receiver: str) -> None:
+        global _resolver
+        _resolver = resolver
+        spf.DNSLookup = _lookup
+        self._receiver = receiver
+
+    def check(self, ip: str, sender: str, helo: str) -> Deferred[SpfResult]:
+        return deferToThread(self._check, ip, sender, helo)
+
+    def _check(self, ip: str, sender: str, helo: str) -> SpfResult:
+        # RFC 7208 section 2.4: with the null reverse-path, the HELO identity is checked.
+        q = spf.query(i=ip, s=sender, h=helo, receiver=self._receiver, timeout=20)
+        result, _code, explanation = q.check()
+        header = q.get_header(result, self._receiver)
+        identity = "mailfrom" if sender else "helo"
+        domain = sender.rpartition("@")[2] if sender else helo
+        return SpfResult(
+            result,
+            explanation,
+            identity,
+            domain,
+            header.partition(": ")[2] if header.startswith("Received-SPF") else header,
+        )

@@ -1,0 +1,118 @@
+"""SPF and DKIM verdicts against a real DNS server on loopback (twisted.names)."""
+
+from __future__ import annotations
+
+import base64
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gehirn_ts.dnsresolver import make_resolver
+from gehirn_ts.mta.dkim import verify
+from gehirn_ts.mta.headers import authentication_results
+from gehirn_ts.mta.spf import SpfChecker
+from tests.dnstest import dns_server
+
+
+@pytest.fixture(scope="module")
+def dns():
+    server = dns_server()
+    server.set("pass.example", "TXT", "v=spf1 ip4:192.0.2.10 -all")
+    server.set("fail.example", "TXT", "v=spf1 -all")
+    server.set("soft.example", "TXT", "v=spf1 ~all")
+    server.set("neutral.example", "TXT", "v=spf1 ?all")
+    server.set("helo.example", "TXT", "v=spf1 ip4:192.0.2.10 -all")
+    server.set("nospf.example", "A", "192.0.2.99")
+    return server
+
+
+@pytest.fixture(scope="module")
+def resolver(dns):
+    return make_resolver(["127.0.0.1"], dns.port, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("sender", "expected"),
+    [
+        ("a@pass.example", "pass"),
+        ("a@fail.example", "fail"),
+        ("a@soft.example", "softfail"),
+        ("a@neutral.example", "neutral"),
+        ("a@nospf.example", "none"),
+        ("a@nxdomain.example", "none"),
+    ],
+)
+def test_spf_results(resolver, sender, expected):
+    result = SpfChecker(resolver, "mx.test")._check("192.0.2.10", sender, "client.test")
+    assert result.result == expected
+    assert result.identity == "mailfrom" and result.domain == sender.split("@")[1]
+    assert result.header.lower().startswith(expected)
+
+
+def test_null_sender_checks_the_helo_identity(resolver):
+    result = SpfChecker(resolver, "mx.test")._check("192.0.2.10", "", "helo.example")
+    assert (result.result, result.identity, result.domain) == ("pass", "helo", "helo.example")
+
+
+def test_spf_against_an_unreachable_server_is_a_temperror():
+    dead = make_resolver(["127.0.0.1"], 9, 0.5)
+    result = SpfChecker(dead, "mx.test")._check("192.0.2.10", "a@pass.example", "h.test")
+    assert result.result == "temperror"
+
+
+def _key(dns, domain: str, selector: str) -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    dns.set(
+        f"{selector}._domainkey.{domain}",
+        "TXT",
+        "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode(),
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+MESSAGE = (
+    b"From: a@signed.example\r\nTo: u@mx.test\r\nSubject: signed\r\n"
+    b"Message-ID: <1@signed.example>\r\n\r\nHello, signed world.\r\n"
+)
+
+
+def test_dkim_pass_fail_and_none(dns, resolver):
+    private = _key(dns, "signed.example", "s1")
+    signature = dkim.sign(
+        MESSAGE,
+        b"s1",
+        b"signed.example",
+        private,
+        include_headers=[b"from", b"to", b"subject", b"message-id"],
+    )
+    signed = signature + MESSAGE
+    (result,) = verify(signed, resolver)
+    assert (result.result, result.domain, result.selector) == ("pass", "signed.example", "s1")
+    tampered = signed.replace(b"Hello", b"Jello")
+    assert [r.result for r in verify(tampered, resolver)] == ["fail"]
+    assert verify(MESSAGE, resolver) == []
+
+
+def test_dkim_key_missing_is_a_failure(dns, resolver):
+    private = _key(dns, "gone.example", "s9")
+    signed = dkim.sign(MESSAGE, b"s9", b"gone.example", private) + MESSAGE
+    dns.zone.pop("s9._domainkey.gone.example")
+    dns.write()
+    assert [r.result for r in verify(signed, resolver)] == ["fail"]
+
+
+def test_authentication_results_header(resolver):
+    spf = SpfChecker(resolver, "mx.test")._check("192.0.2.10", "a@pass.example", "h.test")
+    header = authentication_results("mx.test", spf, [])
+    assert header == (
+        b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=pass.example; dkim=none\r\n"
+    )
