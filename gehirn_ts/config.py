@@ -302,6 +302,13 @@ class SmtpConfig:
     auth_failure_window: float = opt(
         600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration
     )
+    retention: float = opt(
+        30 * 86400.0,
+        _duration,
+        "Received mail older than this is deleted from the KVS and the index (0: keep it "
+        "for ever).",
+        format_duration,
+    )
     spf_fail: str = opt(
         "reject",
         _choice("reject", "tag"),

@@ -13,6 +13,8 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -33,7 +35,13 @@ from gehirn_ts.mta.policy import RelayPolicy
 from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import make_self_signed, server_options
-from gehirn_ts.store.db import MailStore, Store, bootstrap_admin_key, bootstrap_domain
+from gehirn_ts.store.db import (
+    MailStore,
+    RouteStore,
+    Store,
+    bootstrap_admin_key,
+    bootstrap_domain,
+)
 from gehirn_ts.store.schema import SchemaError, migrate
 from gehirn_ts.web.api import Api, make_site
 
@@ -147,6 +155,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     edj.setServiceParent(top)
 
     mail = MailStore(store)
+    routes = RouteStore(store)
     spool = Spool(config.state_dir / "spool")
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
     inbound = Inbound(
@@ -157,10 +166,15 @@ def build(config: Config, reactor: Any) -> MultiService:
         owner=mail.domain_owner,
         hostname=config.smtp.hostname,
         dkim_verify=lambda message: dkim_verify(message, resolver),
+        routes=routes.resolve,
     )
     _Resume(inbound).setServiceParent(top)
+    if config.smtp.retention > 0:
+        _Retention(
+            routes, config.state_dir / "kvs", config.smtp.retention, reactor
+        ).setServiceParent(top)
 
-    api = Api(store, publisher, edj, policy, mail, inbound)
+    api = Api(store, publisher, edj, policy, mail, inbound, routes)
     site = make_site(api, store, config.http.max_body)
     web = StreamServerEndpointService(serverFromString(reactor, config.http.listen), site)
     web._raiseSynchronously = True
@@ -174,6 +188,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         smtp.trusted_networks,
         spf=SpfChecker(resolver, smtp.hostname),
         spf_fail=smtp.spf_fail,
+        routes=routes.resolve,
     )
     settings = Settings(
         hostname=smtp.hostname,
@@ -226,6 +241,44 @@ class _Resume(Service):
         n = await self._inbound.resume()
         if n:
             log.info("resumed {n} spooled messages", n=n)
+
+
+class _Retention(Service):
+    """Deletes received mail past its retention, hourly."""
+
+    def __init__(self, routes: RouteStore, kvs: Path, retention: float, clock: Any) -> None:
+        self._routes = routes
+        self._kvs = kvs
+        self._retention = retention
+        self._clock = clock
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.expire()))
+        self._loop.clock = self._clock
+        d = self._loop.start(3600, now=True)
+        d.addErrback(lambda f: log.failure("retention stopped", f))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _unlink(self, objects: list[str]) -> None:
+        for obj in objects:
+            (self._kvs / obj).unlink(missing_ok=True)
+
+    async def expire(self) -> int:
+        try:
+            unused = await self._routes.expire_received(self._clock.seconds() - self._retention)
+            await deferToThread(self._unlink, unused)
+        except Exception:
+            log.failure("expiring received mail failed")
+            return 0
+        if unused:
+            log.info("retention: deleted {n} received messages", n=len(unused))
+        return len(unused)
 
 
 def _tls_options(config: Config) -> Any:

@@ -28,7 +28,7 @@ from gehirn_ts.events import MAIL_RECEIVED, Event
 from gehirn_ts.mta.dkim import DkimResult
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.spf import SpfResult
-from gehirn_ts.mta.spool import Envelope, Spool, _fsync_dir
+from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir
 from gehirn_ts.store.db import MailStore, Received
 
 log = Logger()
@@ -79,7 +79,9 @@ class Inbound:
         owner: OwnerLookup,
         hostname: str,
         dkim_verify: Callable[[bytes], list[DkimResult]] | None = None,
+        routes: Callable[[str], Awaitable[Any]] | None = None,
     ) -> None:
+        self._routes = routes
         self._dkim_verify = dkim_verify
         self._spool = spool
         self._kvs = kvs
@@ -136,8 +138,14 @@ class Inbound:
             owner = await self._owner(domain)
             if owner is None:
                 relayed.append(rcpt)
-            else:
-                by_account.setdefault(owner, []).append(vars(rcpt))
+                continue
+            by_account.setdefault(owner, []).append(vars(rcpt))
+            found = await self._routes(rcpt.address) if self._routes is not None else None
+            route = found[1] if found else None
+            if route is not None and route.action == "forward":
+                # Stored and published like any mail, and also handed to the outbound
+                # queue for the route's addresses.
+                relayed.extend(Recipient(address) for address in route.forward_to)
         summary = await deferToThread(summarize, source)
         dkim_results = await deferToThread(self._dkim, source)
         spf_data = envelope.extra.get("spf")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox
@@ -24,6 +25,8 @@ LOCAL = "local"
 RELAY = "relay"
 
 OwnerLookup = Callable[[str], Awaitable[str | None]]
+# address -> (owner, route or None for the default) or None when unknown
+RouteLookup = Callable[[str], Awaitable[Any]]
 Authenticator = Callable[[str, str], Awaitable[str | None]]
 
 
@@ -49,7 +52,9 @@ class RelayPolicy:
         trusted_networks: Sequence[str],
         spf: SpfChecker | None = None,
         spf_fail: str = "reject",
+        routes: RouteLookup | None = None,
     ) -> None:
+        self._routes = routes
         self._owner = owner
         self._authenticate = authenticator
         self._trusted = Networks(trusted_networks)
@@ -79,6 +84,12 @@ class RelayPolicy:
         if mailbox.domain == "":
             return LOCAL  # the bare <postmaster>
         if await self._owner(mailbox.domain) is not None:
+            # RFC 5321 section 4.5.1: postmaster exists in every domain.
+            if self._routes is None or mailbox.is_postmaster:
+                return LOCAL
+            found = await self._routes(f"{mailbox.local_text}@{mailbox.domain}")
+            if found is None or (found[1] is not None and found[1].action == "reject"):
+                raise SmtpError(replies.NO_SUCH_USER)
             return LOCAL
         if trusted:
             return RELAY

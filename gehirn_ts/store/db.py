@@ -767,3 +767,132 @@ class MailStore:
             )
 
         return self._run(tx)
+
+
+ROUTE_ACTIONS = ("store", "forward", "reject")
+
+
+@dataclass(frozen=True)
+class Route:
+    id: str
+    account: str
+    match: str  # "user@domain" (one address) or "@domain" (every address of the domain)
+    action: str  # store | forward | reject
+    forward_to: list[str]
+    created_at: float
+
+
+class RouteStore:
+    """Routes of received mail. A served domain with no route is a catch-all (store);
+    once it has address routes and no "@domain" route, other addresses are unknown."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return self._store._run(fn, *args)
+
+    def create(
+        self, account_id: int, match: str, action: str, forward_to: list[str]
+    ) -> Deferred[Route]:
+        now = self._store._now()
+        route_id = new_id("rte")
+        domain = match.rpartition("@")[2]
+
+        def tx(cur: Cursor) -> Route:
+            cur.execute("SELECT account_id FROM domains WHERE name = ?", (domain,))
+            row = cur.fetchone()
+            if row is None or row[0] != account_id:
+                raise Conflict("match", f"{domain!r} is not a domain of this account")
+            try:
+                cur.execute(
+                    "INSERT INTO routes (id, account_id, match, action, forward_to, created_at) "
+                    "VALUES (?,?,?,?,?,?)",
+                    (route_id, account_id, match, action, json.dumps(forward_to), now),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict("match", f"a route for {match!r} exists already")
+            return self._get(cur, route_id)
+
+        return self._run(tx)
+
+    @staticmethod
+    def _get(cur: Cursor, route_id: str) -> Route:
+        cur.execute(
+            "SELECT r.id, a.name, r.match, r.action, r.forward_to, r.created_at "
+            "FROM routes r JOIN accounts a ON a.id = r.account_id WHERE r.id = ?",
+            (route_id,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound(route_id)
+        return Route(row[0], row[1], row[2], row[3], json.loads(row[4]), row[5])
+
+    def list_routes(self, account_id: int | None) -> Deferred[list[Route]]:
+        def tx(cur: Cursor) -> list[Route]:
+            cur.execute(
+                "SELECT id FROM routes WHERE (? IS NULL OR account_id = ?) ORDER BY match",
+                (account_id, account_id),
+            )
+            return [self._get(cur, r[0]) for r in cur.fetchall()]
+
+        return self._run(tx)
+
+    def delete(self, route_id: str, account_id: int | None) -> Deferred[None]:
+        def tx(cur: Cursor) -> None:
+            cur.execute(
+                "DELETE FROM routes WHERE id = ? AND (? IS NULL OR account_id = ?)",
+                (route_id, account_id, account_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(route_id)
+
+        return self._run(tx)
+
+    def resolve(self, address: str) -> Deferred[tuple[str, Route | None] | None]:
+        """For an address of a served domain: (owner, route or None for the default
+        store); None when the address is unknown (or the domain not served)."""
+        local, _, domain = address.rpartition("@")
+
+        def tx(cur: Cursor) -> tuple[str, Route | None] | None:
+            cur.execute(
+                "SELECT a.name FROM domains d JOIN accounts a ON a.id = d.account_id "
+                "WHERE d.name = ?",
+                (domain,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                return None
+            owner = row[0]
+            for match in (f"{local}@{domain}", f"@{domain}"):
+                cur.execute("SELECT id FROM routes WHERE match = ?", (match,))
+                found = cur.fetchone()
+                if found is not None:
+                    return owner, self._get(cur, found[0])
+            suffix = "@" + domain
+            cur.execute(
+                "SELECT 1 FROM routes WHERE substr(match, -length(?1)) = ?1 "
+                "AND match NOT LIKE '@%' LIMIT 1",
+                (suffix,),
+            )
+            if cur.fetchone() is not None:
+                return None  # the domain lists its addresses: this one is unknown
+            return owner, None
+
+        return self._run(tx)
+
+    def expire_received(self, before: float) -> Deferred[list[str]]:
+        """Forget received mail older than ``before``; the KVS objects no longer used."""
+
+        def tx(cur: Cursor) -> list[str]:
+            cur.execute("SELECT DISTINCT object FROM received WHERE received_at < ?", (before,))
+            objects = [r[0] for r in cur.fetchall()]
+            cur.execute("DELETE FROM received WHERE received_at < ?", (before,))
+            unused = []
+            for obj in objects:
+                cur.execute("SELECT 1 FROM received WHERE object = ? LIMIT 1", (obj,))
+                if cur.fetchone() is None:
+                    unused.append(obj)
+            return unused
+
+        return self._run(tx)

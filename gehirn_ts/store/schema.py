@@ -97,6 +97,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX received_account ON received(account_id, received_at);
     """,
+    # 3: routes for received mail, per address or per domain.
+    """
+    CREATE TABLE routes (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER NOT NULL REFERENCES accounts(id),
+        match TEXT NOT NULL UNIQUE,
+        action TEXT NOT NULL,
+        forward_to TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX received_time ON received(received_at);
+    """,
 ]
 
 

@@ -21,9 +21,12 @@ from gehirn_ts.events import (
     validate_pattern,
 )
 from gehirn_ts.interfaces import BusUnavailable
+from gehirn_ts.mta.address import parse_path
 from gehirn_ts.mta.inbound import Inbound
+from gehirn_ts.mta.replies import SmtpError
 from gehirn_ts.redact import redact_secret, redact_url
 from gehirn_ts.store.db import (
+    ROUTE_ACTIONS,
     Attempt,
     Conflict,
     Delivery,
@@ -31,9 +34,11 @@ from gehirn_ts.store.db import (
     NotFound,
     Principal,
     Received,
+    RouteStore,
     Store,
     Subscription,
 )
+from gehirn_ts.store.db import Route as MailRoute
 from gehirn_ts.web.http import (
     ApiError,
     Call,
@@ -104,7 +109,9 @@ class Api:
         policy: AddressPolicy,
         mail: MailStore,
         inbound: Inbound,
+        routes: RouteStore,
     ) -> None:
+        self._routes = routes
         self._store = store
         self._publisher = publisher
         self._edj = edj
@@ -130,6 +137,9 @@ class Api:
             Route("POST", "/v1/deliveries/{id}/replay", self.replay, (202, 401, 404, 409)),
             Route("GET", "/v1/received/{id}", self.received, (200, 401, 404)),
             Route("GET", "/v1/received/{id}/raw", self.received_raw, (200, 401, 404)),
+            Route("POST", "/v1/routes", self.create_route, (201, 400, 401, 403, 409, 413, 415)),
+            Route("GET", "/v1/routes", self.list_routes, (200, 401)),
+            Route("DELETE", "/v1/routes/{id}", self.delete_route, (204, 401, 404)),
         ]
 
     # --- handlers ---
@@ -299,6 +309,73 @@ class Api:
         path = self._inbound.object_path(item.object)
         data = await deferToThread(path.read_bytes)
         return Response(200, raw=data, headers={"content-type": "message/rfc822"})
+
+    async def create_route(self, call: Call) -> Response:
+        principal = _principal(call)
+        body = call.json_object(("match", "action", "forward_to", "account"), ("match",))
+        account = await self._account_for(principal, body.get("account"))
+        if account is None:
+            raise bad_request("account", "required with the admin key")
+        match = _route_match(body["match"])
+        action = body.get("action", "store")
+        if action not in ROUTE_ACTIONS:
+            raise bad_request("action", f"must be one of {', '.join(ROUTE_ACTIONS)}")
+        forward_to = body.get("forward_to", [])
+        if action == "forward":
+            if not isinstance(forward_to, list) or not forward_to or len(forward_to) > 50:
+                raise bad_request("forward_to", "a forward route needs 1 to 50 addresses")
+            forward_to = [_address(a, "forward_to") for a in forward_to]
+        elif forward_to:
+            raise bad_request("forward_to", "only a forward route has addresses")
+        acct = await self._store.account_by_name(account)
+        assert acct is not None
+        try:
+            route = await self._routes.create(acct.id, match, action, forward_to)
+        except Conflict as e:
+            status = 409 if "exists" in e.message else 403
+            raise ApiError(status, "conflict" if status == 409 else "forbidden", e.message, e.field)
+        return Response(201, route_json(route), {"Location": f"/v1/routes/{route.id}"})
+
+    async def list_routes(self, call: Call) -> Response:
+        routes = await self._routes.list_routes(_principal(call).account_id)
+        return Response(200, {"routes": [route_json(r) for r in routes]})
+
+    async def delete_route(self, call: Call) -> Response:
+        try:
+            await self._routes.delete(call.params["id"], _principal(call).account_id)
+        except NotFound:
+            raise ApiError(404, "not_found", "no such route", "id")
+        return Response(204)
+
+
+def route_json(route: MailRoute) -> dict[str, Any]:
+    return {
+        "id": route.id,
+        "account": route.account,
+        "match": route.match,
+        "action": route.action,
+        "forward_to": route.forward_to,
+        "created_at": iso(route.created_at),
+    }
+
+
+def _address(value: Any, field: str) -> str:
+    if not isinstance(value, str) or len(value) > 254:
+        raise bad_request(field, "must be an e-mail address")
+    try:
+        mailbox, rest = parse_path(f"<{value}>".encode(), kind="recipient")
+    except SmtpError:
+        raise bad_request(field, f"{value!r} is not an e-mail address")
+    if mailbox is None or rest or mailbox.is_routed:
+        raise bad_request(field, f"{value!r} is not an e-mail address")
+    return str(mailbox)
+
+
+def _route_match(value: Any) -> str:
+    """ "user@domain" or "@domain" (every address of the domain)."""
+    if isinstance(value, str) and value.startswith("@"):
+        return "@" + _address("postmaster" + value, "match").split("@", 1)[1]
+    return _address(value, "match")
 
 
 def make_site(api: Api, store: Store, max_body: int) -> Site:

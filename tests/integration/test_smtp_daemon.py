@@ -298,3 +298,98 @@ def test_spf_fail_is_refused_and_dkim_verdicts_are_recorded(daemon, receiver) ->
         b"smtp.mailfrom=signer.example; dkim=pass header.d=signer.example "
         b"header.s=k1\r\nReceived-SPF: Pass "
     )
+
+
+def test_routes_reject_unknown_and_forward(daemon) -> None:
+    token = daemon.token
+    # A route in a domain the account does not own is refused.
+    status, body = daemon.call("POST", "/v1/routes", {"match": "x@other.test"}, token)
+    assert status == 403 and body["error"]["field"] == "match"
+    status, body = daemon.call("POST", "/v1/routes", {"match": "bad address"}, token)
+    assert status == 400 and body["error"]["field"] == "match"
+    status, body = daemon.call(
+        "POST", "/v1/routes", {"match": "fwd@mail.test", "action": "forward"}, token
+    )
+    assert status == 400 and body["error"]["field"] == "forward_to"
+    for route in (
+        {"match": "sales@mail.test"},
+        {"match": "spam@mail.test", "action": "reject"},
+        {"match": "fwd@mail.test", "action": "forward", "forward_to": ["boss@elsewhere.example"]},
+    ):
+        status, body = daemon.call("POST", "/v1/routes", route, token)
+        assert status == 201, body
+    status, _ = daemon.call("POST", "/v1/routes", {"match": "sales@mail.test"}, token)
+    assert status == 409
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("someone@example.org")
+        assert s.rcpt("sales@mail.test")[0] == 250
+        # The domain now lists its addresses: others are unknown.
+        assert s.rcpt("nobody@mail.test") == (550, b"5.1.1 No such user here")
+        assert s.rcpt("spam@mail.test") == (550, b"5.1.1 No such user here")
+        assert s.rcpt("postmaster@mail.test")[0] == 250  # RFC 5321 4.5.1
+        assert s.rcpt("fwd@mail.test")[0] == 250
+        code, reply = s.data(wire(message(to="fwd@mail.test")))
+        assert code == 250
+    outbound = daemon.state / "spool" / "outbound" / f"{queue_id(reply)}.json"
+    wait_for(outbound.exists)
+    assert [r["address"] for r in json.loads(outbound.read_text())["recipients"]] == [
+        "boss@elsewhere.example"
+    ]
+    # A catch-all route makes every address known again.
+    status, _ = daemon.call("POST", "/v1/routes", {"match": "@mail.test"}, token)
+    assert status == 201
+    _, listed = daemon.call("GET", "/v1/routes", token=token)
+    assert len(listed["routes"]) == 4
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("someone@example.org")
+        assert s.rcpt("nobody@mail.test")[0] == 250
+
+
+def test_raw_socket_pipelining_starttls_and_smuggling(daemon) -> None:
+    """Item 5 over a real socket: pipelined commands in order, STARTTLS discarding what
+    follows it in clear, and a bare-LF 'end of data' that ends nothing."""
+    import socket
+
+    def read_replies(sock: socket.socket, count: int) -> list[bytes]:
+        data = b""
+        while data.count(b"\r\n") < count or not _complete(data, count):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return [line for line in data.split(b"\r\n") if line[3:4] == b" "]
+
+    def _complete(data: bytes, count: int) -> bool:
+        return sum(1 for line in data.split(b"\r\n") if line[3:4] == b" ") >= count
+
+    with socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10) as sock:
+        assert read_replies(sock, 1)[0].startswith(b"220 ")
+        sock.sendall(
+            b"EHLO c.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<user@mail.test>\r\n"
+            b"RCPT TO:<x@elsewhere.example>\r\nNOOP\r\nDATA\r\n"
+            b"Subject: s\r\n\r\nline\n.\nMAIL FROM:<evil@example.org>\r\n.\r\n"
+            b"NOOP\r\n"
+        )
+        replies = read_replies(sock, 8)
+        assert [r[:9] for r in replies] == [
+            b"250 START",
+            b"250 2.1.0",
+            b"250 2.1.5",
+            b"554 5.7.1",
+            b"250 2.0.0",
+            b"354 End d",
+            b"554 5.6.0",
+            b"250 2.0.0",
+        ]
+    with socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10) as sock:
+        read_replies(sock, 1)
+        sock.sendall(b"EHLO c.test\r\n")
+        read_replies(sock, 1)
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<evil@example.org>\r\n")
+        assert read_replies(sock, 1) == [b"220 2.0.0 Ready to start TLS"]
+        tls = insecure().wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(b"MAIL FROM:<a@example.org>\r\n")
+        # The clear-text MAIL was dropped and the session starts over.
+        assert read_replies(tls, 1) == [b"503 5.5.1 Send EHLO or HELO first"]

@@ -5,7 +5,7 @@ from tests.openapi import operations, spec
 
 
 def routes() -> dict[tuple[str, str], set[int]]:
-    api = Api(*([None] * 6))  # type: ignore[arg-type]
+    api = Api(*([None] * 7))  # type: ignore[arg-type]
     return {(r.method, r.template): set(r.statuses) for r in api.routes()}
 
 

@@ -157,3 +157,68 @@ def test_split_token():
         assert parts is None or f"gts_{parts[0]}_{parts[1]}" == text
 
     never_crashes()
+
+
+class RouteAndRetentionTests(unittest.TestCase):
+    def setUp(self) -> None:
+        path = Path(self.mktemp())
+        path.mkdir()
+        migrate(path / "db.sqlite")
+        self.clock = __import__("twisted.internet.task", fromlist=["Clock"]).Clock()
+        self.store = Store(path / "db.sqlite", self.clock)
+        self.addCleanup(self.store.close)
+
+    @inline
+    async def test_resolution_order(self) -> None:
+        from gehirn_ts.store.db import MailStore, RouteStore
+
+        account, _, _ = await self.store.create_account("acme")
+        mail, routes = MailStore(self.store), RouteStore(self.store)
+        await mail.add_domain("a.test", "acme")
+        assert await routes.resolve("x@a.test") == ("acme", None)  # catch-all by default
+        assert await routes.resolve("x@b.test") is None  # not served
+        await routes.create(account.id, "sales@a.test", "store", [])
+        assert await routes.resolve("x@a.test") is None  # the domain lists its addresses
+        owner, route = await routes.resolve("sales@a.test")
+        assert owner == "acme" and route.action == "store"
+        await routes.create(account.id, "@a.test", "reject", [])
+        assert (await routes.resolve("x@a.test"))[1].action == "reject"
+        assert (await routes.resolve("sales@a.test"))[1].match == "sales@a.test"
+
+    @inline
+    async def test_retention_forgets_old_mail_and_frees_unused_objects(self) -> None:
+        from gehirn_ts.store.db import MailStore, Received, RouteStore
+
+        await self.store.create_account("acme")
+        await self.store.create_account("beta")
+        mail, routes = MailStore(self.store), RouteStore(self.store)
+        for qid, account, when in (
+            ("q1", "acme", 100.0),
+            ("q1", "beta", 100.0),
+            ("q2", "acme", 900.0),
+        ):
+            await mail.record_received(
+                Received(qid, account, f"{qid}.eml", "s@x.test", ["u@a.test"], 10, when, {})
+            )
+        assert await routes.expire_received(500.0) == ["q1.eml"]
+        with pytest.raises(NotFound):
+            await mail.get_received("q1", None)
+        assert (await mail.get_received("q2", None)).id == "q2"
+
+    @inline
+    async def test_the_retention_service_deletes_kvs_objects(self) -> None:
+        from gehirn_ts.store.db import MailStore, Received, RouteStore
+        from gehirn_ts.tap import _Retention
+
+        await self.store.create_account("acme")
+        kvs = Path(self.mktemp())
+        kvs.mkdir()
+        (kvs / "old.eml").write_bytes(b"x")
+        (kvs / "new.eml").write_bytes(b"y")
+        mail = MailStore(self.store)
+        await mail.record_received(Received("old", "acme", "old.eml", "", [], 1, 0.0, {}))
+        self.clock.advance(10_000)
+        await mail.record_received(Received("new", "acme", "new.eml", "", [], 1, 9_990.0, {}))
+        retention = _Retention(RouteStore(self.store), kvs, 1000.0, self.clock)
+        assert await retention.expire() == 1
+        assert sorted(p.name for p in kvs.iterdir()) == ["new.eml"]
