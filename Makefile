@@ -45,11 +45,20 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)
 
 # Benchmarks print figures side by side with a peer measured in the same run.
+# The peers measured beside gehirn-ts: Postfix (installed unconfigured: the benchmark runs
+# its own instance) and aiosmtpd.
+BENCH_DEBS := postfix
+
 bench: install
 	@scripts/apt-need $(TEST_DEBS)
+	@if ! dpkg-query -W -f='$${Status}' postfix 2>/dev/null | grep -q "ok installed"; then \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+		scripts/apt-need $(BENCH_DEBS); fi
+	$(BIN)/pip install -q aiosmtpd
 	scripts/rabbitmq-node start
-	status=0; $(BIN)/python bench/events.py || status=$$?; scripts/rabbitmq-node stop; \
-		exit $$status
+	status=0; $(BIN)/python bench/events.py || status=$$?; \
+		$(BIN)/python bench/smtp.py || status=$$?; \
+		scripts/rabbitmq-node stop; exit $$status
 
 sample: $(STAMP)
 	$(BIN)/python -c 'from gehirn_ts.config import render_sample; print(render_sample(), end="")' \

