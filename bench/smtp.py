@@ -6,7 +6,6 @@ gehirn-ts daemon's peak RSS, and its RSS with 100 sessions open.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -99,7 +98,6 @@ def gehirn(results: dict[str, list[str]]) -> None:
     )
     try:
         wait_port(port)
-        admin = (work / "var" / "admin.key").read_text().strip()
         row = []
         for size, count in RUNS:
             accepted = smtp_source(port, size, count)
@@ -225,7 +223,10 @@ def main() -> None:
     print(f"{'':18}{'1 KiB':>8}{'100 KiB':>8}{'peak RSS':>9}{'RSS@100':>9}  (MB)")
     for name, row in results.items():
         print(f"{name:18}" + "".join(row))
-    print(json.dumps({"gehirn_accepts_durably_then_stores_and_publishes": True}))
+    print(
+        "gehirn-ts: each 250 after the spool fsync; the run waits until every message is "
+        "also in the KVS with its mail.received event."
+    )
 
 
 if __name__ == "__main__":
