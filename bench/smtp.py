@@ -111,7 +111,6 @@ def gehirn(results: dict[str, list[str]]) -> None:
             time.sleep(0.2)
         req = urllib.request.Request(f"http://127.0.0.1:{http}/healthz")
         urllib.request.urlopen(req, timeout=5).read()
-        del admin
         # 100 concurrent sessions, idle after EHLO, for the RSS figure.
         import socket
 
