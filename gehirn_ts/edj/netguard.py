@@ -28,7 +28,8 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from gehirn_ts.netaddr import Networks, parse_ip
+
 Address = IPv4Address | IPv6Address
 
 
@@ -49,18 +50,13 @@ class AddressPolicy:
     """Public unicast addresses are allowed; others only inside ``allow_networks``."""
 
     def __init__(self, allow_networks: Sequence[str] = ()) -> None:
-        self._allowed: list[IPNetwork] = [
-            ipaddress.ip_network(n, strict=False) for n in allow_networks
-        ]
+        self._allowed = Networks(allow_networks)
 
     def allows(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
+        ip = parse_ip(host)
+        if ip is None:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if any(ip.version == net.version and ip in net for net in self._allowed):
+        if ip in self._allowed:
             return True
         return ip.is_global and not ip.is_multicast
 

@@ -28,7 +28,7 @@ from gehirn_ts.events import MAIL_RECEIVED, Event
 from gehirn_ts.mta.dkim import DkimResult
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.spf import SpfResult
-from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir
+from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir, write_durably
 from gehirn_ts.store.db import MailStore, Received
 
 log = Logger()
@@ -254,13 +254,7 @@ class Inbound:
         eml = self._outbound / f"{qid}.eml"
         if not eml.exists():
             os.link(source, eml)
-        tmp = self._outbound / f".{qid}.json"
-        with tmp.open("wb") as f:
-            f.write(envelope.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._outbound / f"{qid}.json")
-        _fsync_dir(self._outbound)
+        write_durably(self._outbound / f"{qid}.json", envelope.to_json())
 
     def object_path(self, obj: str) -> Path:
         return self._kvs / obj

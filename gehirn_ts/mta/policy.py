@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from gehirn_ts.mta.address import Mailbox
 from gehirn_ts.mta.esmtp import Session
 from gehirn_ts.mta.replies import Reply, SmtpError
 from gehirn_ts.mta.spf import SpfChecker, SpfResult
+from gehirn_ts.netaddr import Networks
 
 LOCAL = "local"
 RELAY = "relay"
@@ -28,20 +28,6 @@ OwnerLookup = Callable[[str], Awaitable[str | None]]
 # address -> (owner, route or None for the default) or None when unknown
 RouteLookup = Callable[[str], Awaitable[Any]]
 Authenticator = Callable[[str, str], Awaitable[str | None]]
-
-
-class Networks:
-    def __init__(self, networks: Sequence[str]) -> None:
-        self._nets = [ipaddress.ip_network(n, strict=False) for n in networks]
-
-    def __contains__(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == n.version and ip in n for n in self._nets)
 
 
 class RelayPolicy:

@@ -69,6 +69,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file, fsync'd, renamed, and the
+    directory fsync'd (blocking: call in a thread)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 class Incoming:
     """One message being written to ``tmp/``."""
 
@@ -117,20 +129,18 @@ class Spool:
         f.close()
         qid = envelope.queue_id
         os.replace(path, self.incoming / f"{qid}.eml")
-        tmp_env = self.tmp / f"{qid}.json"
-        with tmp_env.open("wb") as e:
-            e.write(envelope.to_json())
-            e.flush()
-            os.fsync(e.fileno())
-        os.replace(tmp_env, self.incoming / f"{qid}.json")
-        _fsync_dir(self.incoming)
+        # The envelope goes in last: its presence is the commit point.
+        write_durably(self.incoming / f"{qid}.json", envelope.to_json())
 
     def pending(self) -> list[Envelope]:
         """Committed messages not yet processed, oldest first."""
         out = []
         for env in sorted(self.incoming.glob("*.json")):
             out.append(Envelope.from_json(env.read_bytes()))
-        # Message files without an envelope were never acknowledged.
+        # Message files without an envelope were never acknowledged; a .tmp is an
+        # envelope write that did not finish.
+        for tmp in self.incoming.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
         committed = {e.queue_id for e in out}
         for eml in self.incoming.glob("*.eml"):
             if eml.stem not in committed:

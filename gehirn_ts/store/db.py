@@ -115,6 +115,14 @@ def split_token(token: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+def _account_id(cur: Cursor, name: str) -> int:
+    cur.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+    row = cur.fetchone()
+    if row is None:
+        raise NotFound(f"no account named {name!r}")
+    return int(row[0])
+
+
 def _new_key(cur: Cursor, account_id: int | None, now: float) -> tuple[str, str]:
     key_id = secrets.token_hex(6)
     secret = secrets.token_urlsafe(32)
@@ -195,11 +203,7 @@ class Store:
         def tx(cur: Cursor) -> tuple[str, str]:
             account_id = None
             if account is not None:
-                cur.execute("SELECT id FROM accounts WHERE name = ?", (account,))
-                row = cur.fetchone()
-                if row is None:
-                    raise NotFound(f"no account named {account!r}")
-                account_id = row[0]
+                account_id = _account_id(cur, account)
             return _new_key(cur, account_id, now)
 
         return self._run(tx)
@@ -326,11 +330,7 @@ class Store:
         def tx(cur: Cursor) -> bool:
             account_id = None
             if event.account is not None:
-                cur.execute("SELECT id FROM accounts WHERE name = ?", (event.account,))
-                row = cur.fetchone()
-                if row is None:
-                    raise NotFound(f"no account named {event.account!r}")
-                account_id = row[0]
+                account_id = _account_id(cur, event.account)
             cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
             row = cur.fetchone()
             if row is not None:
@@ -621,14 +621,11 @@ class MailStore:
         now = self._store._now()
 
         def tx(cur: Cursor) -> None:
-            cur.execute("SELECT id FROM accounts WHERE name = ?", (account,))
-            row = cur.fetchone()
-            if row is None:
-                raise NotFound(f"no account named {account!r}")
+            account_id = _account_id(cur, account)
             try:
                 cur.execute(
                     "INSERT INTO domains (name, account_id, created_at) VALUES (?,?,?)",
-                    (name.lower(), row[0], now),
+                    (name.lower(), account_id, now),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("name", f"the domain {name!r} is served already")
@@ -671,15 +668,12 @@ class MailStore:
         password = secrets.token_urlsafe(24)
 
         def tx(cur: Cursor) -> str:
-            cur.execute("SELECT id FROM accounts WHERE name = ?", (account,))
-            row = cur.fetchone()
-            if row is None:
-                raise NotFound(f"no account named {account!r}")
+            account_id = _account_id(cur, account)
             try:
                 cur.execute(
                     "INSERT INTO smtp_credentials (username, account_id, hash, created_at) "
                     "VALUES (?,?,?,?)",
-                    (username, row[0], hash_secret(password), now),
+                    (username, account_id, hash_secret(password), now),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("username", f"the SMTP user {username!r} exists already")

@@ -12,15 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests import rabbitmq
-from tests.integration.procs import Daemon, Receiver, wait_for
+from tests.integration.procs import Daemon, wait_for
 from tests.integration.test_daemon import delivered, setup_account
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
 
 @pytest.fixture

@@ -37,13 +37,6 @@ def make_daemon(tmp_path: Path) -> Iterator[type[Daemon]]:
         daemon.stop()
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
-
-
 def setup_account(daemon: Daemon, receiver: Receiver, pattern: str = "#") -> str:
     token = str(daemon.cli("account", "create", "acme")["api_key"])
     status, body = daemon.call(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import Daemon, Receiver, wait_for
+from tests.integration.procs import Daemon, wait_for
 
 
 @pytest.fixture
@@ -27,13 +27,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d.password = d.cli("smtp-user", "create", "acme", "app")["password"]
     yield d
     d.stop()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
 
 def insecure() -> ssl.SSLContext:
