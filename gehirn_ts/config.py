@@ -127,6 +127,16 @@ def _choice(*choices: str) -> Parser:
     return parse
 
 
+def _routes(value: Any) -> tuple[str, ...]:
+    from gehirn_ts.store.db import parse_static_route
+
+    if not isinstance(value, list):
+        raise ValueError("expected a list of strings")
+    for item in value:
+        parse_static_route(_str(item))
+    return tuple(value)
+
+
 def _bus_url(value: Any) -> str:
     text = _nonempty_str(value)
     if text == "local:":
@@ -301,6 +311,14 @@ class SmtpConfig:
     )
     auth_failure_window: float = opt(
         600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration
+    )
+    routes: tuple[str, ...] = opt(
+        (),
+        _routes,
+        'Routes of received mail, before those made over the API: "MATCH ACTION [TO]" '
+        'with MATCH an address or "@domain", ACTION store, forward or reject, and TO the '
+        'comma-separated addresses of a forward route, e.g. "sales@example.com forward '
+        'a@example.net,b@example.net".',
     )
     retention: float = opt(
         30 * 86400.0,

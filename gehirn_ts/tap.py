@@ -155,7 +155,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     edj.setServiceParent(top)
 
     mail = MailStore(store)
-    routes = RouteStore(store)
+    routes = RouteStore(store, config.smtp.routes)
     spool = Spool(config.state_dir / "spool")
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
     inbound = Inbound(

@@ -776,12 +776,46 @@ class Route:
     created_at: float
 
 
+def parse_static_route(text: str) -> tuple[str, str, list[str]]:
+    """A route from the config: "MATCH ACTION [ADDRESS,ADDRESS...]" (ValueError if bad)."""
+    from gehirn_ts.mta.address import parse_path
+    from gehirn_ts.mta.replies import SmtpError
+
+    def address(value: str) -> str:
+        try:
+            mailbox, rest = parse_path(f"<{value}>".encode(), kind="recipient")
+        except SmtpError:
+            mailbox, rest = None, b"x"
+        if mailbox is None or rest or mailbox.is_routed:
+            raise ValueError(f"{value!r} is not an e-mail address")
+        return str(mailbox)
+
+    parts = text.split()
+    if len(parts) not in (2, 3):
+        raise ValueError(f'{text!r}: expected "MATCH ACTION [ADDRESS,...]"')
+    match = parts[0]
+    match = (
+        "@" + address("postmaster" + match).split("@")[1]
+        if match.startswith("@")
+        else address(match)
+    )
+    action = parts[1]
+    if action not in ROUTE_ACTIONS:
+        raise ValueError(f"{text!r}: the action must be one of {', '.join(ROUTE_ACTIONS)}")
+    targets = [address(a) for a in parts[2].split(",")] if len(parts) == 3 else []
+    if (action == "forward") != bool(targets):
+        raise ValueError(f"{text!r}: a forward route, and only it, lists addresses")
+    return match, action, targets
+
+
 class RouteStore:
     """Routes of received mail. A served domain with no route is a catch-all (store);
-    once it has address routes and no "@domain" route, other addresses are unknown."""
+    once it has address routes and no "@domain" route, other addresses are unknown.
+    Routes from the config (``static``) come before those made over the API."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, static: Sequence[str] = ()) -> None:
         self._store = store
+        self._static = [parse_static_route(text) for text in static]
 
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
         return self._store._run(fn, *args)
@@ -858,6 +892,12 @@ class RouteStore:
             if row is None:
                 return None
             owner = row[0]
+            for match in (f"{local}@{domain}", f"@{domain}"):
+                for static_match, action, targets in self._static:
+                    if static_match == match:
+                        return owner, Route(f"config:{match}", owner, match, action, targets, 0.0)
+            if any(m.endswith("@" + domain) and not m.startswith("@") for m, _, _ in self._static):
+                return None  # the config lists this domain's addresses
             for match in (f"{local}@{domain}", f"@{domain}"):
                 cur.execute("SELECT id FROM routes WHERE match = ?", (match,))
                 found = cur.fetchone()

@@ -224,6 +224,7 @@ def test_embedded_defaults_without_a_config(tmp_path: Path) -> None:
 
         wait_for(up)
         assert (tmp_path / "var" / "gehirn-ts.sqlite").exists()
+        assert (tmp_path / "var" / "tls" / "dev-cert.pem").exists()  # made on first start
         admin = (tmp_path / "var" / "admin.key").read_text().strip()
         assert oct((tmp_path / "var" / "admin.key").stat().st_mode & 0o777) == "0o600"
         assert http("GET", "http://127.0.0.1:8025/v1/subscriptions", token=admin)[0] == 200

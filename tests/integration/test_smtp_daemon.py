@@ -386,3 +386,17 @@ def test_raw_socket_pipelining_starttls_and_smuggling(daemon) -> None:
         tls.sendall(b"MAIL FROM:<a@example.org>\r\n")
         # The clear-text MAIL was dropped and the session starts over.
         assert read_replies(tls, 1) == [b"503 5.5.1 Send EHLO or HELO first"]
+
+
+def test_received_mail_is_per_account(daemon) -> None:
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("someone@example.org")
+        s.rcpt("user@mail.test")
+        code, reply = s.data(wire(message()))
+    qid = queue_id(reply)
+    wait_for(lambda: daemon.call("GET", f"/v1/received/{qid}", token=daemon.token)[0] == 200)
+    other = daemon.cli("account", "create", "other")["api_key"]
+    assert daemon.call("GET", f"/v1/received/{qid}", token=other)[0] == 404
+    assert daemon.call("GET", f"/v1/received/{qid}/raw", token=other)[0] == 404
+    assert daemon.call("GET", f"/v1/received/{qid}", token=daemon.admin)[0] == 200

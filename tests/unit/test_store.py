@@ -222,3 +222,48 @@ class RouteAndRetentionTests(unittest.TestCase):
         retention = _Retention(RouteStore(self.store), kvs, 1000.0, self.clock)
         assert await retention.expire() == 1
         assert sorted(p.name for p in kvs.iterdir()) == ["new.eml"]
+
+
+class StaticRouteTests(unittest.TestCase):
+    @inline
+    async def test_config_routes_come_first(self) -> None:
+        from gehirn_ts.store.db import MailStore, RouteStore
+
+        path = Path(self.mktemp())
+        path.mkdir()
+        migrate(path / "db.sqlite")
+        store = Store(path / "db.sqlite", reactor)
+        self.addCleanup(store.close)
+        account, _, _ = await store.create_account("acme")
+        await MailStore(store).add_domain("a.test", "acme")
+        routes = RouteStore(store, ["sales@a.test forward boss@b.test,vp@b.test", "@a.test reject"])
+        await routes.create(account.id, "info@a.test", "store", [])
+        owner, route = await routes.resolve("sales@a.test")
+        assert (owner, route.action, route.forward_to) == (
+            "acme",
+            "forward",
+            ["boss@b.test", "vp@b.test"],
+        )
+        # The config's "@a.test reject" outranks the API's info@ route.
+        assert (await routes.resolve("info@a.test"))[1].action == "reject"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "sales@a.test",
+        "sales@a.test bounce",
+        "sales@a.test forward",
+        "sales@a.test store x@y.test",
+        "not-an-address store",
+        "@a.test forward bad address",
+        "a b c d",
+    ],
+)
+def test_bad_config_routes(bad):
+    from gehirn_ts.config import ConfigError, from_mapping
+
+    with pytest.raises(ConfigError) as e:
+        from_mapping({"smtp": {"routes": [bad]}})
+    assert e.value.errors[0].startswith("smtp.routes: ")
