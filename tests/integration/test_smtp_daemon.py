@@ -394,6 +394,7 @@ def test_received_mail_is_per_account(daemon) -> None:
         s.mail("someone@example.org")
         s.rcpt("user@mail.test")
         code, reply = s.data(wire(message()))
+        assert code == 250
     qid = queue_id(reply)
     wait_for(lambda: daemon.call("GET", f"/v1/received/{qid}", token=daemon.token)[0] == 200)
     other = daemon.cli("account", "create", "other")["api_key"]
