@@ -30,7 +30,10 @@ Interaction = Callable[..., Any]
 class BatchedDatabase:
     """One SQLite connection, used from one worker thread, with group commit."""
 
-    def __init__(self, path: Path, reactor: Any = None) -> None:
+    def __init__(self, path: Path, reactor: Any = None, *, readonly: bool = False) -> None:
+        # A reader runs deferred transactions on its own connection: in WAL mode it sees
+        # every commit made before it starts and never waits for the writer's fsync.
+        self._begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -41,7 +44,7 @@ class BatchedDatabase:
         self._queue: list[tuple[Interaction, tuple[Any, ...], Deferred[Any]]] = []
         self._busy = False
         self._closed = False
-        self._threadpool = ThreadPool(1, 1, name=f"sqlite:{path.name}")
+        self._threadpool = ThreadPool(1, 1, name=f"sqlite:{path.name}{':r' if readonly else ''}")
         self._threadpool.start()
         # Never leave the thread behind when the reactor stops without close().
         reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
@@ -92,7 +95,7 @@ class BatchedDatabase:
         """In the worker thread: one transaction, a savepoint per interaction."""
         conn = self._connection()
         outcomes: list[tuple[bool, Any]] = []
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(self._begin)
         try:
             for fn, args in batch:
                 cur = conn.cursor()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
@@ -153,9 +154,16 @@ class Store:
         self.path = path
         self._clock = clock
         self._db = BatchedDatabase(path)
+        self._reader = BatchedDatabase(path, readonly=True)
 
     def close(self) -> Deferred[None]:
-        return self._db.close()
+        return defer.gatherResults([self._db.close(), self._reader.close()]).addCallback(
+            lambda _: None
+        )
+
+    def _read(self, fn: Any, *args: Any) -> Deferred[Any]:
+        """A read-only interaction, on the reader connection."""
+        return self._reader.run(fn, *args)
 
     def _now(self) -> float:
         return self._clock.seconds()
@@ -186,7 +194,7 @@ class Store:
             cur.execute("SELECT id, name, created_at FROM accounts ORDER BY name")
             return [Account(*row) for row in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def account_by_name(self, name: str) -> Deferred[Account | None]:
         def tx(cur: Cursor) -> Account | None:
@@ -194,7 +202,7 @@ class Store:
             row = cur.fetchone()
             return Account(*row) if row else None
 
-        return self._run(tx)
+        return self._read(tx)
 
     def create_key(self, account: str | None) -> Deferred[tuple[str, str]]:
         """A new key for the named account, or an admin key (None): (key id, token)."""
@@ -238,7 +246,7 @@ class Store:
                 for r in cur.fetchall()
             ]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def authenticate(self, token: str) -> Deferred[Principal | None]:
         parts = split_token(token)
@@ -258,7 +266,7 @@ class Store:
                 return None
             return Principal(key_id, row[1], row[2])
 
-        return self._run(tx)
+        return self._read(tx)
 
     # --- subscriptions ---
 
@@ -291,7 +299,7 @@ class Store:
         return _subscription(row)
 
     def get_subscription(self, sub_id: str) -> Deferred[Subscription]:
-        return self._run(self._get_subscription, sub_id)
+        return self._read(self._get_subscription, sub_id)
 
     def list_subscriptions(self, account_id: int | None) -> Deferred[list[Subscription]]:
         def tx(cur: Cursor) -> list[Subscription]:
@@ -303,7 +311,7 @@ class Store:
             )
             return [_subscription(r) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def delete_subscription(self, sub_id: str, account_id: int | None) -> Deferred[None]:
         now = self._now()
@@ -356,7 +364,7 @@ class Store:
                 raise NotFound(event_id)
             return event_from_dict(json.loads(row[0]))
 
-        return self._run(tx)
+        return self._read(tx)
 
     def subscriptions_for(self, account: str | None) -> Deferred[list[Subscription]]:
         """Live subscriptions that may see an event of ``account`` (None: broadcast)."""
@@ -369,7 +377,7 @@ class Store:
             )
             return [_subscription(r) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def create_deliveries(
         self, event_id: str, subscription_ids: Sequence[str]
@@ -404,7 +412,7 @@ class Store:
                 raise NotFound(delivery_id)
             return _delivery(row)
 
-        return self._run(tx)
+        return self._read(tx)
 
     def delivery_context(self, delivery_id: str) -> Deferred[tuple[Delivery, Event, Subscription]]:
         """A delivery with its event and subscription, read in one transaction."""
@@ -422,7 +430,7 @@ class Store:
             event = event_from_dict(json.loads(cur.fetchone()[0]))
             return delivery, event, self._get_subscription(cur, delivery.subscription_id)
 
-        return self._run(tx)
+        return self._read(tx)
 
     def record_attempt(
         self,
@@ -522,7 +530,7 @@ class Store:
             )
             return [_delivery(r) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def deliveries_of_event(self, event_id: str) -> Deferred[list[tuple[Delivery, list[Attempt]]]]:
         def tx(cur: Cursor) -> list[tuple[Delivery, list[Attempt]]]:
@@ -542,7 +550,7 @@ class Store:
                 out.append((delivery, [Attempt(*a) for a in cur.fetchall()]))
             return out
 
-        return self._run(tx)
+        return self._read(tx)
 
     def pending_deliveries(self) -> Deferred[list[Delivery]]:
         def tx(cur: Cursor) -> list[Delivery]:
@@ -551,7 +559,7 @@ class Store:
             )
             return [_delivery(r) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
 
 def bootstrap_domain(path: Path, domain: str, now: float) -> bool:
@@ -617,6 +625,9 @@ class MailStore:
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
         return self._store._run(fn, *args)
 
+    def _read(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return self._store._read(fn, *args)
+
     def add_domain(self, name: str, account: str) -> Deferred[None]:
         now = self._store._now()
 
@@ -648,7 +659,7 @@ class MailStore:
             )
             return [(r[0], r[1]) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def domain_owner(self, name: str) -> Deferred[str | None]:
         def tx(cur: Cursor) -> str | None:
@@ -660,7 +671,7 @@ class MailStore:
             row = cur.fetchone()
             return row[0] if row else None
 
-        return self._run(tx)
+        return self._read(tx)
 
     def create_credential(self, account: str, username: str) -> Deferred[str]:
         """SMTP credentials: a generated password (shown once), stored hashed."""
@@ -709,7 +720,7 @@ class MailStore:
                 return None
             return str(row[1])
 
-        return self._run(tx)
+        return self._read(tx)
 
     def record_received(self, item: Received) -> Deferred[bool]:
         """Index a received message for an account; False if it is indexed already."""
@@ -760,7 +771,7 @@ class MailStore:
                 json.loads(row[7]),
             )
 
-        return self._run(tx)
+        return self._read(tx)
 
 
 ROUTE_ACTIONS = ("store", "forward", "reject")
@@ -820,6 +831,9 @@ class RouteStore:
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
         return self._store._run(fn, *args)
 
+    def _read(self, fn: Any, *args: Any) -> Deferred[Any]:
+        return self._store._read(fn, *args)
+
     def create(
         self, account_id: int, match: str, action: str, forward_to: list[str]
     ) -> Deferred[Route]:
@@ -864,7 +878,7 @@ class RouteStore:
             )
             return [self._get(cur, r[0]) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return self._read(tx)
 
     def delete(self, route_id: str, account_id: int | None) -> Deferred[None]:
         def tx(cur: Cursor) -> None:
@@ -913,7 +927,7 @@ class RouteStore:
                 return None  # the domain lists its addresses: this one is unknown
             return owner, None
 
-        return self._run(tx)
+        return self._read(tx)
 
     def expire_received(self, before: float) -> Deferred[list[str]]:
         """Forget received mail older than ``before``; the KVS objects no longer used."""
