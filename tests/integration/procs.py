@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.dnstest import dns_server
+from tests.harness import Hit
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,13 +165,6 @@ def _toml(config: dict[str, dict[str, Any]]) -> str:
         for key, value in values.items():
             lines.append(f"{key} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"
-
-
-@dataclass
-class Hit:
-    path: str
-    headers: dict[str, str]
-    body: bytes
 
 
 @dataclass
