@@ -15,7 +15,7 @@ setup(
         "treq>=23.11.0",
         "pyOpenSSL>=24.0.0",
         "service-identity>=24.1.0",
-        "dkimpy>=1.1.5",
+        "dkimpy[ed25519]>=1.1.5",
         "pyspf>=2.0.14",
         "dnspython>=2.6.0",
         "zope.interface>=6.0",

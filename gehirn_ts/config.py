@@ -364,6 +364,70 @@ class DnsConfig:
     timeout: float = opt(5.0, _duration, "Timeout of one lookup.", format_duration)
 
 
+def _hostport(value: Any) -> str:
+    text = _str(value).strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+        raise ValueError(f"{text!r}: expected host:port, e.g. smtp.example.net:587")
+    if not host.startswith("["):
+        domain_name(host)
+    return text
+
+
+def _optional_address(value: Any) -> str:
+    text = _str(value).strip()
+    if text and (text.count("@") != 1 or not text.split("@")[0]):
+        raise ValueError(f"{text!r} is not an e-mail address")
+    if text:
+        domain_name(text.split("@")[1])
+    return text
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    """Sending mail: the queue and its delivery."""
+
+    port: int = opt(25, _port, "Port of the remote MX hosts (25; tests point it elsewhere).")
+    smarthost: str = opt(
+        "",
+        _hostport,
+        'Send everything through this relay ("host:port") instead of looking up MX records.',
+    )
+    smarthost_username: str = opt("", _str, "AUTH PLAIN user for the smarthost (over TLS only).")
+    smarthost_password: str = opt("", _str, "Its password.")
+    concurrency: int = opt(20, _positive_int, "Delivery attempts at once, in all.")
+    per_domain: int = opt(5, _positive_int, "Delivery attempts at once to one domain.")
+    retry_first: float = opt(
+        300.0, _duration, "Wait before the first retry; each next wait doubles ...", format_duration
+    )
+    retry_max: float = opt(3600.0, _duration, "... up to this long between tries.", format_duration)
+    lifetime: float = opt(
+        5 * 86400.0,
+        _duration,
+        "Give up (mail.failed, bounce) this long after queueing (Postfix: maximal_queue_lifetime).",
+        format_duration,
+    )
+    delay_warning: float = opt(
+        4 * 3600.0,
+        _duration,
+        "mail.delayed (and a DELAY report where asked) once a message is this late, then "
+        "at most once per this interval.",
+        format_duration,
+    )
+    timeout: float = opt(
+        300.0, _duration, "Timeout waiting for one reply of a remote server.", format_duration
+    )
+    connect_timeout: float = opt(30.0, _duration, "Timeout of one TCP connect.", format_duration)
+    forward_sender: str = opt(
+        "",
+        _optional_address,
+        "Envelope sender of mail sent on by forward routes, so that bounces come back here "
+        '"" means postmaster@ the smtp.hostname).',
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     state: StateConfig = field(default_factory=StateConfig)
@@ -372,6 +436,7 @@ class Config:
     edj: EdjConfig = field(default_factory=EdjConfig)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    outbound: OutboundConfig = field(default_factory=OutboundConfig)
 
     @property
     def state_dir(self) -> Path:

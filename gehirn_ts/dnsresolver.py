@@ -7,6 +7,7 @@ resolver, choose the server; empty ``nameservers`` means the system's resolv.con
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import dns.resolver
 
@@ -21,3 +22,26 @@ def make_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.
     resolver.lifetime = timeout
     resolver.timeout = timeout
     return resolver
+
+
+def make_async_resolver(nameservers: Sequence[str], port: int, timeout: float, reactor: Any) -> Any:
+    """The twisted.names resolver for MX and address lookups (on the reactor)."""
+    from twisted.names import client
+
+    servers = [(ns, port) for ns in nameservers] or _system_nameservers()
+    # Given servers, not the resolv.conf path: twisted.names would re-read the file on
+    # a timer of its own; the system's list is read once, at start.
+    return client.Resolver(servers=servers, timeout=(timeout,), reactor=reactor)
+
+
+def _system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                words = line.split()
+                if len(words) >= 2 and words[0] == "nameserver":
+                    out.append((words[1], 53))
+    except OSError:
+        pass
+    return out or [("127.0.0.1", 53)]

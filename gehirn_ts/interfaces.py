@@ -98,3 +98,44 @@ class IDestination(Interface):
 
     def redacted_url() -> str:
         """The destination URL with its secrets hidden."""
+
+
+@dataclass(frozen=True)
+class ParcelRecipient:
+    n: int
+    address: str
+    notify: list[str] | None = None
+    orcpt: tuple[str, str] | None = None  # (addr-type, address)
+
+
+@dataclass(frozen=True)
+class Parcel:
+    """One outbound message for the recipients of one destination domain."""
+
+    queue_id: str
+    sender: str
+    domain: str
+    recipients: Sequence[ParcelRecipient]
+    path: str  # the message file
+    size: int
+    body: str | None = None  # 7BIT | 8BITMIME
+    ret: str | None = None
+    envid: str | None = None
+
+
+@dataclass(frozen=True)
+class RcptOutcome:
+    """What became of one recipient: delivered, relayed (delivered to a next hop that
+    offers no DSN while SUCCESS was asked: RFC 3461 section 4.2), deferred or failed."""
+
+    n: int
+    kind: str
+    reply: str  # the reply that decided it, e.g. "250 2.0.0 Ok: queued as X"
+    status: str  # RFC 3463 code
+    remote_mta: str | None = None
+    tls: bool = False
+
+
+class ICourier(Interface):
+    def deliver(parcel: Parcel) -> Deferred[list[RcptOutcome]]:
+        """Try once to deliver ``parcel``: one outcome per recipient, never an error."""

@@ -23,7 +23,7 @@ from twisted.web.client import HTTPConnectionPool
 from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
-from gehirn_ts.dnsresolver import make_resolver
+from gehirn_ts.dnsresolver import make_async_resolver, make_resolver
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
@@ -31,7 +31,12 @@ from gehirn_ts.edj.worker import EdjService, RetryPolicy
 from gehirn_ts.mta.dkim import verify as dkim_verify
 from gehirn_ts.mta.esmtp import EsmtpFactory, Settings
 from gehirn_ts.mta.inbound import Inbound
+from gehirn_ts.mta.outbound import Outbound, Reporter
 from gehirn_ts.mta.policy import RelayPolicy
+from gehirn_ts.mta.queue import MailQueue
+from gehirn_ts.mta.relay import Host, MxCourier
+from gehirn_ts.mta.relay import Settings as RelaySettings
+from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import make_self_signed, server_options
@@ -42,6 +47,8 @@ from gehirn_ts.store.db import (
     bootstrap_admin_key,
     bootstrap_domain,
 )
+from gehirn_ts.store.keys import DkimKeyStore
+from gehirn_ts.store.queue import QueueStore
 from gehirn_ts.store.schema import SchemaError, migrate
 from gehirn_ts.web.api import Api, make_site
 
@@ -158,6 +165,8 @@ def build(config: Config, reactor: Any) -> MultiService:
     routes = RouteStore(store, config.smtp.routes)
     spool = Spool(config.state_dir / "spool")
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
+    queue, outbound = _outbound(config, reactor, store, publisher)
+    queue.setServiceParent(top)
     inbound = Inbound(
         spool=spool,
         kvs=config.state_dir / "kvs",
@@ -167,6 +176,9 @@ def build(config: Config, reactor: Any) -> MultiService:
         hostname=config.smtp.hostname,
         dkim_verify=lambda message: dkim_verify(message, resolver),
         routes=routes.resolve,
+        outbound=outbound,
+        account_id=mail.account_id,
+        forward_sender=config.outbound.forward_sender,
     )
     _Resume(inbound).setServiceParent(top)
     if config.smtp.retention > 0:
@@ -174,7 +186,7 @@ def build(config: Config, reactor: Any) -> MultiService:
             routes, config.state_dir / "kvs", config.smtp.retention, reactor
         ).setServiceParent(top)
 
-    api = Api(store, publisher, edj, policy, mail, inbound, routes)
+    api = Api(store, publisher, edj, policy, mail, inbound, routes, outbound, queue.store, reactor)
     site = make_site(api, store, config.http.max_body)
     web = StreamServerEndpointService(serverFromString(reactor, config.http.listen), site)
     web._raiseSynchronously = True
@@ -224,6 +236,59 @@ def build(config: Config, reactor: Any) -> MultiService:
         service._raiseSynchronously = True
         service.setServiceParent(top)
     return top
+
+
+def _outbound(
+    config: Config, reactor: Any, store: Store, publisher: Publisher
+) -> tuple[MailQueue, Outbound]:
+    ob = config.outbound
+    hostname = config.smtp.hostname
+    smarthost = None
+    if ob.smarthost:
+        host, _, port = ob.smarthost.rpartition(":")
+        smarthost = Host(host.strip("[]"), int(port))
+    names = make_async_resolver(
+        config.dns.nameservers, config.dns.port, config.dns.timeout, reactor
+    )
+    courier = MxCourier(
+        reactor,
+        names,
+        RelaySettings(
+            helo=hostname,
+            port=ob.port,
+            timeout=ob.timeout,
+            connect_timeout=ob.connect_timeout,
+            smarthost=smarthost,
+            username=ob.smarthost_username,
+            password=ob.smarthost_password,
+        ),
+    )
+    queue_store = QueueStore(store)
+    queue = MailQueue(
+        store=queue_store,
+        courier=courier,
+        directory=config.state_dir / "spool" / "queue",
+        clock=reactor,
+        retry=MailRetry(
+            first=ob.retry_first,
+            max_interval=ob.retry_max,
+            lifetime=ob.lifetime,
+            delay_warning=ob.delay_warning,
+        ),
+        concurrency=ob.concurrency,
+        per_domain=ob.per_domain,
+    )
+    outbound = Outbound(
+        store=queue_store,
+        queue=queue,
+        keys=DkimKeyStore(store).keys_for,
+        clock=reactor,
+        hostname=hostname,
+    )
+    queue.reporter = Reporter(
+        outbound=outbound, publisher=publisher, queue=queue, hostname=hostname, clock=reactor
+    )
+    return queue, outbound
 
 
 class _Resume(Service):

@@ -55,3 +55,77 @@ def verify(message: bytes, resolver: dns.resolver.Resolver) -> list[DkimResult]:
         selector = (checker.selector or b"").decode("ascii", "replace")
         results.append(DkimResult(outcome, domain, selector))
     return results
+
+
+# --- signing (RFC 6376; Ed25519 per RFC 8463) ---
+
+ALGORITHMS = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    domain: str
+    selector: str
+    algorithm: str  # rsa | ed25519
+    private_key: str  # PEM (rsa) or the base64 seed (ed25519), as dkimpy takes them
+
+
+def sign(message: bytes, keys: list[SigningKey]) -> bytes:
+    """The DKIM-Signature fields to put on top of ``message``, one per key (blocking:
+    call in a thread). Relaxed/relaxed; the header fields RFC 6376 section 5.4.1
+    recommends, with the RFC 5322 singletons (From first of all) oversigned, so that a
+    second From or Subject added on the way breaks the signature."""
+    out = b""
+    for key in keys:
+        signer = dkim.DKIM(message)
+        signer.add_frozen(dkim.DKIM.RFC5322_SINGLETON)
+        out += signer.sign(
+            key.selector.encode(),
+            key.domain.encode(),
+            key.private_key.encode(),
+            canonicalize=(b"relaxed", b"relaxed"),
+            signature_algorithm=ALGORITHMS[key.algorithm],
+        )
+    return out
+
+
+def generate(algorithm: str) -> tuple[str, str]:
+    """A new key pair: (private key as stored, the p= value of the DNS record)."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    if algorithm == "rsa":
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        private = rsa_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        ).decode()
+        public = rsa_key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return private, base64.b64encode(public).decode()
+    if algorithm == "ed25519":
+        ed_key = ed25519.Ed25519PrivateKey.generate()
+        seed = ed_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+        public = ed_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return base64.b64encode(seed).decode(), base64.b64encode(public).decode()
+    raise ValueError(f"unknown DKIM algorithm {algorithm!r} (rsa or ed25519)")
+
+
+def dns_record(domain: str, selector: str, algorithm: str, public: str) -> tuple[str, str]:
+    """(name, TXT value) to publish for a key."""
+    return f"{selector}._domainkey.{domain}", f"v=DKIM1; k={algorithm}; p={public}"
+
+
+def txt_strings(value: str) -> list[str]:
+    """The value cut into the 255-byte strings a TXT record holds (RFC 1035 3.3.14)."""
+    return [value[i : i + 255] for i in range(0, len(value), 255)]

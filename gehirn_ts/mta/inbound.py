@@ -5,7 +5,8 @@ whatever the spool still holds, so each step is idempotent: the KVS object is a 
 link named by the queue id, the index row is keyed by (queue id, account), and the
 event id is derived from both, so a repeat stores and publishes nothing twice.
 Recipients outside the served domains (relayed mail from authenticated or trusted
-clients) are moved to ``spool/outbound/`` for the outbound queue.
+clients) and the targets of forward routes go to the outbound queue, under ids derived
+from the queue id (``QID`` and ``QID.fwd``), so a repeat queues nothing twice.
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
 from gehirn_ts.mta.dkim import DkimResult
 from gehirn_ts.mta.headers import authentication_results
+from gehirn_ts.mta.outbound import Outbound
 from gehirn_ts.mta.spf import SpfResult
-from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir, write_durably
+from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir
 from gehirn_ts.store.db import MailStore, Received
+from gehirn_ts.store.queue import NewRecipient
 
 log = Logger()
 
 SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
 EXCERPT_CHARS = 300
 OwnerLookup = Callable[[str], Awaitable[str | None]]
+AccountId = Callable[[str], Awaitable[int | None]]
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -80,7 +84,13 @@ class Inbound:
         hostname: str,
         dkim_verify: Callable[[bytes], list[DkimResult]] | None = None,
         routes: Callable[[str], Awaitable[Any]] | None = None,
+        outbound: Outbound | None = None,
+        account_id: AccountId | None = None,
+        forward_sender: str = "",
     ) -> None:
+        self._outbound_queue = outbound
+        self._account_id = account_id
+        self._forward_sender = forward_sender or f"postmaster@{hostname}"
         self._routes = routes
         self._dkim_verify = dkim_verify
         self._spool = spool
@@ -89,9 +99,7 @@ class Inbound:
         self._publisher = publisher
         self._owner = owner
         self._hostname = hostname
-        self._outbound = spool.root / "outbound"
         kvs.mkdir(parents=True, exist_ok=True)
-        self._outbound.mkdir(parents=True, exist_ok=True)
         self._active: set[str] = set()
 
     def accepted(self, envelope: Envelope, kinds: dict[str, str] | None = None) -> None:
@@ -129,7 +137,8 @@ class Inbound:
         qid = envelope.queue_id
         source = self._spool.message_path(qid)
         by_account: dict[str | None, list[dict[str, Any]]] = {}
-        relayed = []
+        relayed: list[Recipient] = []
+        forwarded: dict[str, list[NewRecipient]] = {}
         for rcpt in envelope.recipients:
             domain = rcpt.address.rpartition("@")[2] if "@" in rcpt.address else ""
             if domain == "":
@@ -145,7 +154,11 @@ class Inbound:
             if route is not None and route.action == "forward":
                 # Stored and published like any mail, and also handed to the outbound
                 # queue for the route's addresses.
-                relayed.extend(Recipient(address) for address in route.forward_to)
+                # ORCPT keeps the address the sender wrote (RFC 3461 section 4.2).
+                forwarded.setdefault(owner, []).extend(
+                    NewRecipient(address, None, ("rfc822", rcpt.address))
+                    for address in route.forward_to
+                )
         summary = await deferToThread(summarize, source)
         dkim_results = await deferToThread(self._dkim, source)
         spf_data = envelope.extra.get("spf")
@@ -182,16 +195,60 @@ class Inbound:
             )
             if account is not None:
                 await self._publisher.publish(self._event(envelope, account, rcpts, meta))
-        if relayed:
-            outbound = Envelope(**{**vars(envelope), "recipients": relayed})
-            await deferToThread(self._to_outbound, source, outbound)
+        if relayed or forwarded:
+            await self._queue_onwards(envelope, source, relayed, forwarded)
         self._spool.remove(qid)
         log.info(
             "received {qid} stored for {accounts}{relay}",
             qid=qid,
             accounts=sorted(a or "postmaster" for a in by_account),
-            relay=f", {len(relayed)} recipients to relay" if relayed else "",
+            relay=f", {len(relayed)} recipients relayed" if relayed else "",
         )
+
+    async def _queue_onwards(
+        self,
+        envelope: Envelope,
+        source: Path,
+        relayed: list[Recipient],
+        forwarded: dict[str, list[NewRecipient]],
+    ) -> None:
+        if self._outbound_queue is None or self._account_id is None:
+            raise RuntimeError("no outbound queue to relay to")
+        qid = envelope.queue_id
+        if relayed:
+            # The account: the authenticated one, else (trusted network) the sender
+            # domain's owner, if any.
+            owner = envelope.authenticated
+            if owner is None and "@" in envelope.sender:
+                owner = await self._owner(envelope.sender.rpartition("@")[2].lower())
+            await self._outbound_queue.submit(
+                sender=envelope.sender,
+                recipients=[
+                    NewRecipient(
+                        r.address,
+                        r.notify,
+                        (r.orcpt[0], r.orcpt[1]) if r.orcpt else None,
+                    )
+                    for r in relayed
+                ],
+                account_id=await self._account_id(owner) if owner else None,
+                origin="submission" if envelope.authenticated else "relay",
+                source=source,
+                queue_id=qid,
+                body=envelope.body,
+                ret=envelope.ret,
+                envid=envelope.envid,
+            )
+        for n, (account, rcpts) in enumerate(sorted(forwarded.items())):
+            await self._outbound_queue.submit(
+                sender=self._forward_sender,
+                recipients=rcpts,
+                account_id=await self._account_id(account),
+                origin="forward",
+                source=source,
+                queue_id=f"{qid}.fwd{n}",
+                body=envelope.body,
+            )
 
     def _event(
         self, envelope: Envelope, account: str, rcpts: list[dict[str, Any]], meta: dict[str, Any]
@@ -248,13 +305,6 @@ class Inbound:
             os.fsync(out.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-
-    def _to_outbound(self, source: Path, envelope: Envelope) -> None:
-        qid = envelope.queue_id
-        eml = self._outbound / f"{qid}.eml"
-        if not eml.exists():
-            os.link(source, eml)
-        write_durably(self._outbound / f"{qid}.json", envelope.to_json())
 
     def object_path(self, obj: str) -> Path:
         return self._kvs / obj

@@ -673,6 +673,15 @@ class MailStore:
 
         return self._read(tx)
 
+    def account_id(self, name: str) -> Deferred[int | None]:
+        def tx(cur: Cursor) -> int | None:
+            try:
+                return _account_id(cur, name)
+            except NotFound:
+                return None
+
+        return self._read(tx)
+
     def create_credential(self, account: str, username: str) -> Deferred[str]:
         """SMTP credentials: a generated password (shown once), stored hashed."""
         now = self._store._now()

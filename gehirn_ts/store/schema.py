@@ -109,6 +109,71 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX received_time ON received(received_at);
     """,
+    # 4: the outbound queue (per-recipient state and attempts) and DKIM signing keys.
+    """
+    CREATE TABLE outbound (
+        id TEXT PRIMARY KEY,
+        account_id INTEGER REFERENCES accounts(id),
+        origin TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        body TEXT,
+        ret TEXT,
+        envid TEXT,
+        header_message_id TEXT,
+        subject TEXT,
+        idempotency_key TEXT,
+        request_hash TEXT,
+        tags TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        held INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (account_id, idempotency_key)
+    );
+    CREATE INDEX outbound_created ON outbound(created_at);
+    CREATE TABLE outbound_rcpts (
+        message_id TEXT NOT NULL REFERENCES outbound(id),
+        n INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        notify TEXT,
+        orcpt TEXT,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        delay_notices INTEGER NOT NULL DEFAULT 0,
+        last_delay_notice REAL,
+        reply TEXT,
+        smtp_status TEXT,
+        remote_mta TEXT,
+        tls INTEGER,
+        report TEXT,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (message_id, n)
+    );
+    CREATE INDEX outbound_due ON outbound_rcpts(next_attempt_at) WHERE status = 'queued';
+    CREATE INDEX outbound_reports ON outbound_rcpts(message_id) WHERE report IS NOT NULL;
+    CREATE TABLE outbound_attempts (
+        id INTEGER PRIMARY KEY,
+        message_id TEXT NOT NULL REFERENCES outbound(id),
+        n INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        duration REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        reply TEXT,
+        remote_mta TEXT,
+        tls INTEGER
+    );
+    CREATE INDEX outbound_attempts_message ON outbound_attempts(message_id);
+    CREATE TABLE dkim_keys (
+        domain TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        private_key TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (domain, selector)
+    );
+    """,
 ]
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,8 +27,20 @@ from gehirn_ts.events import (
 )
 from gehirn_ts.interfaces import BusUnavailable
 from gehirn_ts.mta.address import parse_path
+from gehirn_ts.mta.compose import (
+    FieldError,
+    build,
+    envelope_address,
+    header_addresses,
+    header_value,
+    parse_dsn,
+    parse_send,
+    parse_tags_metadata,
+)
 from gehirn_ts.mta.inbound import Inbound
+from gehirn_ts.mta.outbound import Outbound, message_id_header, rfc5322_date
 from gehirn_ts.mta.replies import SmtpError
+from gehirn_ts.mta.spool import new_queue_id
 from gehirn_ts.redact import redact_secret, redact_url
 from gehirn_ts.store.db import (
     ROUTE_ACTIONS,
@@ -39,6 +56,7 @@ from gehirn_ts.store.db import (
     Subscription,
 )
 from gehirn_ts.store.db import Route as MailRoute
+from gehirn_ts.store.queue import AttemptRecord, NewRecipient, QueueStore, RecipientState
 from gehirn_ts.web.http import (
     ApiError,
     Call,
@@ -50,6 +68,9 @@ from gehirn_ts.web.http import (
 )
 
 DELIVERY_STATUSES = ("pending", "delivered", "dead", "cancelled")
+SEND_STATUSES = (202, 400, 401, 403, 409, 413, 415)
+RAW_FIELDS = ("from", "to", "message", "message_base64", "dsn", "tags", "metadata")
+_IDEMPOTENCY_KEY = re.compile(r"^[!-~]{1,255}$")
 MAX_LIST = 1000
 
 
@@ -110,7 +131,13 @@ class Api:
         mail: MailStore,
         inbound: Inbound,
         routes: RouteStore,
+        outbound: Outbound | None = None,
+        queue: QueueStore | None = None,
+        clock: Any = None,
     ) -> None:
+        self._outbound = outbound
+        self._queue = queue
+        self._clock = clock
         self._routes = routes
         self._store = store
         self._publisher = publisher
@@ -140,6 +167,9 @@ class Api:
             Route("POST", "/v1/routes", self.create_route, (201, 400, 401, 403, 409, 413, 415)),
             Route("GET", "/v1/routes", self.list_routes, (200, 401)),
             Route("DELETE", "/v1/routes/{id}", self.delete_route, (204, 401, 404)),
+            Route("POST", "/v1/messages", self.send, SEND_STATUSES),
+            Route("POST", "/v1/messages/raw", self.send_raw, SEND_STATUSES),
+            Route("GET", "/v1/messages/{id}", self.get_message, (200, 401, 404)),
         ]
 
     # --- handlers ---
@@ -346,6 +376,186 @@ class Api:
         except NotFound:
             raise ApiError(404, "not_found", "no such route", "id")
         return Response(204)
+
+    # --- sending mail ---
+
+    async def _sender_account(self, call: Call, address: str, field: str) -> int:
+        """The account sending: an account key's; its domain must be the sender's."""
+        principal = _principal(call)
+        if principal.is_admin or principal.account_id is None:
+            raise ApiError(403, "forbidden", "send mail with an account's API key", "from")
+        domain = address.rpartition("@")[2].lower()
+        if await self._mail.domain_owner(domain) != principal.account:
+            raise ApiError(
+                403,
+                "forbidden",
+                f"the domain {domain} is not one of account {principal.account}'s domains",
+                field,
+            )
+        return principal.account_id
+
+    def _idempotency(self, call: Call) -> str | None:
+        key = call.request.getHeader("idempotency-key")
+        if key is not None and not _IDEMPOTENCY_KEY.match(key):
+            raise bad_request("Idempotency-Key", "1 to 255 printable ASCII characters")
+        return key
+
+    async def _queue_message(self, call: Call, request: dict[str, Any], **kw: Any) -> Response:
+        assert self._outbound is not None
+        digest = hashlib.sha256(
+            (call.request.path.decode() + json.dumps(request, sort_keys=True)).encode()
+        ).hexdigest()
+        try:
+            mid, _ = await self._outbound.submit(
+                idempotency_key=self._idempotency(call), request_hash=digest, **kw
+            )
+        except Conflict as e:
+            raise ApiError(409, "conflict", e.message, e.field)
+        return Response(202, {"id": mid}, {"Location": f"/v1/messages/{mid}"})
+
+    async def send(self, call: Call) -> Response:
+        body = call.json()
+        if not isinstance(body, dict):
+            raise bad_request("body", "must be a JSON object")
+        try:
+            req = parse_send(body)
+        except FieldError as e:
+            raise bad_request(e.field, e.message)
+        account_id = await self._sender_account(call, req.sender.addr_spec, "from")
+        qid = new_queue_id()
+        data = build(
+            req,
+            message_id=message_id_header(qid, self._outbound.hostname if self._outbound else ""),
+            now=self._clock.seconds(),
+        )
+        return await self._queue_message(
+            call,
+            body,
+            sender=req.sender.addr_spec,
+            recipients=[NewRecipient(a, req.dsn.notify) for a in req.recipients],
+            account_id=account_id,
+            origin="api",
+            data=data,
+            queue_id=qid,
+            ret=req.dsn.ret,
+            envid=req.dsn.envid,
+            tags=req.tags,
+            metadata=req.metadata,
+        )
+
+    async def send_raw(self, call: Call) -> Response:
+        body = call.json_object(RAW_FIELDS, ("from", "to"))
+        try:
+            sender = envelope_address(body["from"], "from")
+            to = body["to"] if isinstance(body["to"], list) else [body["to"]]
+            if not to or len(to) > 1000:
+                raise FieldError("to", "1 to 1000 recipient addresses")
+            rcpts = list(dict.fromkeys(envelope_address(a, f"to[{i}]") for i, a in enumerate(to)))
+            dsn = parse_dsn(body.get("dsn"))
+            tags, metadata = parse_tags_metadata(body)
+        except FieldError as e:
+            raise bad_request(e.field, e.message)
+        if ("message" in body) == ("message_base64" in body):
+            raise bad_request("message", "give message (text) or message_base64, not both")
+        if "message" in body:
+            if not isinstance(body["message"], str):
+                raise bad_request("message", "must be a string (the RFC 5322 message)")
+            data = body["message"].encode()
+        else:
+            try:
+                data = base64.b64decode(body["message_base64"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise bad_request("message_base64", "must be base64")
+        data = _crlf(data)
+        if b"\r\n\r\n" not in data and not data.endswith(b"\r\n"):
+            data += b"\r\n"
+        from_header = header_addresses(data, "From")
+        if len(from_header) != 1:
+            raise bad_request("message", "needs exactly one address in its From header field")
+        account_id = await self._sender_account(call, sender, "from")
+        await self._sender_account(call, from_header[0], "message")
+        qid = new_queue_id()
+        # Like Postfix's cleanup for local submissions: Date and Message-ID when missing.
+        extra = b""
+        if header_value(data, "Date") is None:
+            extra += f"Date: {rfc5322_date(self._clock.seconds())}\r\n".encode()
+        if header_value(data, "Message-ID") is None:
+            assert self._outbound is not None
+            extra += f"Message-ID: {message_id_header(qid, self._outbound.hostname)}\r\n".encode()
+        data = extra + data
+        return await self._queue_message(
+            call,
+            body,
+            sender=sender,
+            recipients=[NewRecipient(a, dsn.notify) for a in rcpts],
+            account_id=account_id,
+            origin="api",
+            data=data,
+            queue_id=qid,
+            body="8BITMIME" if any(b > 127 for b in data) else None,
+            ret=dsn.ret,
+            envid=dsn.envid,
+            tags=tags,
+            metadata=metadata,
+        )
+
+    async def get_message(self, call: Call) -> Response:
+        assert self._queue is not None
+        try:
+            msg, rcpts, attempts = await self._queue.get(
+                call.params["id"], _principal(call).account_id
+            )
+        except NotFound:
+            raise ApiError(404, "not_found", "no such message", "id")
+        return Response(
+            200,
+            {
+                "id": msg.id,
+                "account": msg.account,
+                "origin": msg.origin,
+                "from": msg.sender,
+                "subject": msg.subject,
+                "message_id": msg.header_message_id,
+                "size": msg.size,
+                "queued_at": iso(msg.created_at),
+                "held": msg.held,
+                "tags": msg.tags,
+                "metadata": msg.metadata,
+                "recipients": [
+                    recipient_json(r, [a for a in attempts if a.n == r.n]) for r in rcpts
+                ],
+            },
+        )
+
+
+def recipient_json(r: RecipientState, attempts: list[AttemptRecord]) -> dict[str, Any]:
+    return {
+        "address": r.address,
+        "status": r.status,
+        "attempts": r.attempts,
+        "next_attempt_at": iso(r.next_attempt_at) if r.status == "queued" else None,
+        "reply": r.reply,
+        "status_code": r.smtp_status,
+        "remote_mta": r.remote_mta,
+        "tls": r.tls,
+        "updated_at": iso(r.updated_at),
+        "attempt_log": [
+            {
+                "started_at": iso(a.started_at),
+                "duration_ms": round(a.duration * 1000, 1),
+                "outcome": a.outcome,
+                "reply": a.reply,
+                "remote_mta": a.remote_mta,
+                "tls": a.tls,
+            }
+            for a in attempts
+        ],
+    }
+
+
+def _crlf(data: bytes) -> bytes:
+    """Line ends as CRLF (RFC 5322 section 2.1), whatever the client sent."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def route_json(route: MailRoute) -> dict[str, Any]:

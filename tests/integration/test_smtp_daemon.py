@@ -132,7 +132,7 @@ def test_inbound_mx_accepts_local_mail_and_is_no_open_relay(daemon) -> None:
     )
 
 
-def test_authenticated_relay_is_kept_for_the_outbound_queue(daemon) -> None:
+def test_authenticated_relay_goes_into_the_outbound_queue(daemon) -> None:
     with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
         s.starttls(context=insecure())
         s.login("app", daemon.password)
@@ -140,11 +140,12 @@ def test_authenticated_relay_is_kept_for_the_outbound_queue(daemon) -> None:
         assert s.rcpt("friend@elsewhere.example")[0] == 250
         code, reply = s.data(wire(message(to="friend@elsewhere.example")))
         assert code == 250
-    outbound = daemon.state / "spool" / "outbound" / f"{queue_id(reply)}.json"
-    wait_for(outbound.exists)
-    assert (
-        json.loads(outbound.read_text())["recipients"][0]["address"] == "friend@elsewhere.example"
+    qid = queue_id(reply)
+    status, queued = wait_for(
+        lambda: (r := daemon.call("GET", f"/v1/messages/{qid}", token=daemon.token))[0] == 200 and r
     )
+    assert queued["origin"] == "submission" and queued["from"] == "app@mail.test"
+    assert [r["address"] for r in queued["recipients"]] == ["friend@elsewhere.example"]
 
 
 @pytest.mark.skipif(shutil.which("swaks") is None, reason="make test installs swaks")
@@ -324,11 +325,13 @@ def test_routes_reject_unknown_and_forward(daemon) -> None:
         assert s.rcpt("fwd@mail.test")[0] == 250
         code, reply = s.data(wire(message(to="fwd@mail.test")))
         assert code == 250
-    outbound = daemon.state / "spool" / "outbound" / f"{queue_id(reply)}.json"
-    wait_for(outbound.exists)
-    assert [r["address"] for r in json.loads(outbound.read_text())["recipients"]] == [
-        "boss@elsewhere.example"
-    ]
+    # Forwarded through the outbound queue, with an envelope sender of our own.
+    fwd = f"{queue_id(reply)}.fwd0"
+    status, queued = wait_for(
+        lambda: (r := daemon.call("GET", f"/v1/messages/{fwd}", token=token))[0] == 200 and r
+    )
+    assert queued["origin"] == "forward" and queued["from"] == "postmaster@localhost"
+    assert [r["address"] for r in queued["recipients"]] == ["boss@elsewhere.example"]
     # A catch-all route makes every address known again.
     status, _ = daemon.call("POST", "/v1/routes", {"match": "@mail.test"}, token)
     assert status == 201

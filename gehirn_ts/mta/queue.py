@@ -1,0 +1,280 @@
+"""The outbound queue's scheduler: picks due recipients, hands them to the courier,
+records each recipient's outcome, and sends the status events and DSN reports.
+
+It knows nothing about SMTP: an ``ICourier`` takes a Parcel (one message, the
+recipients of one domain) and returns one RcptOutcome per recipient. Limits: at most
+``concurrency`` attempts at once, ``per_domain`` of them to one destination domain.
+The clock is injected (tests run the retry schedule on ``task.Clock``). Besides its own
+timer it polls the store every ``poll`` seconds, so that the CLI's flush or release (a
+row change in the shared database) is seen without a signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
+from gehirn_ts.mta.schedule import MailRetry
+from gehirn_ts.store.queue import (
+    AttemptRecord,
+    QueuedMessage,
+    QueueStore,
+    RecipientState,
+    Update,
+)
+
+log = Logger()
+
+Reporter = Callable[[QueuedMessage, list[RecipientState]], Awaitable[None]]
+
+
+def decide(
+    retry: MailRetry, msg: QueuedMessage, rcpt: RecipientState, outcome: RcptOutcome, now: float
+) -> Update:
+    """The new state of one recipient after one attempt (pure)."""
+
+    def update(
+        status: str, nxt: float | None, kind: str, report: str | None, notice: bool = False
+    ) -> Update:
+        return Update(
+            n=rcpt.n,
+            status=status,
+            next_attempt_at=nxt,
+            reply=outcome.reply,
+            smtp_status=outcome.status,
+            remote_mta=outcome.remote_mta,
+            tls=outcome.tls,
+            outcome=kind,
+            report=report,
+            delay_notice=notice,
+        )
+
+    if outcome.kind in ("delivered", "relayed"):
+        return update(outcome.kind, None, outcome.kind, outcome.kind)
+    if outcome.kind == "failed":
+        return update("failed", None, "failed", "failed")
+    nxt = retry.next_attempt(rcpt.attempts + 1, msg.created_at, now)
+    if nxt is None:
+        # Out of time: failed with the last temporary error's status (as Postfix does).
+        return update("failed", None, "failed", "failed")
+    notice = retry.delay_notice_due(msg.created_at, rcpt.last_delay_notice, now)
+    return update("queued", nxt, "deferred", "delayed" if notice else None, notice)
+
+
+class MailQueue(Service):
+    name = "mail-queue"
+
+    def __init__(
+        self,
+        *,
+        store: QueueStore,
+        courier: ICourier,
+        directory: Path,
+        clock: Any,
+        retry: MailRetry,
+        reporter: Reporter | None = None,
+        concurrency: int = 20,
+        per_domain: int = 5,
+        poll: float = 5.0,
+    ) -> None:
+        self.store = store
+        self._courier = courier
+        self.directory = directory
+        self._clock = clock
+        self._retry = retry
+        self.reporter = reporter
+        self._concurrency = concurrency
+        self._per_domain = per_domain
+        self._poll = poll
+        self._timer: IDelayedCall | None = None
+        self._running_tick: Deferred[None] | None = None
+        self._again = False
+        self._active: set[tuple[str, int]] = set()
+        self._per_domain_active: dict[str, int] = {}
+        self._attempts: set[Deferred[None]] = set()
+        # Files being written by a submit whose row is not committed yet: the sweep
+        # leaves them alone.
+        self.writing: set[str] = set()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, message_id: str) -> Path:
+        return self.directory / f"{message_id}.eml"
+
+    # --- lifecycle ---
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._sweep())
+        d.addErrback(lambda f: log.failure("sweeping the queue directory failed", f))
+        d.addBoth(lambda _: self.wake())
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        # Attempts in flight finish (their results are recorded) before the store closes.
+        from twisted.internet.defer import DeferredList
+
+        pending = list(self._attempts)
+        if self._running_tick is not None:
+            pending.append(self._running_tick)
+        return DeferredList(pending, consumeErrors=True)
+
+    async def _sweep(self) -> None:
+        """Files whose message is finished or was never committed are removed."""
+        names = await deferToThread(lambda: [p.stem for p in self.directory.glob("*.eml")])
+        keep = await self.store.known(names)
+        stale = [n for n in names if n not in keep and n not in self.writing]
+
+        def unlink() -> None:
+            for n in stale:
+                self.path(n).unlink(missing_ok=True)
+
+        await deferToThread(unlink)
+        for tmp in self.directory.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    # --- scheduling ---
+
+    def wake(self) -> None:
+        """Look for due work now (after a submit, a finished attempt, or a timer)."""
+        if not self.running:
+            return
+        if self._running_tick is not None:
+            self._again = True
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._running_tick = Deferred.fromCoroutine(self._tick())
+        self._running_tick.addErrback(lambda f: log.failure("queue run failed", f))
+        self._running_tick.addBoth(self._tick_done)
+
+    def _tick_done(self, _: Any) -> None:
+        self._running_tick = None
+        if not self.running:
+            return
+        if self._again:
+            self._again = False
+            self.wake()
+
+    def _arm(self, when: float | None) -> None:
+        now = self._clock.seconds()
+        delay = self._poll if when is None else max(0.0, min(when - now, self._poll))
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._clock.callLater(delay, self.wake)
+
+    async def _tick(self) -> None:
+        try:
+            await self._send_reports()
+            await self._start_due()
+        finally:
+            if self.running:
+                self._arm(await self.store.next_due())
+
+    async def _send_reports(self) -> None:
+        for msg, rcpts in await self.store.pending_reports():
+            if self.reporter is None:
+                return
+            try:
+                await self.reporter(msg, rcpts)
+            except Exception:
+                log.failure("reporting the status of {qid} failed; retried later", qid=msg.id)
+                continue
+            if await self.store.clear_reports(msg.id, [r.n for r in rcpts]):
+                await deferToThread(self.path(msg.id).unlink, True)
+
+    async def _start_due(self) -> None:
+        free = self._concurrency - len(self._attempts)
+        if free <= 0:
+            return
+        now = self._clock.seconds()
+        due = await self.store.due(now, limit=max(free * 50, 100))
+        groups: dict[tuple[str, str], tuple[QueuedMessage, list[RecipientState]]] = {}
+        for msg, rcpt in due:
+            if (msg.id, rcpt.n) in self._active:
+                continue
+            groups.setdefault((msg.id, rcpt.domain), (msg, []))[1].append(rcpt)
+        for (_, domain), (msg, rcpts) in groups.items():
+            if len(self._attempts) >= self._concurrency:
+                break
+            if self._per_domain_active.get(domain, 0) >= self._per_domain:
+                continue
+            self._launch(msg, domain, rcpts)
+
+    def _launch(self, msg: QueuedMessage, domain: str, rcpts: list[RecipientState]) -> None:
+        keys = [(msg.id, r.n) for r in rcpts]
+        self._active.update(keys)
+        self._per_domain_active[domain] = self._per_domain_active.get(domain, 0) + 1
+        d = Deferred.fromCoroutine(self._attempt(msg, domain, rcpts))
+        self._attempts.add(d)
+
+        def done(result: Any) -> Any:
+            self._attempts.discard(d)
+            self._active.difference_update(keys)
+            self._per_domain_active[domain] -= 1
+            if not self._per_domain_active[domain]:
+                del self._per_domain_active[domain]
+            self.wake()
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.failure("attempt for {qid} failed", f, qid=msg.id))
+
+    async def _attempt(self, msg: QueuedMessage, domain: str, rcpts: list[RecipientState]) -> None:
+        parcel = Parcel(
+            queue_id=msg.id,
+            sender=msg.sender,
+            domain=domain,
+            recipients=[ParcelRecipient(r.n, r.address, r.notify, r.orcpt) for r in rcpts],
+            path=str(self.path(msg.id)),
+            size=msg.size,
+            body=msg.body,
+            ret=msg.ret,
+            envid=msg.envid,
+        )
+        started = self._clock.seconds()
+        try:
+            outcomes = await self._courier.deliver(parcel)
+        except Exception as e:
+            log.failure("courier failed on {qid}", qid=msg.id)
+            outcomes = [
+                RcptOutcome(
+                    r.n, "deferred", f"451 4.3.0 internal error: {type(e).__name__}", "4.3.0"
+                )
+                for r in rcpts
+            ]
+        now = self._clock.seconds()
+        by_n = {o.n: o for o in outcomes}
+        updates = [decide(self._retry, msg, r, by_n[r.n], now) for r in rcpts]
+        attempts = [
+            AttemptRecord(o.n, started, now - started, o.kind, o.reply, o.remote_mta, o.tls)
+            for o in outcomes
+        ]
+        await self.store.record(msg.id, updates, attempts, now)
+        for u in updates:
+            log.info(
+                "{qid} to {rcpt}: {outcome} ({reply})",
+                qid=msg.id,
+                rcpt=next(r.address for r in rcpts if r.n == u.n),
+                outcome=u.outcome,
+                reply=u.reply,
+            )
+
+
+def group_by_kind(rcpts: Sequence[RecipientState]) -> dict[str, list[RecipientState]]:
+    out: dict[str, list[RecipientState]] = {}
+    for r in rcpts:
+        if r.report is not None:
+            out.setdefault(r.report, []).append(r)
+    return out

@@ -1,0 +1,286 @@
+"""Sending mail end to end: the HTTP send API and SMTP submission -> DKIM -> the queue ->
+MX lookup (a twisted.names server on loopback) -> Postfix's smtp-sink or gehirn-ts's own
+inbound server -> status events and RFC 3464 reports."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import smtplib
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import dns.resolver
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from gehirn_ts.mta.dkim import SigningKey, dns_record, generate, verify
+from gehirn_ts.store.db import MailStore
+from gehirn_ts.store.keys import DkimKeyStore
+from tests.dnstest import dns_server
+from tests.harness import Daemon, Receiver
+from tests.sink import Sink
+from tests.support import free_port, inline, until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def events_of(receiver: Receiver, etype: str) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    for hit in receiver.hits:
+        event = json.loads(hit.body)
+        if event["type"] == etype:
+            out.append(event)
+    return out
+
+
+class OutboundTests(TestCase):
+    timeout = 60
+
+    async def _daemon(self, port: int, **sections: Any) -> Daemon:
+        sections.setdefault("outbound", {})["port"] = port
+        return await Daemon(self, dns=dns_server().config(), **sections).start()
+
+    def _sink(self, port: int, *flags: str, ip: str = "127.0.0.2") -> Sink:
+        sink = Sink(ip, *flags, port=port)
+        self.addCleanup(sink.stop)
+        return sink
+
+    @inline
+    async def test_send_api_signs_delivers_and_reports_each_recipient(self) -> None:
+        zone = dns_server()
+        port = free_port()
+        sink = self._sink(port)
+        zone.set("dest1.test", "MX", [10, "mx1.dest1.test"])
+        zone.set("mx1.dest1.test", "A", "127.0.0.2")
+        d = await self._daemon(port, smtp={"hostname": "mta.sender1.test"})
+        token = await d.account("acme")
+        await MailStore(d.store).add_domain("sender1.test", "acme")
+        keys = DkimKeyStore(d.store)
+        for algorithm, selector in (("rsa", "r1"), ("ed25519", "e1")):
+            private, public = generate(algorithm)
+            await keys.add(SigningKey("sender1.test", selector, algorithm, private))
+            name, value = dns_record("sender1.test", selector, algorithm, public)
+            zone.set(name, "TXT", value)
+        receiver = Receiver()
+        await d.subscribe(token, "mail.#", receiver.listen(self))
+
+        request = {
+            "from": "Acme Billing <billing@sender1.test>",
+            "to": ["Bob <bob@dest1.test>"],
+            "cc": "carol@dest1.test",
+            "bcc": ["dave@dest1.test"],
+            "subject": "Grüße: your invoice",
+            "text": "Hello Bob,\n.\nA line with a lone dot above.\n",
+            "html": "<p>Hello <b>Bob</b></p>",
+            "attachments": [
+                {
+                    "filename": "invoice.pdf",
+                    "content": base64.b64encode(b"%PDF-1.4 \x00\xff").decode(),
+                    "content_type": "application/pdf",
+                }
+            ],
+            "headers": {"X-Campaign": "nov"},
+            "tags": ["invoice"],
+            "metadata": {"customer": "42"},
+            "dsn": {"notify": ["SUCCESS", "FAILURE"], "ret": "HDRS", "envid": "ENV-1"},
+        }
+        idem = {"Idempotency-Key": "invoice-42"}
+        status, body = await d.call("POST", "/v1/messages", request, token=token, headers=idem)
+        assert status == 202, body
+        mid = body["id"]
+        # The same request again: the same message, nothing queued twice.
+        status, again = await d.call("POST", "/v1/messages", request, token=token, headers=idem)
+        assert (status, again["id"]) == (202, mid)
+        status, other = await d.call(
+            "POST", "/v1/messages", {**request, "subject": "x"}, token=token, headers=idem
+        )
+        assert status == 409 and other["error"]["field"] == "Idempotency-Key"
+
+        await until(lambda: len(sink.captured()) >= 1)
+        await until(lambda: len(events_of(receiver, "mail.delivered")) == 3)
+        (cap,) = sink.captured()
+        assert "RET=HDRS" in cap.mail_args and "ENVID=ENV-1" in cap.mail_args
+        assert cap.mail_args.startswith("<billing@sender1.test>")
+        assert sorted(cap.rcpt_args) == [
+            f"<{a}@dest1.test> NOTIFY=SUCCESS,FAILURE" for a in ("bob", "carol", "dave")
+        ]
+        msg = cap.message
+        assert msg["Subject"] == "Grüße: your invoice"
+        assert msg["Message-ID"] == f"<{mid}@mta.sender1.test>"
+        assert msg["Bcc"] is None and "dave" not in str(msg["To"]) + str(msg["Cc"])
+        assert msg["X-Campaign"] == "nov"
+        text = msg.get_body(preferencelist=("plain",))
+        assert text is not None and "\n.\nA line with a lone dot" in text.get_content()
+        (attachment,) = list(msg.iter_attachments())
+        assert attachment.get_filename() == "invoice.pdf"
+        assert attachment.get_content() == b"%PDF-1.4 \x00\xff"
+
+        # DKIM: an independent verifier (Perl's Mail::DKIM) for RSA; Debian 12's
+        # Mail::DKIM predates Ed25519 (RFC 8463), which dkimpy's verifier checks.
+        perl = await deferToThread(
+            subprocess.run,
+            ["perl", str(ROOT / "tests" / "dkim_verify.pl"), str(zone.port)],
+            input=cap.raw,
+            capture_output=True,
+            check=True,
+        )
+        lines = perl.stdout.decode().splitlines()
+        assert "pass sender1.test r1 rsa-sha256" in lines, (lines, perl.stderr)
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = ["127.0.0.1"]
+        resolver.port = zone.port
+        results = await deferToThread(verify, cap.raw, resolver)
+        assert sorted((r.result, r.selector) for r in results) == [("pass", "e1"), ("pass", "r1")]
+        signature = str(msg["DKIM-Signature"])
+        assert "c=relaxed/relaxed" in signature
+        h = signature.replace("\n", "").replace(" ", "").split("h=")[1].split(";")[0].split(":")
+        assert h.count("from") == 2  # From oversigned
+
+        status, shown = await d.call("GET", f"/v1/messages/{mid}", token=token)
+        assert status == 200
+        assert [r["status"] for r in shown["recipients"]] == ["delivered"] * 3
+        first = shown["recipients"][0]
+        assert first["remote_mta"] == "mx1.dest1.test" and first["reply"].startswith("250")
+        assert len(first["attempt_log"]) == 1 and shown["tags"] == ["invoice"]
+        delivered = events_of(receiver, "mail.delivered")
+        assert {e["data"]["recipient"] for e in delivered} == {
+            "bob@dest1.test",
+            "carol@dest1.test",
+            "dave@dest1.test",
+        }
+        assert all(e["data"]["message_id"] == mid and not e["data"]["relayed"] for e in delivered)
+        assert all(e["data"]["metadata"] == {"customer": "42"} for e in delivered)
+        # Another account cannot see it.
+        other_token = await d.account("other")
+        status, _ = await d.call("GET", f"/v1/messages/{mid}", token=other_token)
+        assert status == 404
+
+    @inline
+    async def test_bad_send_requests_name_the_field_and_queue_nothing(self) -> None:
+        port = free_port()
+        d = await self._daemon(port)
+        token = await d.account("acme")
+        await MailStore(d.store).add_domain("sender3.test", "acme")
+        good = {"from": "a@sender3.test", "to": "b@dest3.test", "text": "x"}
+        cases = [
+            ({**good, "from": "a@not-ours.test"}, 403, "from"),
+            ({**good, "to": "not an address"}, 400, "to"),
+            ({**good, "to": []}, 400, "to"),
+            ({**good, "cc": ["ok@x.test", "@@"]}, 400, "cc[1]"),
+            ({**good, "subject": "a\r\nBcc: x@y.test"}, 400, "subject"),
+            ({**good, "headers": {"Bcc": "x@y.test"}}, 400, "headers.Bcc"),
+            ({**good, "headers": {"X-A": "1\r\nBcc: x@y"}}, 400, "headers.X-A"),
+            (
+                {**good, "attachments": [{"filename": "a", "content": "!!"}]},
+                400,
+                "attachments[0].content",
+            ),
+            ({**good, "dsn": {"notify": ["NEVER", "SUCCESS"]}}, 400, "dsn.notify"),
+            ({**good, "dsn": {"ret": "ALL"}}, 400, "dsn.ret"),
+            ({**good, "frm": "x"}, 400, "frm"),
+            ({**good, "tags": "x"}, 400, "tags"),
+        ]
+        for request, want_status, field in cases:
+            status, body = await d.call("POST", "/v1/messages", request, token=token)
+            assert (status, body["error"]["field"]) == (want_status, field), (request, body)
+        status, body = await d.call("POST", "/v1/messages", good, token=d.admin)
+        assert status == 403
+        raw = {"from": "a@sender3.test", "to": ["b@dest3.test"], "message": "Subject: x\n\nhi\n"}
+        status, body = await d.call("POST", "/v1/messages/raw", raw, token=token)
+        assert (status, body["error"]["field"]) == (400, "message")
+        queue = d.state / "spool" / "queue"
+        assert not list(queue.glob("*.eml"))
+        status, body = await d.call(
+            "POST",
+            "/v1/messages/raw",
+            {**raw, "message": "From: <a@sender3.test>\nSubject: x\n\nhi\n"},
+            token=token,
+        )
+        assert status == 202
+        assert len(list(queue.glob("*.eml"))) == 1
+
+    @inline
+    async def test_remote_550_fails_and_bounces_a_multipart_report_to_the_sender(self) -> None:
+        zone = dns_server()
+        port = free_port()
+        self._sink(port, "-f", "RCPT", "-B", "550 5.1.1 <x>: Recipient address rejected")
+        zone.set("dest2.test", "MX", [10, "mx.dest2.test"])
+        zone.set("mx.dest2.test", "A", "127.0.0.2")
+        # The sender's domain is served here: its MX is this daemon's own inbound listener.
+        zone.set("sender2.test", "MX", [10, "mx.sender2.test"])
+        zone.set("mx.sender2.test", "A", "127.0.0.3")
+        submission = free_port()
+        d = await self._daemon(
+            port,
+            smtp={
+                "hostname": "mta.sender2.test",
+                "listen": f"tcp:{port}:interface=127.0.0.3",
+                "submission": f"tcp:{submission}:interface=127.0.0.1",
+            },
+        )
+        token = await d.account("acme")
+        mail = MailStore(d.store)
+        await mail.add_domain("sender2.test", "acme")
+        password = await mail.create_credential("acme", "alice")
+        receiver = Receiver()
+        await d.subscribe(token, "mail.#", receiver.listen(self))
+
+        def submit() -> str:
+            with smtplib.SMTP("127.0.0.1", submission, timeout=10) as s:
+                s.starttls(context=ssl._create_unverified_context())
+                s.login("alice", password)
+                s.mail("alice@sender2.test", ["RET=FULL", "ENVID=QQ-7", "SIZE=200"])
+                code, _ = s.rcpt(
+                    "who@dest2.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;Who@Dest2.test"]
+                )
+                assert code == 250
+                code, reply = s.data(
+                    b"From: Alice <alice@sender2.test>\r\nTo: who@dest2.test\r\n"
+                    b"Subject: hello\r\nMessage-ID: <m1@sender2.test>\r\n\r\nbody\r\n"
+                )
+                assert code == 250
+                return str(reply.decode().split()[-1])
+
+        await deferToThread(submit)
+        await until(lambda: events_of(receiver, "mail.failed"))
+        (failed,) = events_of(receiver, "mail.failed")
+        assert failed["data"]["recipient"] == "who@dest2.test"
+        assert failed["data"]["status"] == "5.1.1"
+        assert failed["data"]["diagnostic"].startswith("550 5.1.1")
+        # The bounce arrives at our own MX for sender2.test, as received mail.
+        await until(lambda: events_of(receiver, "mail.received"))
+        (received,) = events_of(receiver, "mail.received")
+        assert received["data"]["envelope"]["sender"] == ""
+        status, raw = await d.call(
+            "GET", f"/v1/received/{received['data']['kvs_key']}/raw", token=token
+        )
+        assert status == 200
+        report = email.message_from_bytes(raw, policy=email.policy.default)
+        assert report.get_content_type() == "multipart/report"
+        assert report.get_param("report-type") == "delivery-status"
+        parts = list(report.iter_parts())
+        assert [p.get_content_type() for p in parts] == [
+            "text/plain",
+            "message/delivery-status",
+            "message/rfc822",
+        ]
+        per_message, per_rcpt = parts[1].get_payload()
+        assert per_message["Reporting-MTA"] == "dns; mta.sender2.test"
+        assert per_message["Original-Envelope-Id"] == "QQ-7"
+        assert per_rcpt["Final-Recipient"] == "rfc822;who@dest2.test"
+        assert per_rcpt["Original-Recipient"] == "rfc822;Who@Dest2.test"
+        assert per_rcpt["Action"] == "failed"
+        assert per_rcpt["Status"] == "5.1.1"
+        assert per_rcpt["Remote-MTA"] == "dns; mx.dest2.test"
+        assert per_rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+        returned = parts[2].get_payload()[0]
+        assert returned["Message-ID"] == "<m1@sender2.test>"  # RET=FULL: the whole message
+        assert report["Auto-Submitted"] == "auto-replied"
+        # The report's own delivery is not an account event, and there is no report of it.
+        assert len(events_of(receiver, "mail.delivered")) == 0
