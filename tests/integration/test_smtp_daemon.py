@@ -141,7 +141,7 @@ def test_authenticated_relay_goes_into_the_outbound_queue(daemon) -> None:
         code, reply = s.data(wire(message(to="friend@elsewhere.example")))
         assert code == 250
     qid = queue_id(reply)
-    status, queued = wait_for(
+    _, queued = wait_for(
         lambda: (r := daemon.call("GET", f"/v1/messages/{qid}", token=daemon.token))[0] == 200 and r
     )
     assert queued["origin"] == "submission" and queued["from"] == "app@mail.test"
@@ -327,7 +327,7 @@ def test_routes_reject_unknown_and_forward(daemon) -> None:
         assert code == 250
     # Forwarded through the outbound queue, with an envelope sender of our own.
     fwd = f"{queue_id(reply)}.fwd0"
-    status, queued = wait_for(
+    _, queued = wait_for(
         lambda: (r := daemon.call("GET", f"/v1/messages/{fwd}", token=token))[0] == 200 and r
     )
     assert queued["origin"] == "forward" and queued["from"] == "postmaster@localhost"
