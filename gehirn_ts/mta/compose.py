@@ -51,6 +51,15 @@ _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 section 2.2: ftext
 _ENVID = re.compile(r"^[!-~]{1,100}$")
 
 
+# Every character str.splitlines() breaks on: the email package refuses them in a
+# header value, and a header must stay one logical line.
+_LINE_BREAKS = frozenset("\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x85\u2028\u2029")
+
+
+def _one_line(value: str) -> bool:
+    return not _LINE_BREAKS.intersection(value)
+
+
 class FieldError(Exception):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -100,7 +109,7 @@ def mailbox(value: Any, name: str) -> Address:
     """One address, bare or with a display name ("Ann <ann@example.org>")."""
     if not isinstance(value, str) or not value.strip() or len(value) > 998:
         raise FieldError(name, "must be an e-mail address")
-    if "\r" in value or "\n" in value:
+    if not _one_line(value):
         raise FieldError(name, "must not contain line breaks")
     display, addr = parseaddr(value)
     checked = envelope_address(addr, name) if addr else None
@@ -237,7 +246,7 @@ def parse_send(body: dict[str, Any]) -> SendRequest:
     if total > MAX_RECIPIENTS:
         raise FieldError("to", f"at most {MAX_RECIPIENTS} recipients in all")
     subject = _text(body, "subject", 998) or ""
-    if "\r" in subject or "\n" in subject:
+    if not _one_line(subject):
         raise FieldError("subject", "must not contain line breaks")
     text, html = _text(body, "text"), _text(body, "html")
     attachments = []
@@ -256,7 +265,8 @@ def parse_send(body: dict[str, Any]) -> SendRequest:
             not isinstance(filename, str)
             or not filename
             or len(filename) > 255
-            or any(c in filename for c in "\r\n\0/\\")
+            or any(c in filename for c in "\0/\\")
+            or not _one_line(filename)
         ):
             raise FieldError(f"{where}.filename", "a file name without path or line breaks")
         try:
@@ -274,7 +284,7 @@ def parse_send(body: dict[str, Any]) -> SendRequest:
     for name, value in raw_headers.items():
         if not _HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
             raise FieldError(f"headers.{name}", "not a header field that can be set here")
-        if not isinstance(value, str) or "\r" in value or "\n" in value or len(value) > 998:
+        if not isinstance(value, str) or not _one_line(value) or len(value) > 998:
             raise FieldError(f"headers.{name}", "a string without line breaks")
         headers.append((name, value))
     tags, metadata = parse_tags_metadata(body)

@@ -140,8 +140,9 @@ class MailQueue(Service):
                 self.path(n).unlink(missing_ok=True)
 
         await deferToThread(unlink)
-        for tmp in self.directory.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for tmp in self.directory.glob(".*.eml.tmp"):
+            if tmp.name[1 : -len(".eml.tmp")] not in self.writing:
+                tmp.unlink(missing_ok=True)
 
     # --- scheduling ---
 

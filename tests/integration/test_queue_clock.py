@@ -1,0 +1,209 @@
+"""The outbound queue on a test clock (task.Clock), delivering over loopback to a
+scripted SMTP server, with MX records from the tests' DNS server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.names import client
+from twisted.trial.unittest import TestCase
+
+from gehirn_ts.mta.outbound import Outbound
+from gehirn_ts.mta.queue import MailQueue
+from gehirn_ts.mta.relay import MxCourier, Settings
+from gehirn_ts.mta.schedule import MailRetry
+from gehirn_ts.store.db import Store
+from gehirn_ts.store.queue import NewRecipient, QueuedMessage, RecipientState
+from gehirn_ts.store.schema import migrate
+from tests.dnstest import dns_server
+from tests.scripted_smtp import Script, listen
+from tests.support import inline, sleep, until
+
+MESSAGE = b"From: a@src.test\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n"
+
+
+class QueueOnClockTests(TestCase):
+    timeout = 30
+
+    def _setup(self, script: Script, domain: str, retry: MailRetry) -> None:
+        port = listen(self, script)
+        zone = dns_server()
+        zone.set(domain, "MX", [10, f"mx.{domain}"])
+        zone.set(f"mx.{domain}", "A", "127.0.0.1")
+        tmp = Path(self.mktemp())
+        tmp.mkdir()
+        migrate(tmp / "db.sqlite")
+        self.clock = Clock()
+        self.store = Store(tmp / "db.sqlite", self.clock)
+        self.addCleanup(self.store.close)
+        from gehirn_ts.store.queue import QueueStore
+
+        self.qs = QueueStore(self.store)
+        resolver = client.Resolver(servers=[("127.0.0.1", zone.port)], reactor=reactor)
+        courier = MxCourier(reactor, resolver, Settings(helo="mta.test", port=port, timeout=5))
+        self.queue = MailQueue(
+            store=self.qs, courier=courier, directory=tmp / "queue", clock=self.clock, retry=retry
+        )
+        self.reports: list[tuple[str, list[tuple[str, str | None]]]] = []
+
+        async def reporter(msg: QueuedMessage, rcpts: list[RecipientState]) -> None:
+            self.reports.append((msg.id, [(r.address, r.report) for r in rcpts]))
+
+        self.queue.reporter = reporter
+        self.queue.startService()
+        self.addCleanup(self.queue.stopService)
+        self.outbound = Outbound(
+            store=self.qs, queue=self.queue, keys=None, clock=self.clock, hostname="mta.test"
+        )
+
+    async def _submit(self, *rcpts: NewRecipient, **kw: Any) -> str:
+        mid, created = await self.outbound.submit(
+            sender="a@src.test",
+            recipients=rcpts,
+            account_id=None,
+            origin="api",
+            data=MESSAGE,
+            **kw,
+        )
+        assert created
+        return mid
+
+    async def _attempts(self, mid: str, n: int) -> Any:
+        async def done() -> Any:
+            _, rcpts, attempts = await self.qs.get(mid)
+            return (
+                (rcpts, attempts) if len(attempts) >= n and self.queue._attempts == set() else None
+            )
+
+        return await until(done)
+
+    @inline
+    async def test_451_twice_then_250_is_delivered_on_the_third_try(self) -> None:
+        script = Script(plan={"RCPT": ["451 4.3.0 try later", "451 4.3.0 try later"]})
+        self._setup(script, "flaky.test", MailRetry(jitter=0))
+        mid = await self._submit(NewRecipient("r@flaky.test"))
+        rcpts, _ = await self._attempts(mid, 1)
+        assert rcpts[0].status == "queued" and rcpts[0].next_attempt_at == 300
+        self.clock.advance(299)
+        await sleep(0.2)
+        assert script.sessions == 1  # not before its time
+        self.clock.advance(1)
+        rcpts, _ = await self._attempts(mid, 2)
+        assert rcpts[0].next_attempt_at == 300 + 600  # the wait doubles
+        self.clock.advance(600)
+        rcpts, attempts = await self._attempts(mid, 3)
+        assert rcpts[0].status == "delivered" and rcpts[0].attempts == 3
+        assert [a.outcome for a in attempts] == ["deferred", "deferred", "delivered"]
+        assert [a.started_at for a in attempts] == [0, 300, 900]
+        await until(lambda: self.reports)
+        assert self.reports == [(mid, [("r@flaky.test", "delivered")])]
+        # The message crossed the wire dot-stuffed and came out whole.
+        assert script.messages[0] == MESSAGE
+        assert not self.queue.path(mid).exists()  # done: the file is gone
+
+    @inline
+    async def test_delayed_at_the_threshold_then_per_interval_then_failed_at_lifetime(
+        self,
+    ) -> None:
+        script = Script(plan={"RCPT": ["451 4.7.1 greylisted"] * 50})
+        retry = MailRetry(
+            first=100, factor=1, max_interval=100, lifetime=1000, delay_warning=300, jitter=0
+        )
+        self._setup(script, "slow.test", retry)
+        mid = await self._submit(NewRecipient("r@slow.test", ["DELAY", "FAILURE"]))
+        for n in range(1, 12):
+            await self._attempts(mid, n)
+            await until(lambda: self.queue._running_tick is None)
+            self.clock.advance(100)
+        rcpts, attempts = await self._attempts(mid, 11)
+        await until(lambda: any(k == "failed" for _, rs in self.reports for _, k in rs))
+        kinds = [k for _, rs in self.reports for _, k in rs]
+        # 11 tries (t=0..1000); a delay notice at t=300, 600 and 900 only; failed at 1000.
+        assert len(attempts) == 11
+        assert kinds == ["delayed", "delayed", "delayed", "failed"]
+        assert rcpts[0].status == "failed" and rcpts[0].smtp_status == "4.7.1"
+
+    @inline
+    async def test_next_hop_without_dsn_makes_success_a_relayed_report(self) -> None:
+        script = Script(extensions=["PIPELINING", "8BITMIME"])
+        self._setup(script, "nodsn.test", MailRetry(jitter=0))
+        mid = await self._submit(
+            NewRecipient("a@nodsn.test", ["SUCCESS"], ("rfc822", "A@nodsn.test")),
+            NewRecipient("b@nodsn.test"),
+            envid="E1",
+            ret="HDRS",
+        )
+        await until(lambda: self.reports)
+        assert self.reports == [(mid, [("a@nodsn.test", "relayed"), ("b@nodsn.test", "delivered")])]
+        # No DSN offered: no DSN parameters sent (RFC 3461 section 4).
+        assert script.commands[1:4] == [
+            "MAIL FROM:<a@src.test>",
+            "RCPT TO:<a@nodsn.test>",
+            "RCPT TO:<b@nodsn.test>",
+        ]
+
+    @inline
+    async def test_dsn_parameters_and_size_go_to_a_peer_that_offers_them(self) -> None:
+        script = Script(extensions=["PIPELINING", "8BITMIME", "DSN", "SIZE 1000000"])
+        self._setup(script, "dsn.test", MailRetry(jitter=0))
+        await self._submit(
+            NewRecipient("a@dsn.test", ["SUCCESS", "DELAY"], ("rfc822", "A+b=c@dsn.test")),
+            envid="E 1",
+            ret="HDRS",
+            body="8BITMIME",
+        )
+        await until(lambda: self.reports)
+        assert script.commands[1:3] == [
+            f"MAIL FROM:<a@src.test> SIZE={len(MESSAGE)} BODY=8BITMIME RET=HDRS ENVID=E+201",
+            "RCPT TO:<a@dsn.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A+2Bb+3Dc@dsn.test",
+        ]
+
+    @inline
+    async def test_too_large_for_the_peer_fails_without_mail(self) -> None:
+        script = Script(extensions=["SIZE 10"])
+        self._setup(script, "small.test", MailRetry(jitter=0))
+        mid = await self._submit(NewRecipient("a@small.test"))
+        await until(lambda: self.reports)
+        _, rcpts, _ = await self.qs.get(mid)
+        assert rcpts[0].status == "failed" and rcpts[0].smtp_status == "5.3.4"
+        assert not any(c.startswith("MAIL") for c in script.commands)
+
+    @inline
+    async def test_null_mx_and_nxdomain_fail_at_once_a_dns_failure_defers(self) -> None:
+        self._setup(Script(), "unused.test", MailRetry(jitter=0))
+        zone = dns_server()
+        zone.set("nullmx.test", "MX", [0, "."])
+        mid = await self._submit(NewRecipient("a@nullmx.test"), NewRecipient("b@nxdomain.invalid"))
+        await until(lambda: self.reports)
+        _, rcpts, _ = await self.qs.get(mid)
+        assert [(r.status, r.smtp_status) for r in rcpts] == [
+            ("failed", "5.1.10"),
+            ("failed", "5.1.2"),
+        ]
+        assert rcpts[0].reply is not None and rcpts[0].reply.startswith("556 5.1.10")
+
+    @inline
+    async def test_mx_hosts_are_tried_in_preference_order(self) -> None:
+        script = Script()
+        self._setup(script, "pref.test", MailRetry(jitter=0))
+        zone = dns_server()
+        # The preferred MX has no address; the second refuses at the greeting; the
+        # third takes the message.
+        zone.set(
+            "pref2.test",
+            "MX",
+            [5, "gone.pref2.test"],
+            [10, "busy.pref2.test"],
+            [20, "mx.pref.test"],
+        )
+        zone.set("gone.pref2.test", "TXT", "no address here")
+        zone.set("busy.pref2.test", "A", "127.0.0.1")
+        script.plan["CONNECT"] = ["421 4.3.2 busy"]
+        mid = await self._submit(NewRecipient("a@pref2.test"))
+        await until(lambda: self.reports)
+        _, rcpts, _ = await self.qs.get(mid)
+        assert rcpts[0].status == "delivered" and rcpts[0].remote_mta == "mx.pref.test"
+        assert script.sessions == 2
