@@ -16,7 +16,10 @@ from twisted.internet import task
 
 from gehirn_ts.config import ConfigError, domain_name, load
 from gehirn_ts.events import EventError, validate_account_name
+from gehirn_ts.mta import dkim
 from gehirn_ts.store.db import Conflict, MailStore, NotFound, Store
+from gehirn_ts.store.keys import DkimKeyStore
+from gehirn_ts.store.queue import QueueStore
 from gehirn_ts.store.schema import SchemaError, migrate
 
 
@@ -77,6 +80,39 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("username")
     sr = smtp_user.add_parser("revoke", parents=[common], help="revoke SMTP credentials")
     sr.add_argument("username")
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="cmd", required=True
+    )
+    kg = dkim.add_parser(
+        "keygen",
+        parents=[common],
+        help="make a signing key for a served domain and print the DNS record to publish",
+    )
+    kg.add_argument("domain")
+    kg.add_argument("selector")
+    kg.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    dkim.add_parser("list", parents=[common], help="list signing keys (never the private keys)")
+    kd = dkim.add_parser("remove", parents=[common], help="stop signing with a key")
+    kd.add_argument("domain")
+    kd.add_argument("selector")
+
+    queue = sub.add_parser("queue", help="the outbound queue").add_subparsers(
+        dest="cmd", required=True
+    )
+    queue.add_parser("list", parents=[common], help="messages with recipients still queued")
+    qs = queue.add_parser("show", parents=[common], help="one message: recipients, attempts")
+    qs.add_argument("id")
+    for name, doc in (
+        ("flush", "try now"),
+        ("delete", "stop delivering, without a bounce"),
+        ("hold", "keep queued but do not try"),
+        ("release", "undo hold"),
+    ):
+        q = queue.add_parser(name, parents=[common], help=f"{doc}: one message, or --all")
+        which = q.add_mutually_exclusive_group(required=True)
+        which.add_argument("id", nargs="?")
+        which.add_argument("--all", action="store_true")
     return p
 
 
@@ -141,7 +177,113 @@ async def _run(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
     if args.group == "smtp-user" and args.cmd == "revoke":
         await mail.revoke_credential(args.username)
         return {"revoked": args.username}, f"SMTP user {args.username} revoked"
+    if args.group == "dkim":
+        return await _dkim(args, store)
+    if args.group == "queue":
+        return await _queue(args, store)
     raise CliError(f"unknown command {args.group} {args.cmd}")
+
+
+async def _dkim(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
+    keys = DkimKeyStore(store)
+    if args.cmd == "keygen":
+        try:
+            domain = domain_name(args.domain)
+        except ValueError as e:
+            raise CliError(f"DOMAIN: {e}")
+        try:
+            selector = domain_name(args.selector)
+        except ValueError as e:
+            raise CliError(f"SELECTOR: {e}")
+        private, public = dkim.generate(args.algorithm)
+        await keys.add(dkim.SigningKey(domain, selector, args.algorithm, private))
+        name, value = dkim.dns_record(domain, selector, args.algorithm, public)
+        strings = " ".join(f'"{part}"' for part in dkim.txt_strings(value))
+        return (
+            {
+                "domain": domain,
+                "selector": selector,
+                "algorithm": args.algorithm,
+                "dns_name": name,
+                "dns_txt": value,
+            },
+            f"{args.algorithm} key {selector} stored for {domain}; mail From {domain} is "
+            f"signed with it from now on.\nPublish this DNS record:\n"
+            f"{name}. IN TXT ( {strings} )",
+        )
+    if args.cmd == "list":
+        rows = await keys.list_keys()
+        for r in rows:
+            r["created_at"] = _iso(r["created_at"])
+        text = "\n".join(f"{r['domain']}\t{r['selector']}\t{r['algorithm']}" for r in rows)
+        return rows, text or "no DKIM keys"
+    await keys.remove(args.domain.lower(), args.selector.lower())
+    return {"removed": f"{args.selector}._domainkey.{args.domain}"}, "key removed"
+
+
+async def _queue(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
+    queue = QueueStore(store)
+    now = store._now()
+    if args.cmd == "list":
+        rows = await queue.list_queued()
+        for r in rows:
+            r["queued_at"], r["next_attempt_at"] = _iso(r["queued_at"]), _iso(r["next_attempt_at"])
+        lines = [
+            f"{r['id']}\t{r['sender'] or '<>'}\t{r['recipients']} rcpt\t"
+            f"{'held' if r['held'] else 'next ' + str(r['next_attempt_at'])}\t"
+            f"{r['last_reply'] or ''}"
+            for r in rows
+        ]
+        return rows, "\n".join(lines) or "the queue is empty"
+    if args.cmd == "show":
+        try:
+            msg, rcpts, attempts = await queue.get(args.id)
+        except NotFound:
+            raise CliError(f"no message {args.id} (see: gehirn-ts queue list)")
+        result: dict[str, Any] = {
+            "id": msg.id,
+            "account": msg.account,
+            "origin": msg.origin,
+            "sender": msg.sender,
+            "size": msg.size,
+            "queued_at": _iso(msg.created_at),
+            "held": msg.held,
+            "recipients": [
+                {
+                    "address": r.address,
+                    "status": r.status,
+                    "attempts": r.attempts,
+                    "next_attempt_at": _iso(r.next_attempt_at),
+                    "reply": r.reply,
+                    "attempt_log": [
+                        {"at": _iso(a.started_at), "outcome": a.outcome, "reply": a.reply}
+                        for a in attempts
+                        if a.n == r.n
+                    ],
+                }
+                for r in rcpts
+            ],
+        }
+        lines = [f"{msg.id} from <{msg.sender}> ({msg.origin}, {msg.size} bytes)"]
+        for r in result["recipients"]:
+            lines.append(
+                f"  {r['address']}\t{r['status']}\t{r['attempts']} tries\t{r['reply'] or ''}"
+            )
+        return result, "\n".join(lines)
+    target = None if args.all else args.id
+    if args.cmd == "flush":
+        n = await queue.flush(target, now)
+        verb = "to be tried now (within a few seconds)"
+    elif args.cmd == "delete":
+        n = await queue.delete(target, now)
+        verb = "deleted"
+    else:
+        n = await queue.hold(target, args.cmd == "hold")
+        verb = "held" if args.cmd == "hold" else "released"
+    if n == 0 and target is not None:
+        raise CliError(f"no queued message {target} (see: gehirn-ts queue list)")
+    what = "messages" if args.cmd in ("hold", "release") else "recipients"
+    return {args.cmd: n}, f"{n} {what} {verb}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,7 +47,7 @@ from gehirn_ts.store.db import (
     bootstrap_admin_key,
     bootstrap_domain,
 )
-from gehirn_ts.store.keys import DkimKeyStore
+from gehirn_ts.store.keys import DkimKeyStore, bootstrap_dkim_key
 from gehirn_ts.store.queue import QueueStore
 from gehirn_ts.store.schema import SchemaError, migrate
 from gehirn_ts.web.api import Api, make_site
@@ -107,8 +107,10 @@ def prepare_state(config: Config, now: float) -> Path:
             make_self_signed(state / DEV_CERT, state / DEV_KEY, config.smtp.hostname)
     elif not (config.smtp.tls_cert and config.smtp.tls_key):
         raise ConfigError(["smtp.tls_cert, smtp.tls_key: give both, or neither"])
-    if config.smtp.bootstrap_domain:
-        bootstrap_domain(db, config.smtp.bootstrap_domain, now)
+    if config.smtp.bootstrap_domain and bootstrap_domain(db, config.smtp.bootstrap_domain, now):
+        # The development DKIM key, as the dev TLS pair: mail from the bootstrap domain
+        # leaves signed from the first start (gehirn-ts dkim list / dkim keygen).
+        bootstrap_dkim_key(db, config.smtp.bootstrap_domain, now)
     token = bootstrap_admin_key(db, now)
     if token is not None:
         key_file = state / ADMIN_KEY_FILE

@@ -98,6 +98,10 @@ class MailQueue(Service):
         self._running_tick: Deferred[None] | None = None
         self._again = False
         self._active: set[tuple[str, int]] = set()
+        # A due() read may have begun before an attempt's result was committed: the
+        # attempts that finished since the read began are not started again from it.
+        self._epoch = 0
+        self._finished: dict[tuple[str, int], int] = {}
         self._per_domain_active: dict[str, int] = {}
         self._attempts: set[Deferred[None]] = set()
         # Files being written by a submit whose row is not committed yet: the sweep
@@ -200,10 +204,15 @@ class MailQueue(Service):
         if free <= 0:
             return
         now = self._clock.seconds()
+        self._epoch += 1
+        epoch = self._epoch
         due = await self.store.due(now, limit=max(free * 50, 100))
+        # Older marks are settled: every later read sees those results.
+        self._finished = {k: e for k, e in self._finished.items() if e >= epoch}
         groups: dict[tuple[str, str], tuple[QueuedMessage, list[RecipientState]]] = {}
         for msg, rcpt in due:
-            if (msg.id, rcpt.n) in self._active:
+            key = (msg.id, rcpt.n)
+            if key in self._active or key in self._finished:
                 continue
             groups.setdefault((msg.id, rcpt.domain), (msg, []))[1].append(rcpt)
         for (_, domain), (msg, rcpts) in groups.items():
@@ -223,6 +232,8 @@ class MailQueue(Service):
         def done(result: Any) -> Any:
             self._attempts.discard(d)
             self._active.difference_update(keys)
+            for key in keys:
+                self._finished[key] = self._epoch
             self._per_domain_active[domain] -= 1
             if not self._per_domain_active[domain]:
                 del self._per_domain_active[domain]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from gehirn_ts.mta.dkim import SigningKey
+from gehirn_ts.mta.dkim import SigningKey, dns_record, generate
 from gehirn_ts.store.db import Conflict, Cursor, NotFound, Store
+from gehirn_ts.store.schema import configure
 
 
 class DkimKeyStore:
@@ -66,3 +69,25 @@ class DkimKeyStore:
             ]
 
         return self._store._read(tx)  # type: ignore[no-any-return]
+
+
+def bootstrap_dkim_key(path: Path, domain: str, now: float, selector: str = "dev") -> str | None:
+    """A first start's development key for the bootstrap domain (as the dev TLS pair is
+    made): returns the TXT record value to publish, or None if the domain has keys."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        configure(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        if conn.execute("SELECT 1 FROM dkim_keys WHERE domain = ?", (domain,)).fetchone():
+            conn.execute("ROLLBACK")
+            return None
+        private, public = generate("rsa")
+        conn.execute(
+            "INSERT INTO dkim_keys (domain, selector, algorithm, private_key, created_at) "
+            "VALUES (?,?,?,?,?)",
+            (domain, selector, "rsa", private, now),
+        )
+        conn.execute("COMMIT")
+        return dns_record(domain, selector, "rsa", public)[1]
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -225,6 +226,18 @@ def test_embedded_defaults_without_a_config(tmp_path: Path) -> None:
         wait_for(up)
         assert (tmp_path / "var" / "gehirn-ts.sqlite").exists()
         assert (tmp_path / "var" / "tls" / "dev-cert.pem").exists()  # made on first start
+        # ... and the development DKIM key of the bootstrap domain.
+        keys = subprocess.run(
+            [sys.executable, "-m", "gehirn_ts.cli", "--json", "dkim", "list"],
+            cwd=tmp_path,
+            env=ENV,
+            capture_output=True,
+            check=True,
+            text=True,
+        )
+        assert [(k["domain"], k["selector"]) for k in json.loads(keys.stdout)] == [
+            ("localhost", "dev")
+        ]
         admin = (tmp_path / "var" / "admin.key").read_text().strip()
         assert oct((tmp_path / "var" / "admin.key").stat().st_mode & 0o777) == "0o600"
         assert http("GET", "http://127.0.0.1:8025/v1/subscriptions", token=admin)[0] == 200
