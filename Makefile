@@ -8,10 +8,18 @@ STAMP := $(VENV)/.deps-installed
 # What the daemon needs from Debian: a Python with venv, and a compiler for any
 # dependency that has no wheel for this platform.
 RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
-# What the tests need beyond that: the real peers.
-TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl
+# What the tests need beyond that: the real peers. postfix brings smtp-sink (a remote
+# MX) and smtp-source; it is installed unconfigured (no mail system is set up or started).
+# libmail-dkim-perl is the independent DKIM verifier.
+TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl libmail-dkim-perl postfix
 
-.PHONY: run test lint unit bench sample clean install
+.PHONY: run test test-debs lint unit bench sample clean install
+
+test-debs:
+	@if ! dpkg-query -W -f='$${Status}' postfix 2>/dev/null | grep -q "ok installed"; then \
+		echo "postfix postfix/main_mailer_type select No configuration" \
+			| debconf-set-selections 2>/dev/null || true; fi
+	@scripts/apt-need $(TEST_DEBS)
 
 $(STAMP): setup.py pyproject.toml
 	@if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then scripts/apt-need $(RUN_DEBS); fi
@@ -35,7 +43,7 @@ lint: $(STAMP)
 
 # The peers run only for the tests: started here, stopped whatever the outcome.
 test: install
-	@scripts/apt-need $(TEST_DEBS)
+	@$(MAKE) --no-print-directory test-debs
 	$(MAKE) --no-print-directory lint
 	scripts/rabbitmq-node start
 	status=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
@@ -45,15 +53,10 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/contract $(PYTEST_ARGS)
 
 # Benchmarks print figures side by side with a peer measured in the same run.
-# The peers measured beside gehirn-ts: Postfix (installed unconfigured: the benchmark runs
-# its own instance) and aiosmtpd.
-BENCH_DEBS := postfix
-
+# The peers measured beside gehirn-ts: Postfix (the benchmark runs its own instance) and
+# aiosmtpd.
 bench: install
-	@scripts/apt-need $(TEST_DEBS)
-	@if ! dpkg-query -W -f='$${Status}' postfix 2>/dev/null | grep -q "ok installed"; then \
-		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
-		scripts/apt-need $(BENCH_DEBS); fi
+	@$(MAKE) --no-print-directory test-debs
 	$(BIN)/pip install -q aiosmtpd
 	scripts/rabbitmq-node start
 	status=0; $(BIN)/python bench/events.py || status=$$?; \

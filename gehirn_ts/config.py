@@ -213,6 +213,15 @@ class BusConfig:
     prefetch: int = opt(32, _positive_int, "Messages a consumer works on at once.")
 
 
+def _optional_address(value: Any) -> str:
+    text = _str(value).strip()
+    if text and (text.count("@") != 1 or not text.split("@")[0]):
+        raise ValueError(f"{text!r} is not an e-mail address")
+    if text:
+        domain_name(text.split("@")[1])
+    return text
+
+
 @dataclass(frozen=True)
 class EdjConfig:
     """Event delivery."""
@@ -234,6 +243,12 @@ class EdjConfig:
         format_duration,
     )
     http_timeout: float = opt(10.0, _duration, "Timeout of one webhook request.", format_duration)
+    mail_from: str = opt(
+        "",
+        _optional_address,
+        'From (and envelope sender) of the e-mail destination\'s messages; "" means '
+        "notifications@ the smtp.hostname.",
+    )
     allow_networks: tuple[str, ...] = opt(
         (),
         _networks,
@@ -373,15 +388,6 @@ def _hostport(value: Any) -> str:
         raise ValueError(f"{text!r}: expected host:port, e.g. smtp.example.net:587")
     if not host.startswith("["):
         domain_name(host)
-    return text
-
-
-def _optional_address(value: Any) -> str:
-    text = _str(value).strip()
-    if text and (text.count("@") != 1 or not text.split("@")[0]):
-        raise ValueError(f"{text!r} is not an e-mail address")
-    if text:
-        domain_name(text.split("@")[1])
     return text
 
 

@@ -151,24 +151,32 @@ def build(config: Config, reactor: Any) -> MultiService:
         )
     bus.setServiceParent(top)
     publisher = Publisher(store, bus)
+    mail = MailStore(store)
+    queue, outbound = _outbound(config, reactor, store, publisher)
     edj = EdjService(
         store=store,
         bus=bus,
         publisher=publisher,
-        context=registry.Context(http, reactor, policy, config.edj.http_timeout),
+        context=registry.Context(
+            http,
+            reactor,
+            policy,
+            config.edj.http_timeout,
+            outbound=outbound,
+            mail_from=config.edj.mail_from or f"notifications@{config.smtp.hostname}",
+            account_id=mail.account_id,
+        ),
         retry=RetryPolicy(
             config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after
         ),
         clock=reactor,
     )
     edj.setServiceParent(top)
+    queue.setServiceParent(top)
 
-    mail = MailStore(store)
     routes = RouteStore(store, config.smtp.routes)
     spool = Spool(config.state_dir / "spool")
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
-    queue, outbound = _outbound(config, reactor, store, publisher)
-    queue.setServiceParent(top)
     inbound = Inbound(
         spool=spool,
         kvs=config.state_dir / "kvs",

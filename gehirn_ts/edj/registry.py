@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from twisted.internet.interfaces import IReactorTime
 
 from gehirn_ts.edj import signature
+from gehirn_ts.edj.destinations.email import EmailDestination, parse_mailto
 from gehirn_ts.edj.destinations.http import WebhookDestination
 from gehirn_ts.edj.netguard import AddressPolicy, ForbiddenAddress
 from gehirn_ts.interfaces import IDestination
@@ -32,6 +33,11 @@ class Context:
     clock: IReactorTime
     policy: AddressPolicy
     http_timeout: float = 10.0
+    # The e-mail destination's outbound queue (mta.outbound.Outbound), its From address,
+    # and the account name -> id lookup.
+    outbound: Any = None
+    mail_from: str = ""
+    account_id: Any = None
 
 
 def _webhook(url: str, secret: str | None, ctx: Context) -> IDestination:
@@ -60,12 +66,32 @@ def _check_http(url: str, secret: str | None, policy: AddressPolicy) -> None:
             raise DestinationError("secret", str(e))
 
 
+def _email(url: str, secret: str | None, ctx: Context) -> IDestination:
+    return EmailDestination(
+        url,
+        outbound=ctx.outbound,
+        account_id=ctx.account_id,
+        sender=ctx.mail_from,
+        clock=ctx.clock,
+    )
+
+
+def _check_email(url: str, secret: str | None, policy: AddressPolicy) -> None:
+    try:
+        parse_mailto(url)
+    except ValueError as e:
+        raise DestinationError("url", str(e))
+    if secret is not None:
+        raise DestinationError("secret", "a mailto: destination takes no secret")
+
+
 Builder = Callable[[str, str | None, Context], IDestination]
 Checker = Callable[[str, str | None, AddressPolicy], None]
 
 SCHEMES: dict[str, tuple[Builder, Checker]] = {
     "http": (_webhook, _check_http),
     "https": (_webhook, _check_http),
+    "mailto": (_email, _check_email),
 }
 
 

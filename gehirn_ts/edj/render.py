@@ -9,4 +9,8 @@ def render(event: Event, kind: str) -> bytes:
     """HTTP destinations get the structured CloudEvent as JSON."""
     if kind == "webhook":
         return event.to_json()
+    if kind == "email":
+        from gehirn_ts.edj.destinations.email import text_of
+
+        return text_of(event).encode()
     raise ValueError(f"no renderer for destination kind {kind!r}")

@@ -284,3 +284,107 @@ class OutboundTests(TestCase):
         assert report["Auto-Submitted"] == "auto-replied"
         # The report's own delivery is not an account event, and there is no report of it.
         assert len(events_of(receiver, "mail.delivered")) == 0
+
+    @inline
+    async def test_email_destination_queues_a_readable_message_once(self) -> None:
+        zone = dns_server()
+        port = free_port()
+        sink = self._sink(port)
+        zone.set("ops.test", "MX", [10, "mx.ops.test"])
+        zone.set("mx.ops.test", "A", "127.0.0.2")
+        d = await self._daemon(port, smtp={"hostname": "mta.edj.test"})
+        token = await d.account("acme")
+        status, body = await d.call(
+            "POST",
+            "/v1/subscriptions",
+            {"pattern": "notice.#", "url": "mailto:oncall@ops.test,bad"},
+            token=token,
+        )
+        assert (status, body["error"]["field"]) == (400, "url")
+        sub = await d.subscribe(token, "notice.#", "mailto:oncall@ops.test,lead@ops.test")
+        assert sub["url"].startswith("mailto:")
+        status, body = await d.call(
+            "POST",
+            "/v1/events",
+            {
+                "type": "notice.fault",
+                "source": "/billing",
+                "subject": "db-1",
+                "severity": "critical",
+                "data": {"disk": "98%"},
+            },
+            token=token,
+        )
+        assert status == 202
+        await until(lambda: sink.captured())
+        (cap,) = sink.captured()
+        assert sorted(cap.rcpt_args) == ["<lead@ops.test>", "<oncall@ops.test>"]
+        assert cap.mail_args.startswith("<notifications@mta.edj.test>")
+        msg = cap.message
+        assert msg["Subject"] == "[critical] notice.fault db-1"
+        assert msg["Auto-Submitted"] == "auto-generated"
+        assert msg["X-Gehirn-Event"] == body["id"]
+        content = msg.get_content()
+        assert "Event:    notice.fault" in content and '"disk": "98%"' in content
+        event = await d.wait_status(token, body["id"], "delivered")
+        (delivery,) = event["deliveries"]
+        assert delivery["attempt_log"][0]["detail"].startswith("queued as edj.")
+
+    @inline
+    async def test_trusted_network_relay_and_smarthost_with_auth(self) -> None:
+        # Node B: the smarthost, a gehirn-ts taking authenticated submission.
+        port = free_port()
+        submission = free_port()
+        b = await self._daemon(
+            port,
+            smtp={
+                "hostname": "smarthost.test",
+                "submission": f"tcp:{submission}:interface=127.0.0.1",
+            },
+        )
+        await b.account("relay")
+        b_mail = MailStore(b.store)
+        await b_mail.add_domain("legacy.test", "relay")
+        password = await b_mail.create_credential("relay", "node-a")
+        # Node A: relays for a legacy host on a trusted network, through B.
+        a_smtp = free_port()
+        a = await self._daemon(
+            port,
+            smtp={
+                "listen": f"tcp:{a_smtp}:interface=127.0.0.1",
+                "trusted_networks": ["127.0.0.0/8"],
+            },
+            outbound={
+                "smarthost": f"127.0.0.1:{submission}",
+                "smarthost_username": "node-a",
+                "smarthost_password": password,
+            },
+        )
+        await a.account("acme")
+
+        def legacy_host() -> bytes:
+            with smtplib.SMTP("127.0.0.1", a_smtp, timeout=10) as s:
+                s.ehlo("printer.lan")
+                s.mail("scanner@legacy.test", ["ENVID=scan-9"])
+                assert s.rcpt("someone@far-away.test", ["NOTIFY=NEVER"])[0] == 250
+                code, reply = s.data(b"From: scanner@legacy.test\r\nSubject: scan\r\n\r\npdf\r\n")
+                assert code == 250
+                return reply
+
+        reply = await deferToThread(legacy_host)
+        qid = reply.decode().split()[-1]
+
+        async def relayed() -> Any:
+            status, m = await a.call("GET", f"/v1/messages/{qid}", token=a.admin)
+            return m if status == 200 and m["recipients"][0]["status"] != "queued" else None
+
+        shown = await until(relayed)
+        assert shown["origin"] == "relay"  # a trusted network's legacy host, no AUTH
+        (rcpt,) = shown["recipients"]
+        assert rcpt["status"] == "delivered" and rcpt["tls"] is True
+        assert rcpt["remote_mta"] == "127.0.0.1"
+        # B took it as an authenticated submission with the DSN parameters.
+        mid = rcpt["reply"].split()[-1]
+        status, at_b = await b.call("GET", f"/v1/messages/{mid}", token=b.admin)
+        assert status == 200 and at_b["origin"] == "submission"
+        assert at_b["from"] == "scanner@legacy.test"
