@@ -61,6 +61,7 @@ bench: install
 	scripts/rabbitmq-node start
 	status=0; $(BIN)/python bench/events.py || status=$$?; \
 		$(BIN)/python bench/smtp.py || status=$$?; \
+		$(BIN)/python bench/send.py || status=$$?; \
 		scripts/rabbitmq-node stop; exit $$status
 
 sample: $(STAMP)

@@ -29,7 +29,7 @@ from gehirn_ts.mta import dkim
 from gehirn_ts.mta.compose import header_addresses, header_value
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report
 from gehirn_ts.mta.queue import MailQueue, group_by_kind
-from gehirn_ts.mta.spool import _fsync_dir, new_queue_id, write_durably
+from gehirn_ts.mta.spool import _fsync_dir, new_queue_id
 from gehirn_ts.store.db import NotFound
 from gehirn_ts.store.queue import (
     NewMessage,
@@ -56,7 +56,14 @@ def _write(path: Path, data: bytes | None, source: Path | None, keys: list[dkim.
         assert source is not None
         data = source.read_bytes()
     signature = dkim.sign(data, keys) if keys else b""
-    write_durably(path, signature + data)
+    # Straight to its name, no rename: the queue row, committed after this, is the commit
+    # point; a file without a row is removed at the next start.
+    with path.open("wb") as f:
+        f.write(signature)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(path.parent)
     return len(signature) + len(data)
 
 
@@ -94,6 +101,7 @@ class Outbound:
         data: bytes | None = None,
         source: Path | None = None,
         queue_id: str | None = None,
+        fresh: bool = False,
         body: str | None = None,
         ret: str | None = None,
         envid: str | None = None,
@@ -103,8 +111,8 @@ class Outbound:
         metadata: dict[str, Any] | None = None,
     ) -> tuple[str, bool]:
         """Queue a message durably; (id, created). A given ``queue_id`` already queued
-        is left alone (a repeat after a crash)."""
-        if queue_id is not None:
+        is left alone (a repeat after a crash) unless the caller made it ``fresh``."""
+        if queue_id is not None and not fresh:
             try:
                 await self._store.get(queue_id)
                 return queue_id, False

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -125,13 +125,15 @@ class MailQueue(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        # Attempts in flight finish (their results are recorded) before the store closes.
-        from twisted.internet.defer import DeferredList
+        return Deferred.fromCoroutine(self._drain())
 
-        pending = list(self._attempts)
+    async def _drain(self) -> None:
+        """Attempts in flight finish (their results are recorded) before the store closes;
+        a queue run in progress starts none once stopping."""
         if self._running_tick is not None:
-            pending.append(self._running_tick)
-        return DeferredList(pending, consumeErrors=True)
+            await DeferredList([self._running_tick], consumeErrors=True)
+        while self._attempts:
+            await DeferredList(list(self._attempts), consumeErrors=True)
 
     async def _sweep(self) -> None:
         """Files whose message is finished or was never committed are removed."""
@@ -181,23 +183,36 @@ class MailQueue(Service):
 
     async def _tick(self) -> None:
         try:
-            await self._send_reports()
-            await self._start_due()
+            await DeferredList(
+                [
+                    Deferred.fromCoroutine(self._send_reports()),
+                    Deferred.fromCoroutine(self._start_due()),
+                ],
+                fireOnOneErrback=True,
+                consumeErrors=True,
+            )
         finally:
             if self.running:
                 self._arm(await self.store.next_due())
 
     async def _send_reports(self) -> None:
-        for msg, rcpts in await self.store.pending_reports():
-            if self.reporter is None:
-                return
-            try:
-                await self.reporter(msg, rcpts)
-            except Exception:
-                log.failure("reporting the status of {qid} failed; retried later", qid=msg.id)
-                continue
-            if await self.store.clear_reports(msg.id, [r.n for r in rcpts]):
-                await deferToThread(self.path(msg.id).unlink, True)
+        # All at once: their store and bus writes share commits (group commit).
+        pending = await self.store.pending_reports()
+        await DeferredList(
+            [Deferred.fromCoroutine(self._report(msg, rcpts)) for msg, rcpts in pending],
+            consumeErrors=True,
+        )
+
+    async def _report(self, msg: QueuedMessage, rcpts: list[RecipientState]) -> None:
+        if self.reporter is None:
+            return
+        try:
+            await self.reporter(msg, rcpts)
+        except Exception:
+            log.failure("reporting the status of {qid} failed; retried later", qid=msg.id)
+            return
+        if await self.store.clear_reports(msg.id, [r.n for r in rcpts]):
+            await deferToThread(self.path(msg.id).unlink, True)
 
     async def _start_due(self) -> None:
         free = self._concurrency - len(self._attempts)
@@ -216,7 +231,7 @@ class MailQueue(Service):
                 continue
             groups.setdefault((msg.id, rcpt.domain), (msg, []))[1].append(rcpt)
         for (_, domain), (msg, rcpts) in groups.items():
-            if len(self._attempts) >= self._concurrency:
+            if not self.running or len(self._attempts) >= self._concurrency:
                 break
             if self._per_domain_active.get(domain, 0) >= self._per_domain:
                 continue

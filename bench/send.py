@@ -1,0 +1,192 @@
+"""Sending benchmark (make bench): messages/s from `POST /v1/messages` (20 parallel
+clients) to a remote MX played by Postfix's smtp-sink, beside a Postfix instance relaying
+the same load (smtp-source, 20 sessions, 1 KiB) to the same sink, in one run. The clock
+runs from the first request until the sink has recorded every message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.smtp import BIN, ENV, POSTFIX_MAIN, smtp_source, wait_port  # noqa: E402
+from tests.dnstest import dns_server  # noqa: E402
+from tests.sink import Sink  # noqa: E402
+from tests.support import free_port  # noqa: E402
+
+CLIENTS = 20
+COUNT = int(os.environ.get("BENCH_SEND", "2000"))
+TEXT = ("All work and no play makes Jack a dull boy. " * 23)[:1000]
+
+
+def wait_sink(sink: Sink, count: int, start: float, timeout: float = 600) -> float:
+    while True:
+        n = sum(1 for _ in sink.dir.iterdir())
+        if n >= count:
+            # Files are complete once smtp-sink has the final dot; allow the last one.
+            time.sleep(0.05)
+            return count / (time.monotonic() - start)
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"the sink has {n} of {count} messages")
+        time.sleep(0.05)
+
+
+def gehirn(results: dict[str, str]) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-send-"))
+    port = free_port()
+    sink = Sink("127.0.0.2", port=port)
+    zone = dns_server()
+    zone.set("bench-dest.test", "MX", [10, "mx.bench-dest.test"])
+    zone.set("mx.bench-dest.test", "A", "127.0.0.2")
+    api = free_port()
+    (work / "c.toml").write_text(
+        f'[http]\nlisten = "tcp:{api}:interface=127.0.0.1"\n'
+        f'[smtp]\nlisten = ""\nsubmission = ""\nsubmissions = ""\n'
+        f'bootstrap_domain = "bench-src.test"\n'
+        f'[dns]\nnameservers = ["127.0.0.1"]\nport = {zone.port}\n'
+        f"[outbound]\nport = {port}\nconcurrency = 20\nper_domain = 20\n"
+    )
+    log = (work / "twistd.log").open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
+        cwd=work,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (work / "var" / "admin.key").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        key = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gehirn_ts.cli",
+                "-c",
+                "c.toml",
+                "--json",
+                "key",
+                "create",
+                "local",
+            ],
+            cwd=work,
+            env=ENV,
+            capture_output=True,
+            check=True,
+        )
+        token = json.loads(key.stdout)["api_key"]
+        body = {
+            "from": "app@bench-src.test",
+            "to": "user@bench-dest.test",
+            "subject": "bench",
+            "text": TEXT,
+        }
+
+        def client(n: int) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", api, timeout=60)
+            ok = 0
+            for _ in range(n):
+                conn.request(
+                    "POST",
+                    "/v1/messages",
+                    json.dumps(body),
+                    {"authorization": f"Bearer {token}", "content-type": "application/json"},
+                )
+                resp = conn.getresponse()
+                resp.read()
+                ok += resp.status == 202
+            conn.close()
+            return ok
+
+        start = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            accepted = sum(pool.map(client, [COUNT // CLIENTS] * CLIENTS))
+        api_rate = accepted / (time.monotonic() - start)
+        rate = wait_sink(sink, accepted, start)
+        results["gehirn-ts (HTTP API)"] = f"{rate:8.0f}   (API accepted {api_rate:.0f}/s)"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        sink.stop()
+
+
+def postfix(results: dict[str, str]) -> None:
+    if shutil.which("postfix") is None:
+        results["Postfix (relay)"] = "n/a"
+        return
+    port = free_port()
+    sink = Sink("127.0.0.2", port=port)
+    work = Path(tempfile.mkdtemp(prefix="bench-postfix-relay-"))
+    etc, queue, data = work / "etc", work / "queue", work / "data"
+    for d in (etc, queue, data):
+        d.mkdir()
+    os.chmod(work, 0o755)
+    smtpd = free_port()
+    main = POSTFIX_MAIN.format(q=queue, d=data)
+    main = main.replace("mydestination = bench.test", "mydestination =")
+    main = main.replace("default_transport = discard:", "default_transport = smtp")
+    main += (
+        f"relayhost = [127.0.0.2]:{port}\nsmtp_tls_security_level = may\n"
+        "default_destination_concurrency_limit = 20\n"
+    )
+    (etc / "main.cf").write_text(main)
+    lines = []
+    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+        if line.startswith("smtp      inet"):
+            line = f"127.0.0.1:{smtpd} inet n - n - - smtpd"
+        fields = line.split()
+        # No chroot: the instance lives in a temporary directory.
+        if len(fields) >= 8 and not line.startswith("#") and fields[4] == "y":
+            fields[4] = "n"
+            line = " ".join(fields)
+        lines.append(line)
+    if not any(line.startswith("postlog") for line in lines):
+        lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
+    (etc / "master.cf").write_text("\n".join(lines) + "\n")
+    shutil.chown(data, "postfix")
+    env = {**os.environ, "MAIL_CONFIG": str(etc)}
+    subprocess.run(
+        ["postfix", "-c", str(etc), "set-permissions"], env=env, check=False, capture_output=True
+    )
+    subprocess.run(["postfix", "-c", str(etc), "start"], env=env, check=True, capture_output=True)
+    try:
+        wait_port(smtpd)
+        start = time.monotonic()
+        accepted = smtp_source(smtpd, 1024, COUNT, CLIENTS)
+        rate = wait_sink(sink, COUNT, start)
+        results["Postfix (relay)"] = f"{rate:8.0f}   (smtpd accepted {accepted:.0f}/s)"
+    finally:
+        subprocess.run(
+            ["postfix", "-c", str(etc), "stop"], env=env, check=False, capture_output=True
+        )
+        sink.stop()
+
+
+def main() -> None:
+    results: dict[str, str] = {}
+    gehirn(results)
+    postfix(results)
+    print(
+        f"\nSending, messages/s delivered to smtp-sink ({COUNT} x ~1 KiB, {CLIENTS} parallel "
+        f"clients, {os.cpu_count()} cores), from the first request until the sink has them all"
+    )
+    for name, row in results.items():
+        print(f"{name:22}{row}")
+
+
+if __name__ == "__main__":
+    main()
