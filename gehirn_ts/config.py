@@ -127,6 +127,17 @@ def _choice(*choices: str) -> Parser:
     return parse
 
 
+def _keywords(value: Any) -> tuple[str, ...]:
+    known = ("DSN", "8BITMIME", "PIPELINING")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of {', '.join(known)}")
+    out = tuple(v.upper() for v in value)
+    for v in out:
+        if v not in known:
+            raise ValueError(f"{v!r}: only {', '.join(known)} can be left out")
+    return out
+
+
 def _routes(value: Any) -> tuple[str, ...]:
     from gehirn_ts.store.db import parse_static_route
 
@@ -326,6 +337,12 @@ class SmtpConfig:
     )
     auth_failure_window: float = opt(
         600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration
+    )
+    discard_ehlo_keywords: tuple[str, ...] = opt(
+        (),
+        _keywords,
+        "EHLO extensions not offered, of DSN, 8BITMIME, PIPELINING (Postfix: "
+        "smtpd_discard_ehlo_keywords).",
     )
     routes: tuple[str, ...] = opt(
         (),

@@ -221,6 +221,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         max_connections_per_ip=smtp.max_connections_per_ip,
         auth_failures=smtp.auth_failures,
         auth_failure_window=smtp.auth_failure_window,
+        discard_ehlo_keywords=frozenset(smtp.discard_ehlo_keywords),
     )
     for listener, description in (
         ("smtp", smtp.listen),

@@ -19,6 +19,11 @@ class Script:
     commands: list[str] = field(default_factory=list)
     messages: list[bytes] = field(default_factory=list)
     sessions: int = 0
+    # When set, the reply to the end of DATA waits for it (``held`` counts the waiting).
+    hold: Any = None
+    held: int = 0
+    open: int = 0
+    concurrent_peak: int = 0
 
     def reply(self, word: str, default: str) -> str:
         queue = self.plan.get(word)
@@ -34,14 +39,28 @@ class _Server(LineReceiver):
 
     def connectionMade(self) -> None:
         self.script.sessions += 1
+        self.script.open += 1
+        self.script.concurrent_peak = max(self.script.concurrent_peak, self.script.open)
         self.sendLine(self.script.reply("CONNECT", "220 scripted ESMTP").encode())
 
     def lineReceived(self, line: bytes) -> None:
         if self.data is not None:
             if line == b".":
-                self.script.messages.append(b"".join(self.data))
-                self.data = None
-                self.sendLine(self.script.reply(".", "250 2.0.0 Ok: queued").encode())
+                data, self.data = b"".join(self.data), None
+                reply = self.script.reply(".", "250 2.0.0 Ok: queued").encode()
+                if self.script.hold is not None and not self.script.hold.called:
+                    self.script.held += 1
+
+                    def release(_: Any) -> Any:
+                        self.script.held -= 1
+                        self.script.messages.append(data)
+                        self.sendLine(reply)
+                        return _
+
+                    self.script.hold.addCallback(release)
+                else:
+                    self.script.messages.append(data)
+                    self.sendLine(reply)
             else:
                 # RFC 5321 section 4.5.2: the client doubled a leading dot.
                 self.data.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
@@ -64,6 +83,9 @@ class _Server(LineReceiver):
             self.transport.loseConnection()
         else:
             self.sendLine(self.script.reply(word, "250 2.0.0 Ok").encode())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.script.open -= 1
 
 
 def listen(testcase: Any, script: Script, interface: str = "127.0.0.1", port: int = 0) -> int:

@@ -57,6 +57,9 @@ class Settings:
     max_connections_per_ip: int = 20
     auth_failures: int = 5  # per client IP ...
     auth_failure_window: float = 600.0  # ... within this many seconds
+    # EHLO keywords not offered (Postfix: smtpd_discard_ehlo_keywords); their MAIL and
+    # RCPT parameters are then refused as unknown.
+    discard_ehlo_keywords: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -286,11 +289,23 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             b"DSN",
             b"ENHANCEDSTATUSCODES",
         ]
+        discard = self.settings.discard_ehlo_keywords
+        ext = [e for e in ext if e.split(b" ")[0].decode() not in discard]
         if self.canStartTLS:
             ext.append(b"STARTTLS")
         if self.session.tls:
             ext.append(b"AUTH PLAIN LOGIN")
         return ext
+
+    def _allowed(self, params: frozenset[str]) -> frozenset[str]:
+        if not self.session.esmtp:
+            return frozenset()
+        discard = self.settings.discard_ehlo_keywords
+        if "DSN" in discard:
+            params -= {"RET", "ENVID", "NOTIFY", "ORCPT"}
+        if "8BITMIME" in discard:
+            params -= {"BODY"}
+        return params
 
     def cmd_EHLO(self, arg: bytes) -> None:
         if not arg:
@@ -450,7 +465,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         params = parse_mail(
             rest,
             size_limit=self.settings.max_message_size,
-            allowed=MAIL_PARAMS if self.session.esmtp else frozenset(),
+            allowed=self._allowed(MAIL_PARAMS),
         )
         return Deferred.fromCoroutine(self._sender(mailbox, params))
 
@@ -471,7 +486,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             return None
         mailbox, rest = parse_path(arg[3:], kind="recipient", allow_postmaster=True)
         assert mailbox is not None
-        params = parse_rcpt(rest, allowed=RCPT_PARAMS if self.session.esmtp else frozenset())
+        params = parse_rcpt(rest, allowed=self._allowed(RCPT_PARAMS))
         return Deferred.fromCoroutine(self._recipient(mailbox, params))
 
     async def _recipient(self, mailbox: Mailbox, params: RcptParams) -> None:

@@ -388,3 +388,69 @@ class OutboundTests(TestCase):
         status, at_b = await b.call("GET", f"/v1/messages/{mid}", token=b.admin)
         assert status == 200 and at_b["origin"] == "submission"
         assert at_b["from"] == "scanner@legacy.test"
+
+    @inline
+    async def test_own_inbound_without_dsn_gets_the_mail_and_the_sender_a_relayed_report(
+        self,
+    ) -> None:
+        zone = dns_server()
+        port = free_port()
+        # B: the remote, gehirn-ts's inbound server with DSN not offered.
+        zone.set("dest4.test", "MX", [10, "mx.dest4.test"])
+        zone.set("mx.dest4.test", "A", "127.0.0.4")
+        b = await self._daemon(
+            port,
+            smtp={
+                "hostname": "mx.dest4.test",
+                "listen": f"tcp:{port}:interface=127.0.0.4",
+                "discard_ehlo_keywords": ["DSN"],
+            },
+        )
+        b_token = await b.account("dest")
+        await MailStore(b.store).add_domain("dest4.test", "dest")
+        b_events = Receiver()
+        await b.subscribe(b_token, "mail.received", b_events.listen(self))
+        # A: the sender; its own inbound is the MX of sender4.test.
+        zone.set("sender4.test", "MX", [10, "mx.sender4.test"])
+        zone.set("mx.sender4.test", "A", "127.0.0.3")
+        a = await self._daemon(
+            port,
+            smtp={"hostname": "mx.sender4.test", "listen": f"tcp:{port}:interface=127.0.0.3"},
+        )
+        a_token = await a.account("acme")
+        await MailStore(a.store).add_domain("sender4.test", "acme")
+        a_events = Receiver()
+        await a.subscribe(a_token, "mail.#", a_events.listen(self))
+        status, _ = await a.call(
+            "POST",
+            "/v1/messages",
+            {
+                "from": "app@sender4.test",
+                "to": "ann@dest4.test",
+                "subject": "track me",
+                "text": "hello",
+                "dsn": {"notify": ["SUCCESS", "FAILURE"], "envid": "T-1"},
+            },
+            token=a_token,
+        )
+        assert status == 202
+        await until(lambda: events_of(b_events, "mail.received"))
+        (got,) = events_of(b_events, "mail.received")
+        assert got["data"]["subject"] == "track me"
+        # No DSN offered: nothing was passed on for the recipient.
+        assert got["data"]["envelope"]["recipients"][0]["notify"] is None
+        assert got["data"]["envelope"]["envid"] is None
+        await until(lambda: events_of(a_events, "mail.received"))
+        (delivered,) = events_of(a_events, "mail.delivered")
+        assert delivered["data"]["relayed"] is True
+        (report_event,) = events_of(a_events, "mail.received")
+        status, raw = await a.call(
+            "GET", f"/v1/received/{report_event['data']['kvs_key']}/raw", token=a_token
+        )
+        report = email.message_from_bytes(raw, policy=email.policy.default)
+        parts = list(report.iter_parts())
+        per_message, per_rcpt = parts[1].get_payload()
+        assert per_rcpt["Action"] == "relayed" and per_rcpt["Status"].startswith("2.")
+        assert per_message["Original-Envelope-Id"] == "T-1"
+        assert parts[2].get_content_type() == "text/rfc822-headers"
+        assert report["Subject"] == "Mail Relay Report"

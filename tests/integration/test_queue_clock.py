@@ -207,3 +207,24 @@ class QueueOnClockTests(TestCase):
         _, rcpts, _ = await self.qs.get(mid)
         assert rcpts[0].status == "delivered" and rcpts[0].remote_mta == "mx.pref.test"
         assert script.sessions == 2
+
+    @inline
+    async def test_per_domain_concurrency_limit_and_the_implicit_mx(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        script = Script()
+        gate: Deferred[None] = Deferred()
+        script.hold = gate
+        self._setup(script, "unused2.test", MailRetry(jitter=0))
+        self.queue._per_domain = 2
+        zone = dns_server()
+        zone.set("busy.test", "A", "127.0.0.1")  # no MX: the domain itself (RFC 5321 5.1)
+        ids = [await self._submit(NewRecipient(f"r{n}@busy.test")) for n in range(5)]
+        await until(lambda: len(script.messages) + script.held == 2)
+        await sleep(0.3)
+        assert script.sessions == 2  # the other three wait for a slot
+        gate.callback(None)
+        await until(lambda: len(script.messages) == 5)
+        await until(lambda: len(self.reports) == 5)
+        assert {mid for mid, _ in self.reports} == set(ids)
+        assert script.concurrent_peak == 2

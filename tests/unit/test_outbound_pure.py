@@ -306,3 +306,17 @@ def test_reply_enhanced_codes() -> None:
 def test_json_roundtrip_of_metadata() -> None:
     req = parse_send({"from": "a@x.test", "to": "b@y.test", "metadata": {"k": "v"}})
     assert json.loads(json.dumps(req.metadata)) == {"k": "v"}
+
+
+def test_openssl_rsa_signatures_equal_dkimpys_own() -> None:
+    import hashlib
+
+    import dkim.crypto
+
+    from gehirn_ts.mta.dkim import _openssl_rsa_sign, generate
+
+    private, _ = generate("rsa")
+    key = dkim.crypto.parse_pem_private_key(private.encode())
+    for data in (b"", b"a message", bytes(range(256)) * 10):
+        digest = hashlib.sha256(data)
+        assert _openssl_rsa_sign(digest, key) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, key)
