@@ -10,8 +10,8 @@ STAMP := $(VENV)/.deps-installed
 RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
 # What the tests need beyond that: the real peers. postfix brings smtp-sink (a remote
 # MX) and smtp-source; it is installed unconfigured (no mail system is set up or started).
-# libmail-dkim-perl is the independent DKIM verifier.
-TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl libmail-dkim-perl postfix
+# libmail-dkim-perl is the independent DKIM verifier; ngircd the IRC server.
+TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl libmail-dkim-perl postfix ngircd
 
 .PHONY: run test test-debs lint unit bench sample clean install
 

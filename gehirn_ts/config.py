@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gehirn_ts.durations import format_duration, format_size, parse_duration, parse_size
 
@@ -233,6 +234,14 @@ def _optional_address(value: Any) -> str:
     return text
 
 
+def _base_url(value: Any) -> str:
+    text = _str(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(f"{text!r}: expected an http(s):// base URL")
+    return text
+
+
 @dataclass(frozen=True)
 class EdjConfig:
     """Event delivery."""
@@ -259,6 +268,13 @@ class EdjConfig:
         _optional_address,
         'From (and envelope sender) of the e-mail destination\'s messages; "" means '
         "notifications@ the smtp.hostname.",
+    )
+    slack_url: str = opt(
+        "https://hooks.slack.com", _base_url, "Base URL of Slack incoming webhooks."
+    )
+    pushover_url: str = opt("https://api.pushover.net", _base_url, "Base URL of Pushover's API.")
+    twilio_url: str = opt(
+        "https://api.twilio.com", _base_url, "Base URL of the Twilio-compatible SMS API."
     )
     allow_networks: tuple[str, ...] = opt(
         (),

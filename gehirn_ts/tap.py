@@ -165,6 +165,9 @@ def build(config: Config, reactor: Any) -> MultiService:
             outbound=outbound,
             mail_from=config.edj.mail_from or f"notifications@{config.smtp.hostname}",
             account_id=mail.account_id,
+            slack_url=config.edj.slack_url,
+            pushover_url=config.edj.pushover_url,
+            twilio_url=config.edj.twilio_url,
         ),
         retry=RetryPolicy(
             config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after

@@ -10,8 +10,15 @@ from urllib.parse import urlsplit
 from twisted.internet.interfaces import IReactorTime
 
 from gehirn_ts.edj import signature
+from gehirn_ts.edj.destinations.chat import (
+    PushoverDestination,
+    SlackDestination,
+    pushover_settings,
+    slack_path,
+)
 from gehirn_ts.edj.destinations.email import EmailDestination, parse_mailto
 from gehirn_ts.edj.destinations.http import WebhookDestination
+from gehirn_ts.edj.destinations.sms import SmsDestination, twilio_settings
 from gehirn_ts.edj.netguard import AddressPolicy, ForbiddenAddress
 from gehirn_ts.interfaces import IDestination
 
@@ -38,13 +45,65 @@ class Context:
     outbound: Any = None
     mail_from: str = ""
     account_id: Any = None
+    # Base URLs of the hosted APIs (configurable for tests and compatible providers).
+    slack_url: str = "https://hooks.slack.com"
+    pushover_url: str = "https://api.pushover.net"
+    twilio_url: str = "https://api.twilio.com"
+    irc: Any = None  # the IRC bots (edj.destinations.irc.IrcNetwork)
+
+
+SLACK_HOST = "hooks.slack.com"
+
+
+def _is_slack(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" and (parts.hostname or "") == SLACK_HOST
 
 
 def _webhook(url: str, secret: str | None, ctx: Context) -> IDestination:
+    if _is_slack(url):
+        return _slack(url, secret, ctx)
     return WebhookDestination(url, secret, http=ctx.http, clock=ctx.clock, timeout=ctx.http_timeout)
 
 
+def _slack(url: str, secret: str | None, ctx: Context) -> IDestination:
+    return SlackDestination(
+        url, http=ctx.http, clock=ctx.clock, timeout=ctx.http_timeout, base=ctx.slack_url
+    )
+
+
+def _pushover(url: str, secret: str | None, ctx: Context) -> IDestination:
+    return PushoverDestination(
+        url, http=ctx.http, clock=ctx.clock, timeout=ctx.http_timeout, base=ctx.pushover_url
+    )
+
+
+def _twilio(url: str, secret: str | None, ctx: Context) -> IDestination:
+    return SmsDestination(
+        url, http=ctx.http, clock=ctx.clock, timeout=ctx.http_timeout, base=ctx.twilio_url
+    )
+
+
+def _no_secret(scheme: str, secret: str | None) -> None:
+    if secret is not None:
+        raise DestinationError("secret", f"a {scheme} destination takes no secret")
+
+
+def _checker(parse: Callable[[str], Any], scheme: str) -> Checker:
+    def check(url: str, secret: str | None, policy: AddressPolicy) -> None:
+        try:
+            parse(url)
+        except ValueError as e:
+            raise DestinationError("url", str(e))
+        _no_secret(scheme, secret)
+
+    return check
+
+
 def _check_http(url: str, secret: str | None, policy: AddressPolicy) -> None:
+    if _is_slack(url):
+        _checker(slack_path, "Slack")(url, secret, policy)
+        return
     parts = urlsplit(url)
     try:
         host = parts.hostname
@@ -92,6 +151,9 @@ SCHEMES: dict[str, tuple[Builder, Checker]] = {
     "http": (_webhook, _check_http),
     "https": (_webhook, _check_http),
     "mailto": (_email, _check_email),
+    "slack": (_slack, _checker(slack_path, "Slack")),
+    "pushover": (_pushover, _checker(pushover_settings, "Pushover")),
+    "twilio": (_twilio, _checker(twilio_settings, "Twilio")),
 }
 
 

@@ -118,7 +118,7 @@ class EdjService(Service):
     async def _attempt(self, event: Event, sub: Subscription, delivery_id: str) -> Result:
         try:
             destination = registry.build(sub.url, sub.secret, self._ctx)
-            body = render(event, destination.kind)
+            body = render(event, destination.kind, sub.template)
         except ValueError as e:
             return PermFail(f"destination unusable: {e}")
         result: Result = await destination.deliver(event, body, delivery_id)

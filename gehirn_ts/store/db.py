@@ -73,6 +73,7 @@ class Subscription:
     secret: str | None
     created_at: float
     deleted_at: float | None
+    template: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,9 @@ def _new_key(cur: Cursor, account_id: int | None, now: float) -> tuple[str, str]
     return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
-_SUB_COLUMNS = "s.id, s.account_id, a.name, s.pattern, s.url, s.secret, s.created_at, s.deleted_at"
+_SUB_COLUMNS = (
+    "s.id, s.account_id, a.name, s.pattern, s.url, s.secret, s.created_at, s.deleted_at, s.template"
+)
 _DLV_COLUMNS = (
     "id, event_id, subscription_id, status, attempts, failures, next_attempt_at, last_error, "
     "created_at, updated_at"
@@ -271,16 +274,21 @@ class Store:
     # --- subscriptions ---
 
     def create_subscription(
-        self, account_id: int, pattern: str, url: str, secret: str | None
+        self,
+        account_id: int,
+        pattern: str,
+        url: str,
+        secret: str | None,
+        template: str | None = None,
     ) -> Deferred[Subscription]:
         now = self._now()
         sub_id = new_id("sub")
 
         def tx(cur: Cursor) -> Subscription:
             cur.execute(
-                "INSERT INTO subscriptions (id, account_id, pattern, url, secret, created_at) "
-                "VALUES (?,?,?,?,?,?)",
-                (sub_id, account_id, pattern, url, secret, now),
+                "INSERT INTO subscriptions (id, account_id, pattern, url, secret, created_at, "
+                "template) VALUES (?,?,?,?,?,?,?)",
+                (sub_id, account_id, pattern, url, secret, now, template),
             )
             return self._get_subscription(cur, sub_id)
 

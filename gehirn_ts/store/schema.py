@@ -174,6 +174,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (domain, selector)
     );
     """,
+    # 5: a subscription's own message template (chat, SMS and e-mail destinations).
+    """
+    ALTER TABLE subscriptions ADD COLUMN template TEXT;
+    """,
 ]
 
 

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.netguard import AddressPolicy
 from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.render import TemplateError, check_template
 from gehirn_ts.edj.worker import EdjService
 from gehirn_ts.events import (
     RESERVED_PREFIXES,
@@ -87,6 +88,7 @@ def subscription_json(sub: Subscription) -> dict[str, Any]:
         "pattern": sub.pattern,
         "url": redact_url(sub.url),
         "secret": redact_secret(sub.secret),
+        "template": sub.template,
         "created_at": iso(sub.created_at),
     }
 
@@ -247,7 +249,9 @@ class Api:
 
     async def create_subscription(self, call: Call) -> Response:
         principal = _principal(call)
-        body = call.json_object(("pattern", "url", "secret", "account"), ("pattern", "url"))
+        body = call.json_object(
+            ("pattern", "url", "secret", "account", "template"), ("pattern", "url")
+        )
         account = await self._account_for(principal, body.get("account"))
         if account is None:
             raise bad_request("account", "required with the admin key")
@@ -259,10 +263,16 @@ class Api:
             registry.check(body["url"], body.get("secret"), self._policy)
         except registry.DestinationError as e:
             raise bad_request(e.field, e.message)
+        template = body.get("template")
+        if template is not None:
+            try:
+                check_template(template)
+            except TemplateError as e:
+                raise bad_request("template", str(e))
         acct = await self._store.account_by_name(account)
         assert acct is not None
         sub = await self._store.create_subscription(
-            acct.id, pattern, body["url"], body.get("secret")
+            acct.id, pattern, body["url"], body.get("secret"), template
         )
         return Response(201, subscription_json(sub), {"Location": f"/v1/subscriptions/{sub.id}"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -101,37 +102,62 @@ class WebhookDestination:
         # can drop duplicates (Standard Webhooks, "webhook-id").
         headers = signature.headers(self._secret, event.id, int(now), body)
         headers["content-type"] = CONTENT_TYPE
-        headers["user-agent"] = f"gehirn-ts/{__version__}"
-        try:
-            response = await self._http.post(
-                self._target,
-                auth=self._auth,
-                data=body,
-                headers={k: [v] for k, v in headers.items()},
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
-        except ForbiddenAddress as e:
-            return PermFail(str(e))
-        except (CancelledError, neterror.TimeoutError):
-            return TempFail(f"no response within {self._timeout:g}s")
-        except webclient.ResponseNeverReceived as e:
-            # treq's timeout cancels the request, which surfaces as this error.
-            if any(f.check(CancelledError, neterror.TimeoutError) for f in e.reasons):
-                return TempFail(f"no response within {self._timeout:g}s")
-            return TempFail("connection lost before a response")
-        except neterror.DNSLookupError as e:
-            return TempFail(f"DNS lookup failed: {e}")
-        except (neterror.ConnectError, neterror.ConnectionLost, OSError) as e:
-            return TempFail(f"connection failed: {type(e).__name__}")
-        except Exception as e:
-            # A TLS verification failure and the like: retry; the reason tells the user.
-            return TempFail(f"request failed: {type(e).__name__}: {e}")
-        retry_after = parse_retry_after(
-            (response.headers.getRawHeaders(b"retry-after") or [None])[0], self._clock.seconds()
+        reply = await post(
+            self._http, self._clock, self._target, body, headers, self._auth, self._timeout
         )
-        try:
-            await read_some(response)
-        except Exception:  # noqa: S110 - the status is what counts
-            pass
-        return classify(response.code, retry_after)
+        if isinstance(reply, Result):
+            return reply
+        return classify(reply.status, reply.retry_after)
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: bytes  # the first MAX_RESPONSE_READ bytes
+    retry_after: float | None
+
+
+async def post(
+    http: Any,
+    clock: IReactorTime,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    auth: tuple[str, str] | None,
+    timeout: float,
+) -> HttpReply | Result:
+    """One POST; a transport failure is already a Result (TempFail or PermFail)."""
+    headers = {"user-agent": f"gehirn-ts/{__version__}", **headers}
+    try:
+        response = await http.post(
+            url,
+            auth=auth,
+            data=body,
+            headers={k: [v] for k, v in headers.items()},
+            timeout=timeout,
+            allow_redirects=False,
+        )
+    except ForbiddenAddress as e:
+        return PermFail(str(e))
+    except (CancelledError, neterror.TimeoutError):
+        return TempFail(f"no response within {timeout:g}s")
+    except webclient.ResponseNeverReceived as e:
+        # treq's timeout cancels the request, which surfaces as this error.
+        if any(f.check(CancelledError, neterror.TimeoutError) for f in e.reasons):
+            return TempFail(f"no response within {timeout:g}s")
+        return TempFail("connection lost before a response")
+    except neterror.DNSLookupError as e:
+        return TempFail(f"DNS lookup failed: {e}")
+    except (neterror.ConnectError, neterror.ConnectionLost, OSError) as e:
+        return TempFail(f"connection failed: {type(e).__name__}")
+    except Exception as e:
+        # A TLS verification failure and the like: retry; the reason tells the user.
+        return TempFail(f"request failed: {type(e).__name__}: {e}")
+    retry_after = parse_retry_after(
+        (response.headers.getRawHeaders(b"retry-after") or [None])[0], clock.seconds()
+    )
+    try:
+        data = await read_some(response)
+    except Exception:
+        data = b""
+    return HttpReply(response.code, data, retry_after)
