@@ -234,6 +234,12 @@ def _optional_address(value: Any) -> str:
     return text
 
 
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError("expected a number above 0")
+    return float(value)
+
+
 def _base_url(value: Any) -> str:
     text = _str(value).rstrip("/")
     parts = urlsplit(text)
@@ -275,6 +281,16 @@ class EdjConfig:
     pushover_url: str = opt("https://api.pushover.net", _base_url, "Base URL of Pushover's API.")
     twilio_url: str = opt(
         "https://api.twilio.com", _base_url, "Base URL of the Twilio-compatible SMS API."
+    )
+    irc_rate: float = opt(
+        1.0, _positive_float, "Lines a second an IRC bot sends (flood control) ..."
+    )
+    irc_burst: int = opt(4, _positive_int, "... after a burst of this many lines.")
+    irc_reconnect: float = opt(
+        1.0,
+        _duration,
+        "First wait before an IRC bot reconnects; it doubles up to 60 s.",
+        format_duration,
     )
     allow_networks: tuple[str, ...] = opt(
         (),

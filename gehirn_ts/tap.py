@@ -25,6 +25,7 @@ from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
 from gehirn_ts.dnsresolver import make_async_resolver, make_resolver
 from gehirn_ts.edj import registry
+from gehirn_ts.edj.destinations.irc import IrcNetwork
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
@@ -153,6 +154,14 @@ def build(config: Config, reactor: Any) -> MultiService:
     publisher = Publisher(store, bus)
     mail = MailStore(store)
     queue, outbound = _outbound(config, reactor, store, publisher)
+    irc_bots = IrcNetwork(
+        reactor,
+        policy,
+        rate=config.edj.irc_rate,
+        burst=config.edj.irc_burst,
+        initial_delay=config.edj.irc_reconnect,
+    )
+    irc_bots.setServiceParent(top)
     edj = EdjService(
         store=store,
         bus=bus,
@@ -168,6 +177,7 @@ def build(config: Config, reactor: Any) -> MultiService:
             slack_url=config.edj.slack_url,
             pushover_url=config.edj.pushover_url,
             twilio_url=config.edj.twilio_url,
+            irc=irc_bots,
         ),
         retry=RetryPolicy(
             config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after

@@ -18,6 +18,7 @@ from gehirn_ts.edj.destinations.chat import (
 )
 from gehirn_ts.edj.destinations.email import EmailDestination, parse_mailto
 from gehirn_ts.edj.destinations.http import WebhookDestination
+from gehirn_ts.edj.destinations.irc import IrcDestination, parse_irc_url
 from gehirn_ts.edj.destinations.sms import SmsDestination, twilio_settings
 from gehirn_ts.edj.netguard import AddressPolicy, ForbiddenAddress
 from gehirn_ts.interfaces import IDestination
@@ -82,6 +83,22 @@ def _twilio(url: str, secret: str | None, ctx: Context) -> IDestination:
     return SmsDestination(
         url, http=ctx.http, clock=ctx.clock, timeout=ctx.http_timeout, base=ctx.twilio_url
     )
+
+
+def _irc(url: str, secret: str | None, ctx: Context) -> IDestination:
+    return IrcDestination(url, network=ctx.irc)
+
+
+def _check_irc(url: str, secret: str | None, policy: AddressPolicy) -> None:
+    try:
+        settings = parse_irc_url(url)
+    except ValueError as e:
+        raise DestinationError("url", str(e))
+    try:
+        policy.check_literal(settings.host)
+    except ForbiddenAddress as e:
+        raise DestinationError("url", str(e))
+    _no_secret("IRC", secret)
 
 
 def _no_secret(scheme: str, secret: str | None) -> None:
@@ -154,6 +171,8 @@ SCHEMES: dict[str, tuple[Builder, Checker]] = {
     "slack": (_slack, _checker(slack_path, "Slack")),
     "pushover": (_pushover, _checker(pushover_settings, "Pushover")),
     "twilio": (_twilio, _checker(twilio_settings, "Twilio")),
+    "irc": (_irc, _check_irc),
+    "ircs": (_irc, _check_irc),
 }
 
 

@@ -154,6 +154,7 @@ def _link(event: Event) -> str | None:
 def message(event: Event, template: str | None = None) -> Message:
     """The readable message of an event (a template replaces the body)."""
     title = f"[{event.severity}] {event.type}" + (f": {event.subject}" if event.subject else "")
+    title = " ".join(title.split())  # one line, whatever the subject holds
     if template is not None:
         body = fill(template, event)
     else:
