@@ -292,6 +292,12 @@ class EdjConfig:
         "First wait before an IRC bot reconnects; it doubles up to 60 s.",
         format_duration,
     )
+    mail_loop_limit: int = opt(
+        3,
+        _positive_int,
+        "E-mail destinations send nothing for mail that has come back through them this "
+        "many times (X-Gehirn-Loop).",
+    )
     allow_networks: tuple[str, ...] = opt(
         (),
         _networks,

@@ -178,6 +178,7 @@ def build(config: Config, reactor: Any) -> MultiService:
             pushover_url=config.edj.pushover_url,
             twilio_url=config.edj.twilio_url,
             irc=irc_bots,
+            mail_loop_limit=config.edj.mail_loop_limit,
         ),
         retry=RetryPolicy(
             config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after

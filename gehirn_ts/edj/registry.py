@@ -22,6 +22,7 @@ from gehirn_ts.edj.destinations.irc import IrcDestination, parse_irc_url
 from gehirn_ts.edj.destinations.sms import SmsDestination, twilio_settings
 from gehirn_ts.edj.netguard import AddressPolicy, ForbiddenAddress
 from gehirn_ts.interfaces import IDestination
+from gehirn_ts.redact import redact_url
 
 MAX_URL_LENGTH = 2048
 
@@ -51,6 +52,7 @@ class Context:
     pushover_url: str = "https://api.pushover.net"
     twilio_url: str = "https://api.twilio.com"
     irc: Any = None  # the IRC bots (edj.destinations.irc.IrcNetwork)
+    mail_loop_limit: int = 3
 
 
 SLACK_HOST = "hooks.slack.com"
@@ -149,6 +151,7 @@ def _email(url: str, secret: str | None, ctx: Context) -> IDestination:
         account_id=ctx.account_id,
         sender=ctx.mail_from,
         clock=ctx.clock,
+        loop_limit=ctx.mail_loop_limit,
     )
 
 
@@ -197,3 +200,17 @@ def build(url: str, secret: str | None, ctx: Context) -> IDestination:
     if scheme not in SCHEMES:
         raise DestinationError("url", f"unsupported scheme {scheme!r}")
     return SCHEMES[scheme][0](url, secret, ctx)
+
+
+def redact(url: str) -> str:
+    """The URL as logs and API answers show it: each destination hides its own secrets
+    (Slack's token, Pushover's keys, Twilio's credentials, an IRC password), the rest
+    as redact_url does (as Apprise does)."""
+    scheme = urlsplit(url).scheme.lower()
+    try:
+        if scheme in SCHEMES:
+            blank = Context(http=None, clock=None, policy=None)  # type: ignore[arg-type]
+            return build(url, None, blank).redacted_url()
+    except Exception:  # noqa: S110 - an unusable URL is shown as redact_url shows it
+        pass
+    return redact_url(url)

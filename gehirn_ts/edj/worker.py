@@ -21,7 +21,6 @@ from gehirn_ts.edj.retry import next_delay
 from gehirn_ts.edj.router import route
 from gehirn_ts.events import EDJ_DELIVERY_FAILED, Event, event_from_json
 from gehirn_ts.interfaces import BusMessage, Delivered, IEventBus, PermFail, Requeue, Result
-from gehirn_ts.redact import redact_url
 from gehirn_ts.store.db import Delivery, NotFound, Store, Subscription
 
 log = Logger()
@@ -150,7 +149,7 @@ class EdjService(Service):
         fields = dict(
             delivery_id=delivery.id,
             event_id=event.id,
-            destination=redact_url(sub.url),
+            destination=registry.redact(sub.url),
             outcome=outcome,
             reason=result.reason,
         )
@@ -198,10 +197,13 @@ class EdjService(Service):
                 "event_id": event.id,
                 "event_type": event.type,
                 "subscription_id": sub.id,
-                "destination": redact_url(sub.url),
+                "destination": registry.redact(sub.url),
                 "attempts": n,
                 "reason": result.reason,
                 "status_code": result.status_code,
+                # Carried on so that an e-mail about this failure still counts the hops
+                # of the mail loop it may belong to (edj/destinations/email.py).
+                "loop_hops": event.data.get("loop_hops") if isinstance(event.data, dict) else None,
             },
         )
         await self._publisher.publish(failed)

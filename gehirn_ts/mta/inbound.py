@@ -36,6 +36,7 @@ from gehirn_ts.store.queue import NewRecipient
 
 log = Logger()
 
+LOOP_HEADER = "X-Gehirn-Loop"
 SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
 EXCERPT_CHARS = 300
 OwnerLookup = Callable[[str], Awaitable[str | None]]
@@ -54,9 +55,13 @@ def summarize(path: Path) -> dict[str, Any]:
         "message_id": None,
         "date": None,
         "excerpt": "",
+        "loop_hops": 0,
     }
     try:
         message = BytesParser(policy=email.policy.default).parsebytes(head)
+        # The e-mail destination's loop marker (edj/destinations/email.py).
+        hops = [str(v).strip() for v in message.get_all(LOOP_HEADER, [])]
+        out["loop_hops"] = max((int(h) for h in hops if h.isdigit() and len(h) < 4), default=0)
         for name in ("from", "to", "cc", "subject", "message_id", "date"):
             value = message.get(name.replace("_", "-"))
             if value is not None:
@@ -281,6 +286,7 @@ class Inbound:
                 "size": envelope.size,
                 "kvs_key": envelope.queue_id,
                 "excerpt": meta["excerpt"],
+                "loop_hops": meta.get("loop_hops", 0),
                 "client": meta["client"],
                 "auth": meta["auth"],
             },

@@ -42,7 +42,7 @@ from gehirn_ts.mta.inbound import Inbound
 from gehirn_ts.mta.outbound import Outbound, message_id_header, rfc5322_date
 from gehirn_ts.mta.replies import SmtpError
 from gehirn_ts.mta.spool import new_queue_id
-from gehirn_ts.redact import redact_secret, redact_url
+from gehirn_ts.redact import redact_secret
 from gehirn_ts.store.db import (
     ROUTE_ACTIONS,
     Attempt,
@@ -86,7 +86,7 @@ def subscription_json(sub: Subscription) -> dict[str, Any]:
         "id": sub.id,
         "account": sub.account,
         "pattern": sub.pattern,
-        "url": redact_url(sub.url),
+        "url": registry.redact(sub.url),
         "secret": redact_secret(sub.secret),
         "template": sub.template,
         "created_at": iso(sub.created_at),

@@ -1,5 +1,11 @@
 """The e-mail destination: ``mailto:a@example.org[,b@example.org]`` (RFC 6068).
 
+Loop protection: every message carries ``X-Gehirn-Loop: N``, one more than the hops of
+the event it reports (``data.loop_hops``: a ``mail.received`` event counts the marker of
+the mail that came in; an ``edj.delivery.failed`` event carries its event's count). At
+``limit`` hops the destination sends nothing (PermFail "mail loop"), so a subscription
+that mails received mail back to an address served here stops after ``limit`` rounds.
+
 An event becomes a short text message queued in the outbound queue; the destination's
 work is done (Delivered) once the message is durably queued, and what then happens to
 it is reported by the queue as ``mail.*`` events. The queue id derives from the
@@ -42,6 +48,11 @@ def parse_mailto(url: str) -> list[str]:
         raise ValueError(e.message)
 
 
+def loop_hops(event: Event) -> int:
+    value = event.data.get("loop_hops") if isinstance(event.data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def subject_of(event: Event) -> str:
     subject = f" {event.subject}" if event.subject else ""
     return f"[{event.severity}] {event.type}{subject}"[:200]
@@ -68,8 +79,16 @@ class EmailDestination:
     kind = "email"
 
     def __init__(
-        self, url: str, *, outbound: Any, account_id: AccountId, sender: str, clock: Any
+        self,
+        url: str,
+        *,
+        outbound: Any,
+        account_id: AccountId,
+        sender: str,
+        clock: Any,
+        loop_limit: int = 3,
     ) -> None:
+        self._loop_limit = loop_limit
         self._url = url
         self._to = parse_mailto(url)
         self._outbound = outbound
@@ -87,6 +106,12 @@ class EmailDestination:
     async def _deliver(self, event: Event, rendered: bytes, delivery_id: str) -> Result:
         if self._outbound is None:
             return PermFail("no outbound queue in this daemon")
+        hops = loop_hops(event)
+        if hops >= self._loop_limit:
+            return PermFail(
+                f"mail loop: the event comes from mail that went through {hops} e-mail "
+                f"deliveries (the limit is {self._loop_limit}); not sent"
+            )
         qid = f"edj.{delivery_id}"
         request = parse_send(
             {
@@ -95,7 +120,11 @@ class EmailDestination:
                 "subject": subject_of(event),
                 "text": rendered.decode("utf-8", "replace"),
                 # RFC 3834: machine-made; auto-responders must not answer it.
-                "headers": {"Auto-Submitted": "auto-generated", "X-Gehirn-Event": event.id},
+                "headers": {
+                    "Auto-Submitted": "auto-generated",
+                    "X-Gehirn-Event": event.id,
+                    "X-Gehirn-Loop": str(hops + 1),
+                },
             }
         )
         data = build_message(
