@@ -27,6 +27,7 @@ CONFIG = """[Global]
     PidFile = {dir}/ngircd.pid
     ServerUID = {uid}
     ServerGID = {gid}
+    Password = {password}
 [Limits]
     MaxNickLength = 30
     PingTimeout = 120
@@ -39,14 +40,16 @@ CONFIG = """[Global]
 
 
 class Ngircd:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str = "") -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gehirn-ngircd-"))
         os.chmod(self.dir, 0o777)
         uid = "nobody" if os.geteuid() == 0 else str(os.geteuid())
         gid = "nogroup" if os.geteuid() == 0 else str(os.getegid())
         self.conf = self.dir / "ngircd.conf"
-        self.conf.write_text(CONFIG.format(port=self.port, dir=self.dir, uid=uid, gid=gid))
+        self.conf.write_text(
+            CONFIG.format(port=self.port, dir=self.dir, uid=uid, gid=gid, password=password)
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Ngircd:
@@ -78,8 +81,9 @@ class Listener(irc.IRCClient):
 
     lineRate = None
 
-    def __init__(self, nick: str, channels: list[str]) -> None:
+    def __init__(self, nick: str, channels: list[str], password: str | None = None) -> None:
         self.nickname = nick
+        self.password = password
         self.channels_wanted = channels
         self.joined_channels: set[str] = set()
         self.heard: list[tuple[str, str, str, float]] = []
@@ -106,8 +110,10 @@ class Listener(irc.IRCClient):
         return [h[2] for h in self.heard]
 
 
-async def listen(testcase: Any, server: Ngircd, nick: str, *channels: str) -> Listener:
-    listener = Listener(nick, list(channels))
+async def listen(
+    testcase: Any, server: Ngircd, nick: str, *channels: str, password: str | None = None
+) -> Listener:
+    listener = Listener(nick, list(channels), password)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port), listener)
 
     def close() -> None:

@@ -119,3 +119,18 @@ class IrcTests(TestCase):
         for event_id in during:
             await d.wait_status(token, event_id, "delivered")
         await until(lambda: {"event 2", "event 3"} <= set(listener.texts()))
+
+    @inline
+    async def test_server_password(self) -> None:
+        server = Ngircd(password="s3cret").start()
+        self.addCleanup(server.stop)
+        listener = await listen(self, server, "watcher", "#ops", password="s3cret")
+        d, token = await self._daemon()
+        sub = await d.subscribe(
+            token, "notice.#", f"irc://gehirnbot:s3cret@127.0.0.1:{server.port}/#ops"
+        )
+        assert "s3cret" not in sub["url"]
+        event_id = await self._publish(d, token, "with a password", n="1")
+        await d.wait_status(token, event_id, "delivered")
+        await until(lambda: listener.texts())
+        assert listener.texts()[0] == "[info] notice.fault: with a password"
