@@ -28,6 +28,7 @@ CONFIG = """[Global]
     ServerUID = {uid}
     ServerGID = {gid}
     Password = {password}
+{ssl}
 [Limits]
     MaxNickLength = 30
     PingTimeout = 120
@@ -40,15 +41,31 @@ CONFIG = """[Global]
 
 
 class Ngircd:
-    def __init__(self, port: int | None = None, password: str = "") -> None:
+    def __init__(
+        self, port: int | None = None, password: str = "", tls_port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gehirn-ngircd-"))
         os.chmod(self.dir, 0o777)
         uid = "nobody" if os.geteuid() == 0 else str(os.geteuid())
         gid = "nogroup" if os.geteuid() == 0 else str(os.getegid())
         self.conf = self.dir / "ngircd.conf"
+        ssl = ""
+        self.tls_port = tls_port
+        if tls_port is not None:
+            from gehirn_ts.mta.tls import make_self_signed
+
+            make_self_signed(self.dir / "cert.pem", self.dir / "key.pem", "irc.gehirn.test")
+            for name in ("cert.pem", "key.pem"):
+                os.chmod(self.dir / name, 0o644)  # read after ngircd drops privileges
+            ssl = (
+                f"[SSL]\n    CertFile = {self.dir}/cert.pem\n    KeyFile = {self.dir}/key.pem\n"
+                f"    Ports = {tls_port}\n"
+            )
         self.conf.write_text(
-            CONFIG.format(port=self.port, dir=self.dir, uid=uid, gid=gid, password=password)
+            CONFIG.format(
+                port=self.port, dir=self.dir, uid=uid, gid=gid, password=password, ssl=ssl
+            )
         )
         self.proc: subprocess.Popen[bytes] | None = None
 

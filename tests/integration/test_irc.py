@@ -134,3 +134,22 @@ class IrcTests(TestCase):
         await d.wait_status(token, event_id, "delivered")
         await until(lambda: listener.texts())
         assert listener.texts()[0] == "[info] notice.fault: with a password"
+
+    @inline
+    async def test_tls_and_nickserv_identify(self) -> None:
+        from tests.support import free_port
+
+        server = Ngircd(tls_port=free_port()).start()
+        self.addCleanup(server.stop)
+        listener = await listen(self, server, "watcher", "#ops")
+        # A client may take the nick NickServ on a server without services: it hears
+        # what the bot sends there.
+        nickserv = await listen(self, server, "NickServ")
+        d, token = await self._daemon()
+        url = f"ircs://gehirnbot:idpass@127.0.0.1:{server.tls_port}/%23ops?auth=nickserv&verify=0"
+        await d.subscribe(token, "notice.#", url)
+        event_id = await self._publish(d, token, "over TLS", n="1")
+        await d.wait_status(token, event_id, "delivered")
+        await until(lambda: listener.texts() and nickserv.texts())
+        assert listener.texts()[0] == "[info] notice.fault: over TLS"
+        assert nickserv.texts() == ["IDENTIFY idpass"]
