@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.smtp import BIN, ENV, POSTFIX_MAIN, smtp_source, wait_port  # noqa: E402
+from bench.smtp import ENV, POSTFIX_MAIN, smtp_source, start_gehirn, wait_port  # noqa: E402
 from tests.dnstest import dns_server  # noqa: E402
 from tests.sink import Sink  # noqa: E402
 from tests.support import free_port  # noqa: E402
@@ -58,14 +58,7 @@ def gehirn(results: dict[str, str]) -> None:
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {zone.port}\n'
         f"[outbound]\nport = {port}\nconcurrency = 20\nper_domain = 20\n"
     )
-    log = (work / "twistd.log").open("wb")
-    proc = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
-        cwd=work,
-        env=ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_gehirn(work)
     try:
         deadline = time.monotonic() + 30
         while not (work / "var" / "admin.key").exists() and time.monotonic() < deadline:

@@ -78,6 +78,18 @@ def rss_mb(pid: int, field: str) -> float:
     return 0.0
 
 
+def start_gehirn(work: Path) -> subprocess.Popen[bytes]:
+    """The daemon on ``work/c.toml``, its output in ``work/twistd.log``."""
+    log = (work / "twistd.log").open("wb")
+    return subprocess.Popen(
+        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
+        cwd=work,
+        env=ENV,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
 def gehirn(results: dict[str, list[str]]) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gehirn-"))
     port, http = free_port(), free_port()
@@ -88,14 +100,7 @@ def gehirn(results: dict[str, list[str]]) -> None:
         f'submissions = ""\nbootstrap_domain = "bench.test"\nmax_connections_per_ip = 200\n'
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
     )
-    log = (work / "twistd.log").open("wb")
-    proc = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
-        cwd=work,
-        env=ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_gehirn(work)
     try:
         wait_port(port)
         row = []

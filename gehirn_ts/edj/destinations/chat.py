@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from gehirn_ts.edj.destinations.http import HttpReply, classify, post
+from gehirn_ts.edj.destinations.http import HttpReply, classify, post, post_form
 from gehirn_ts.edj.render import split_message
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, IDestination, PermFail, Result, TempFail
@@ -195,15 +195,7 @@ class PushoverDestination:
 
     async def _deliver(self, event: Event, rendered: bytes) -> Result:
         form = pushover_form(self._settings, event, rendered)
-        reply = await post(
-            self._http,
-            self._clock,
-            self._target,
-            urlencode(form).encode(),
-            {"content-type": "application/x-www-form-urlencoded"},
-            None,
-            self._timeout,
-        )
+        reply = await post_form(self._http, self._clock, self._target, form, None, self._timeout)
         if isinstance(reply, Result):
             return reply
         reason = _pushover_reason(reply)

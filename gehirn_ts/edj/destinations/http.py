@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError, Deferred
@@ -161,3 +161,23 @@ async def post(
     except Exception:
         data = b""
     return HttpReply(response.code, data, retry_after)
+
+
+async def post_form(
+    http: Any,
+    clock: IReactorTime,
+    url: str,
+    form: dict[str, str],
+    auth: tuple[str, str] | None,
+    timeout: float,
+) -> HttpReply | Result:
+    """A form POST (application/x-www-form-urlencoded), as Pushover and Twilio take."""
+    return await post(
+        http,
+        clock,
+        url,
+        urlencode(form).encode(),
+        {"content-type": "application/x-www-form-urlencoded"},
+        auth,
+        timeout,
+    )

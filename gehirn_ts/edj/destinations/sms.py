@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from gehirn_ts.edj.destinations.http import HttpReply, post
+from gehirn_ts.edj.destinations.http import HttpReply, post_form
 from gehirn_ts.edj.render import split_message
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, IDestination, PermFail, Result, TempFail
@@ -143,14 +143,9 @@ class SmsDestination:
         text = sms_text(rendered)
         for number in self._s["to"]:
             form = {"To": number, "From": self._s["from"], "Body": text}
-            reply = await post(
-                self._http,
-                self._clock,
-                self._target,
-                urlencode(form).encode(),
-                {"content-type": "application/x-www-form-urlencoded"},
-                (self._s["sid"], self._s["token"]),
-                self._timeout,
+            auth = (self._s["sid"], self._s["token"])
+            reply = await post_form(
+                self._http, self._clock, self._target, form, auth, self._timeout
             )
             if isinstance(reply, Result):
                 return reply
