@@ -3,9 +3,9 @@ subscription that names them.
 
 URL: ``irc://nick[:password]@host[:port]/#channel[,#other][?notice=1&auth=sasl|nickserv]``
 (``#`` may also be written ``%23``); ``ircs://`` is TLS, the certificate verified unless
-``?verify=0``. The password is the server password (PASS), or with ``auth=nickserv`` an
-IDENTIFY to NickServ after registration; ``auth=sasl`` (SASL PLAIN, IRCv3) is not
-offered: ngircd, the server the tests run, has no SASL to test it against.
+``?verify=0``. The password is the server password (PASS); with ``auth=nickserv`` an
+IDENTIFY to NickServ after registration; with ``auth=sasl`` SASL PLAIN during
+registration (IRCv3 CAP + AUTHENTICATE), a refusal being a permanent failure.
 
 The bot (twisted.words ``IRCClient``) answers PING, takes ``nick_`` when its nick is in
 use, joins channels as deliveries need them, and reconnects with backoff
@@ -19,6 +19,7 @@ first it is a TempFail and the worker retries it after the reconnect.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -49,12 +50,16 @@ LINE_LIMIT = 512  # RFC 2812 section 2.3, CRLF included
 # What the server puts before our text when it relays it: ":nick!user@host ". The host
 # is at most 63 bytes; nick and user are sized generously.
 PREFIX_ALLOWANCE = 1 + 30 + 1 + 10 + 1 + 63 + 1
-_CHANNEL = re.compile(r"^[#&][^\x00\x07\r\n ,:]{1,49}$")
+_CHANNEL = re.compile(r"^[#&][^\x00\x07\r\n ,:?]{1,49}$")
 _NICK = re.compile(r"^[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]{0,29}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class JoinRefused(Exception):
+    pass
+
+
+class AuthFailed(Exception):
     pass
 
 
@@ -90,8 +95,11 @@ def parse_irc_url(url: str) -> IrcSettings:
     if not _NICK.match(nick):
         raise ValueError("irc://NICK@host/#channel: a valid nick (letters first, max 30)")
     raw = unquote(parts.path.lstrip("/"))
-    if parts.fragment:
-        raw += "#" + unquote(parts.fragment)
+    # "/#chan?notice=1": URL syntax puts the options inside the fragment; take them out.
+    fragment, _, extra = parts.fragment.partition("?")
+    query = "&".join(q for q in (parts.query, extra) if q)
+    if fragment:
+        raw += "#" + unquote(fragment)
     channels = []
     for name in (c.strip() for c in raw.split(",")):
         if not name:
@@ -104,15 +112,15 @@ def parse_irc_url(url: str) -> IrcSettings:
     if not channels or len(channels) > 10:
         raise ValueError("1 to 10 channels: irc://nick@host/#channel[,#other]")
     options: dict[str, str] = {}
-    for name, values in parse_qs(parts.query, keep_blank_values=True).items():
+    for name, values in parse_qs(query, keep_blank_values=True).items():
         if name not in ("notice", "auth", "verify"):
             raise ValueError(f"unknown option {name!r} (notice, auth, verify)")
         options[name] = values[-1]
     auth = options.get("auth", "pass")
-    if auth == "sasl":
-        raise ValueError("auth=sasl is not supported; use auth=nickserv or a server password")
-    if auth not in ("pass", "nickserv"):
-        raise ValueError("auth is nickserv (or absent: the password is the server's)")
+    if auth not in ("pass", "nickserv", "sasl"):
+        raise ValueError("auth is sasl or nickserv (or absent: the password is the server's)")
+    if auth == "sasl" and not parts.password:
+        raise ValueError("auth=sasl needs a password: irc://nick:password@host/...")
     for flag in ("notice", "verify"):
         if options.get(flag, "1") not in ("0", "1"):
             raise ValueError(f"{flag} is 0 or 1")
@@ -167,6 +175,41 @@ class _BotProtocol(irc.IRCClient):
         self.nickname = bot.settings.nick
         s = bot.settings
         self.password = s.password if s.auth == "pass" and s.password else None  # type: ignore[assignment]
+
+    def register(self, nickname: str, hostname: str = "foo", servername: str = "bar") -> None:
+        if self.bot.settings.auth == "sasl":
+            # IRCv3: registration waits for CAP END, sent once SASL is done.
+            self._write("CAP REQ :sasl")
+        irc.IRCClient.register(self, nickname, hostname, servername)
+
+    def irc_CAP(self, prefix: str, params: list[str]) -> None:
+        if self.bot.settings.auth != "sasl" or len(params) < 3:
+            return
+        if params[1].upper() == "ACK" and "sasl" in params[2].lower().split():
+            self._write("AUTHENTICATE PLAIN")
+        elif params[1].upper() == "NAK":
+            self._sasl_failed("the server does not offer SASL")
+
+    def irc_AUTHENTICATE(self, prefix: str, params: list[str]) -> None:
+        if params and params[0] == "+":
+            s = self.bot.settings
+            plain = f"{s.nick}\0{s.nick}\0{s.password or ''}".encode()
+            self._write("AUTHENTICATE " + base64.b64encode(plain).decode())
+
+    def irc_903(self, prefix: str, params: list[str]) -> None:  # RPL_SASLSUCCESS
+        self._write("CAP END")
+
+    def _sasl_refused(self, prefix: str, params: list[str]) -> None:
+        self._sasl_failed(params[-1] if params else "refused")
+
+    irc_902 = irc_904 = irc_905 = irc_906 = irc_908 = _sasl_refused
+
+    def _sasl_failed(self, reason: str) -> None:
+        self._write("CAP END")
+        self._write("QUIT :authentication failed")
+        self.bot._auth_failed(f"SASL authentication failed: {reason}")
+        assert self.transport is not None
+        self.transport.loseConnection()
 
     def signedOn(self) -> None:
         s = self.bot.settings
@@ -227,6 +270,7 @@ class IrcBot:
         self._ready: list[Deferred[_BotProtocol]] = []
         self._joined_channels: set[str] = set()
         self._join_waiters: dict[str, list[Deferred[None]]] = {}
+        self.auth_error: str | None = None
         endpoint: Any = GuardedEndpoint(
             reactor, settings.host, settings.port, policy, connect_timeout
         )
@@ -245,6 +289,20 @@ class IrcBot:
         )
 
     # --- connection state ---
+
+    def _auth_failed(self, reason: str) -> None:
+        """Wrong credentials: no reconnecting with them; waiting deliveries fail."""
+        self.auth_error = reason
+        log.warn(
+            "IRC bot {nick}@{host}: {reason}",
+            nick=self.settings.nick,
+            host=self.settings.host,
+            reason=reason,
+        )
+        self.service.stopService()
+        waiters, self._ready = self._ready, []
+        for d in waiters:
+            d.errback(AuthFailed(reason))
 
     def _signed_on(self, proto: _BotProtocol) -> None:
         self._proto = proto
@@ -365,6 +423,8 @@ class IrcNetwork(Service):
 
     def bot(self, settings: IrcSettings) -> IrcBot:
         bot = self.bots.get(settings.key)
+        if bot is not None and bot.auth_error is not None:
+            bot = None  # credentials refused last time: try afresh (they may be fixed)
         if bot is None:
             bot = IrcBot(
                 settings,
@@ -413,6 +473,8 @@ class IrcDestination:
             await bot.ready(self._timeout)
         except defer.TimeoutError:
             return TempFail(f"not connected to {s.host}:{s.port} yet")
+        except AuthFailed as e:
+            return PermFail(str(e))
         command = "NOTICE" if s.notice else "PRIVMSG"
         lines = []
         for channel in s.channels:
