@@ -29,6 +29,7 @@ from gehirn_ts.edj.destinations.irc import IrcNetwork
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.dkim import verify as dkim_verify
 from gehirn_ts.mta.esmtp import EsmtpFactory, Settings
 from gehirn_ts.mta.inbound import Inbound
@@ -151,9 +152,10 @@ def build(config: Config, reactor: Any) -> MultiService:
             publish_timeout=config.bus.publish_timeout,
         )
     bus.setServiceParent(top)
-    publisher = Publisher(store, bus)
+    metrics = Metrics()
+    publisher = Publisher(store, bus, metrics)
     mail = MailStore(store)
-    queue, outbound = _outbound(config, reactor, store, publisher)
+    queue, outbound = _outbound(config, reactor, store, publisher, metrics)
     irc_bots = IrcNetwork(
         reactor,
         policy,
@@ -184,6 +186,7 @@ def build(config: Config, reactor: Any) -> MultiService:
             config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after
         ),
         clock=reactor,
+        metrics=metrics,
     )
     edj.setServiceParent(top)
     queue.setServiceParent(top)
@@ -210,7 +213,19 @@ def build(config: Config, reactor: Any) -> MultiService:
             routes, config.state_dir / "kvs", config.smtp.retention, reactor
         ).setServiceParent(top)
 
-    api = Api(store, publisher, edj, policy, mail, inbound, routes, outbound, queue.store, reactor)
+    api = Api(
+        store,
+        publisher,
+        edj,
+        policy,
+        mail,
+        inbound,
+        routes,
+        outbound,
+        queue.store,
+        reactor,
+        metrics,
+    )
     site = make_site(api, store, config.http.max_body)
     web = StreamServerEndpointService(serverFromString(reactor, config.http.listen), site)
     web._raiseSynchronously = True
@@ -254,6 +269,7 @@ def build(config: Config, reactor: Any) -> MultiService:
             clock=reactor,
             tls=tls,
             implicit_tls=implicit,
+            metrics=metrics,
         )
         if implicit:
             factory = TLSMemoryBIOFactory(tls, False, factory)
@@ -264,7 +280,7 @@ def build(config: Config, reactor: Any) -> MultiService:
 
 
 def _outbound(
-    config: Config, reactor: Any, store: Store, publisher: Publisher
+    config: Config, reactor: Any, store: Store, publisher: Publisher, metrics: Metrics
 ) -> tuple[MailQueue, Outbound]:
     ob = config.outbound
     hostname = config.smtp.hostname
@@ -302,6 +318,7 @@ def _outbound(
         ),
         concurrency=ob.concurrency,
         per_domain=ob.per_domain,
+        metrics=metrics,
     )
     outbound = Outbound(
         store=queue_store,

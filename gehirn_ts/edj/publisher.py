@@ -6,13 +6,15 @@ from twisted.internet.defer import Deferred
 
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import IEventBus
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.store.db import Store
 
 
 class Publisher:
-    def __init__(self, store: Store, bus: IEventBus) -> None:
+    def __init__(self, store: Store, bus: IEventBus, metrics: Metrics | None = None) -> None:
         self._store = store
         self._bus = bus
+        self._metrics = metrics or Metrics()
 
     def publish(self, event: Event) -> Deferred[None]:
         return Deferred.fromCoroutine(self._publish(event))
@@ -23,3 +25,4 @@ class Publisher:
         # idempotent, and it mends a publish that crashed between the two steps.
         await self._store.insert_event(event)
         await self._bus.publish(event)
+        self._metrics.events_published.inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -21,6 +22,7 @@ from gehirn_ts.edj.retry import next_delay
 from gehirn_ts.edj.router import route
 from gehirn_ts.events import EDJ_DELIVERY_FAILED, Event, event_from_json
 from gehirn_ts.interfaces import BusMessage, Delivered, IEventBus, PermFail, Requeue, Result
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.store.db import Delivery, NotFound, Store, Subscription
 
 log = Logger()
@@ -49,7 +51,9 @@ class EdjService(Service):
         retry: RetryPolicy,
         clock: IReactorTime,
         source: str = "/gehirn-ts/edj",
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._store = store
         self._bus = bus
         self._publisher = publisher
@@ -110,18 +114,37 @@ class EdjService(Service):
             await self._store.set_delivery_status(delivery_id, "cancelled")
             return
         started = self._clock.seconds()
-        result = await self._attempt(event, sub, delivery_id)
+        kind, result = await self._attempt(event, sub, delivery_id)
         duration = self._clock.seconds() - started
         await self._settle(delivery, event, sub, result, started, duration)
+        self._measure(kind, event, result, delivery)
 
-    async def _attempt(self, event: Event, sub: Subscription, delivery_id: str) -> Result:
+    async def _attempt(
+        self, event: Event, sub: Subscription, delivery_id: str
+    ) -> tuple[str, Result]:
         try:
             destination = registry.build(sub.url, sub.secret, self._ctx)
             body = render(event, destination.kind, sub.template)
         except ValueError as e:
-            return PermFail(f"destination unusable: {e}")
+            return "unusable", PermFail(f"destination unusable: {e}")
         result: Result = await destination.deliver(event, body, delivery_id)
-        return result
+        return str(destination.kind), result
+
+    def _measure(self, kind: str, event: Event, result: Result, delivery: Delivery) -> None:
+        if isinstance(result, Delivered):
+            outcome = "delivered"
+            try:
+                sent = datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp()
+                self._metrics.delivery_latency.labels(kind).observe(
+                    max(0.0, self._clock.seconds() - sent)
+                )
+            except ValueError:
+                pass
+        elif isinstance(result, PermFail):
+            outcome = "dead"
+        else:
+            outcome = "retry"
+        self._metrics.deliveries.labels(kind, outcome).inc()
 
     async def _settle(
         self,

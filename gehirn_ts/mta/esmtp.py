@@ -34,6 +34,7 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.mail import smtp
 
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox, parse_path
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
@@ -132,6 +133,9 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             self._closing = True
             return
         self._counted = True
+        self.f.metrics.smtp_sessions.labels(self.f.listener).inc()
+        if self.session.tls:
+            self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()
         self.sendLine(b"220 " + self.host + b" ESMTP gehirn-ts")
         self.setTimeout(self.timeout)
 
@@ -339,6 +343,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         else:
             self._reply(replies.READY_TLS)
             self._transport.startTLS(self.f.tls)
+            self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()
             self.canStartTLS = False
             # RFC 3207 section 4.2: discard what was pipelined in clear, forget the session.
             self._lines.clear()
@@ -433,6 +438,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         account = await self.f.policy.authenticate(username, secret) if username else None
         if account is None:
             self.f.auth_failed(self.session.client_ip)
+            self.f.metrics.smtp_auth_failures.labels(self.f.listener).inc()
             log.info(
                 "SMTP AUTH failed for {user!r} from {ip}",
                 user=username[:64],
@@ -604,6 +610,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             return
         # Durable (file and directory fsync'd): now, and only now, the 250.
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+        self.f.metrics.mail_received.labels(self.f.listener).inc()
         log.info(
             "received {qid} from {ip}: {size} bytes for {n} recipients",
             qid=envelope.queue_id,
@@ -652,7 +659,9 @@ class EsmtpFactory(ServerFactory):
         clock: IReactorTime,
         tls: Any = None,
         implicit_tls: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.listener = listener
         self.policy = policy

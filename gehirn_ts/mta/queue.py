@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.store.queue import (
     AttemptRecord,
@@ -84,7 +85,9 @@ class MailQueue(Service):
         concurrency: int = 20,
         per_domain: int = 5,
         poll: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self.store = store
         self._courier = courier
         self.directory = directory
@@ -193,6 +196,11 @@ class MailQueue(Service):
             )
         finally:
             if self.running:
+                count, oldest = await self.store.stats()
+                self._metrics.queue_recipients.set(count)
+                self._metrics.queue_oldest.set(
+                    max(0.0, self._clock.seconds() - oldest) if oldest is not None else 0
+                )
                 self._arm(await self.store.next_due())
 
     async def _send_reports(self) -> None:
@@ -289,6 +297,14 @@ class MailQueue(Service):
             for o in outcomes
         ]
         await self.store.record(msg.id, updates, attempts, now)
+        for u in updates:
+            if u.outcome in ("delivered", "relayed"):
+                self._metrics.mail_sent.inc()
+                self._metrics.mail_latency.observe(max(0.0, now - msg.created_at))
+            elif u.outcome == "failed":
+                self._metrics.mail_bounced.inc()
+            else:
+                self._metrics.mail_deferred.inc()
         for u in updates:
             log.info(
                 "{qid} to {rcpt}: {outcome} ({reply})",

@@ -262,6 +262,19 @@ class QueueStore:
 
         return self._read(tx)  # type: ignore[no-any-return]
 
+    def stats(self) -> Deferred[tuple[int, float | None]]:
+        """(recipients queued, when the oldest message still queued was queued)."""
+
+        def tx(cur: Cursor) -> tuple[int, float | None]:
+            cur.execute(
+                "SELECT COUNT(*), MIN(m.created_at) FROM outbound_rcpts r "
+                "JOIN outbound m ON m.id = r.message_id WHERE r.status = 'queued'"
+            )
+            count, oldest = cur.fetchone()
+            return int(count), oldest
+
+        return self._read(tx)  # type: ignore[no-any-return]
+
     def next_due(self) -> Deferred[float | None]:
         def tx(cur: Cursor) -> float | None:
             cur.execute(

@@ -27,6 +27,7 @@ from gehirn_ts.events import (
     validate_pattern,
 )
 from gehirn_ts.interfaces import BusUnavailable
+from gehirn_ts.metrics import CONTENT_TYPE, Metrics
 from gehirn_ts.mta.address import parse_path
 from gehirn_ts.mta.compose import (
     FieldError,
@@ -136,7 +137,9 @@ class Api:
         outbound: Outbound | None = None,
         queue: QueueStore | None = None,
         clock: Any = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics or Metrics()
         self._outbound = outbound
         self._queue = queue
         self._clock = clock
@@ -151,6 +154,7 @@ class Api:
     def routes(self) -> list[Route]:
         return [
             Route("GET", "/healthz", self.healthz, (200, 503), auth=False),
+            Route("GET", "/metrics", self.metrics, (200,), auth=False),
             Route("POST", "/v1/events", self.publish, (202, 400, 401, 403, 409, 413, 415, 503)),
             Route("GET", "/v1/events/{id}", self.get_event, (200, 401, 404)),
             Route(
@@ -175,6 +179,10 @@ class Api:
         ]
 
     # --- handlers ---
+
+    async def metrics(self, call: Call) -> Response:
+        """Prometheus text format; no secrets in it, so no key (as exporters are)."""
+        return Response(200, raw=self._metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def healthz(self, call: Call) -> Response:
         try:
