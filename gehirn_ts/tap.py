@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from gehirn_ts.mta.relay import Settings as RelaySettings
 from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
-from gehirn_ts.mta.tls import make_self_signed, server_options
+from gehirn_ts.mta.tls import ReloadableTLS, make_self_signed, server_options
 from gehirn_ts.store.db import (
     MailStore,
     RouteStore,
@@ -128,7 +129,7 @@ def prepare_state(config: Config, now: float) -> Path:
     return db
 
 
-def build(config: Config, reactor: Any) -> MultiService:
+def build(config: Config, reactor: Any, config_path: str | None = None) -> MultiService:
     db = prepare_state(config, reactor.seconds())
     top = OrderedService()
     store = Store(db, reactor)
@@ -232,7 +233,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     web.setServiceParent(top)
 
     smtp = config.smtp
-    tls = _tls_options(config)
+    tls = ReloadableTLS(_tls_options(config))
     relay = RelayPolicy(
         mail.domain_owner,
         mail.smtp_authenticate,
@@ -241,17 +242,8 @@ def build(config: Config, reactor: Any) -> MultiService:
         spf_fail=smtp.spf_fail,
         routes=routes.resolve,
     )
-    settings = Settings(
-        hostname=smtp.hostname,
-        max_message_size=smtp.max_message_size,
-        max_recipients=smtp.max_recipients,
-        max_line=smtp.max_line,
-        idle_timeout=smtp.idle_timeout,
-        max_connections_per_ip=smtp.max_connections_per_ip,
-        auth_failures=smtp.auth_failures,
-        auth_failure_window=smtp.auth_failure_window,
-        discard_ehlo_keywords=frozenset(smtp.discard_ehlo_keywords),
-    )
+    settings = _smtp_settings(config)
+    factories: list[EsmtpFactory] = []
     for listener, description in (
         ("smtp", smtp.listen),
         ("submission", smtp.submission),
@@ -271,12 +263,113 @@ def build(config: Config, reactor: Any) -> MultiService:
             implicit_tls=implicit,
             metrics=metrics,
         )
+        factories.append(factory)
         if implicit:
             factory = TLSMemoryBIOFactory(tls, False, factory)
         service = StreamServerEndpointService(serverFromString(reactor, description), factory)
         service._raiseSynchronously = True
         service.setServiceParent(top)
+
+    def apply(new: Config) -> None:
+        """What a SIGHUP changes: the TLS certificate, the SMTP limits and relay policy,
+        the config's routes; the rest is read at start only."""
+        tls.options = _tls_options(new)
+        for factory in factories:
+            factory.settings = _smtp_settings(new)
+        relay.reconfigure(new.smtp.trusted_networks, new.smtp.spf_fail)
+        routes.set_static(new.smtp.routes)
+        fixed = _restart_only_changes(config, new)
+        if fixed:
+            log.warn(
+                "reloaded; these changed keys take effect at the next start: {keys}",
+                keys=", ".join(fixed),
+            )
+        else:
+            log.info("reloaded the configuration and the TLS certificate")
+
+    _Reloader(config_path, apply, reactor).setServiceParent(top)
     return top
+
+
+RELOADABLE = frozenset(
+    {
+        "smtp.tls_cert",
+        "smtp.tls_key",
+        "smtp.trusted_networks",
+        "smtp.spf_fail",
+        "smtp.routes",
+        "smtp.max_message_size",
+        "smtp.max_recipients",
+        "smtp.max_line",
+        "smtp.idle_timeout",
+        "smtp.max_connections_per_ip",
+        "smtp.auth_failures",
+        "smtp.auth_failure_window",
+        "smtp.discard_ehlo_keywords",
+    }
+)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    import dataclasses
+
+    changed = []
+    for section in dataclasses.fields(old):
+        a, b = getattr(old, section.name), getattr(new, section.name)
+        for f in dataclasses.fields(a):
+            key = f"{section.name}.{f.name}"
+            if getattr(a, f.name) != getattr(b, f.name) and key not in RELOADABLE:
+                changed.append(key)
+    return changed
+
+
+def _smtp_settings(config: Config) -> Settings:
+    smtp = config.smtp
+    return Settings(
+        hostname=smtp.hostname,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_line=smtp.max_line,
+        idle_timeout=smtp.idle_timeout,
+        max_connections_per_ip=smtp.max_connections_per_ip,
+        auth_failures=smtp.auth_failures,
+        auth_failure_window=smtp.auth_failure_window,
+        discard_ehlo_keywords=frozenset(smtp.discard_ehlo_keywords),
+    )
+
+
+class _Reloader(Service):
+    """SIGHUP: read the config file again and apply what can change while running. A
+    config with errors is refused whole (logged, every bad key named); nothing changes."""
+
+    def __init__(self, path: str | None, apply: Any, reactor: Any) -> None:
+        self._path = path
+        self._apply = apply
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(signal.SIGHUP, self._on_hup)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        try:
+            new = load(self._path)
+            self._apply(new)
+        except ConfigError as e:
+            log.error("SIGHUP: the configuration was not reloaded: {errors}", errors=str(e))
+        except Exception:
+            log.failure("SIGHUP: the configuration was not reloaded")
 
 
 def _outbound(
@@ -400,7 +493,7 @@ def makeService(options: Options) -> IService:
 
     try:
         config = load(options["config"])
-        return build(config, reactor)
+        return build(config, reactor, options["config"])
     except (ConfigError, SchemaError) as e:
         print(f"gehirn-ts: {e}", file=sys.stderr)
         raise SystemExit(2)

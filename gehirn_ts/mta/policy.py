@@ -47,6 +47,11 @@ class RelayPolicy:
         self._spf = spf
         self._spf_fail = spf_fail
 
+    def reconfigure(self, trusted_networks: Sequence[str], spf_fail: str) -> None:
+        """New settings from a reloaded config (SIGHUP); sessions check them from now on."""
+        self._trusted = Networks(trusted_networks)
+        self._spf_fail = spf_fail
+
     async def check_sender(self, sender: Mailbox | None, session: Session) -> SpfResult | None:
         """SPF for clients that are neither authenticated nor trusted (RFC 7208)."""
         if self._spf is None or self.trusted(session):

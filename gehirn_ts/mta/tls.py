@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -12,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 
 def server_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
@@ -55,3 +58,18 @@ def make_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
             )
         )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableTLS:
+    """The listeners' TLS settings, replaceable while running (SIGHUP reloads the
+    certificate): each new connection or STARTTLS takes the current ones."""
+
+    def __init__(self, options: ssl.CertificateOptions) -> None:
+        self.options = options
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(tlsProtocol)

@@ -843,6 +843,10 @@ class RouteStore:
 
     def __init__(self, store: Store, static: Sequence[str] = ()) -> None:
         self._store = store
+        self.set_static(static)
+
+    def set_static(self, static: Sequence[str]) -> None:
+        """The config's routes (again, on SIGHUP)."""
         self._static = [parse_static_route(text) for text in static]
 
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:

@@ -57,8 +57,13 @@ class Daemon:
     """One gehirn-ts process on a temp directory; restartable on the same state."""
 
     def __init__(
-        self, workdir: Path, env: dict[str, str] | None = None, **sections: dict[str, Any]
+        self,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        twistd_args: tuple[str, ...] = (),
+        **sections: dict[str, Any],
     ) -> None:
+        self.twistd_args = twistd_args
         self.workdir = workdir
         self.env = ENV if env is None else env
         self.port = free_port()
@@ -98,6 +103,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [
                 str(BIN / "twistd"),
+                *self.twistd_args,
                 "--nodaemon",
                 "--pidfile=",
                 "gehirn-ts",
