@@ -27,6 +27,9 @@ class CliError(Exception):
     pass
 
 
+_config: Any = None  # the loaded configuration (main sets it)
+
+
 def _parser() -> argparse.ArgumentParser:
     # --json and --config are accepted before or after the command words.
     common = argparse.ArgumentParser(add_help=False)
@@ -80,6 +83,41 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("username")
     sr = smtp_user.add_parser("revoke", parents=[common], help="revoke SMTP credentials")
     sr.add_argument("username")
+
+    subs = sub.add_parser("subscription", help="event subscriptions").add_subparsers(
+        dest="cmd", required=True
+    )
+    uc = subs.add_parser("create", parents=[common], help="send an account's events somewhere")
+    uc.add_argument("account")
+    uc.add_argument("pattern", help='event types, AMQP-style: "mail.*", "notice.#"')
+    uc.add_argument("url", help="destination URL (docs/destinations.md)")
+    uc.add_argument("--secret", help="Standard Webhooks secret (whsec_...), webhooks only")
+    uc.add_argument("--template", help="message body template (docs/destinations.md)")
+    ul = subs.add_parser("list", parents=[common], help="list subscriptions (URLs redacted)")
+    ul.add_argument("--account")
+    ud = subs.add_parser("delete", parents=[common], help="delete a subscription")
+    ud.add_argument("id")
+
+    dlv = sub.add_parser("delivery", help="event deliveries and dead letters").add_subparsers(
+        dest="cmd", required=True
+    )
+    dl = dlv.add_parser("list", parents=[common], help="recent deliveries")
+    dl.add_argument("--status", choices=("pending", "delivered", "dead", "cancelled"))
+    dl.add_argument("--limit", type=int, default=50)
+    dr = dlv.add_parser("replay", parents=[common], help="deliver a dead letter again (daemon)")
+    dr.add_argument("id")
+
+    pub = sub.add_parser("publish", parents=[common], help="publish an event (through the daemon)")
+    pub.add_argument("type")
+    pub.add_argument("--account", help="the account (none: a broadcast)")
+    pub.add_argument("--subject")
+    pub.add_argument("--severity", choices=("info", "warning", "critical"), default="info")
+    pub.add_argument("--data", help="JSON data", default=None)
+    snd = sub.add_parser("send", parents=[common], help="send a test mail (through the daemon)")
+    snd.add_argument("--from", dest="sender", required=True)
+    snd.add_argument("--to", required=True, action="append")
+    snd.add_argument("--subject", default="gehirn-ts test")
+    snd.add_argument("--text", default="A test message sent with gehirn-ts send.\n")
 
     dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(
         dest="cmd", required=True
@@ -179,9 +217,151 @@ async def _run(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
         return {"revoked": args.username}, f"SMTP user {args.username} revoked"
     if args.group == "dkim":
         return await _dkim(args, store)
+    if args.group == "subscription":
+        return await _subscriptions(args, store)
+    if args.group == "delivery" and args.cmd == "list":
+        deliveries = await store.list_deliveries(None, args.status, max(1, min(args.limit, 1000)))
+        out = [
+            {
+                "id": x.id,
+                "event_id": x.event_id,
+                "subscription_id": x.subscription_id,
+                "status": x.status,
+                "attempts": x.attempts,
+                "last_error": x.last_error,
+                "updated_at": _iso(x.updated_at),
+            }
+            for x in deliveries
+        ]
+        text = "\n".join(
+            f"{r['id']}\t{r['status']}\t{r['attempts']} tries\t{r['last_error'] or ''}" for r in out
+        )
+        return out, text or "no deliveries"
+    if args.group in ("delivery", "publish", "send"):
+        return await _through_daemon(args)
     if args.group == "queue":
         return await _queue(args, store)
     raise CliError(f"unknown command {args.group} {args.cmd}")
+
+
+async def _subscriptions(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
+    from gehirn_ts.edj import registry
+    from gehirn_ts.edj.netguard import AddressPolicy
+    from gehirn_ts.edj.render import TemplateError, check_template
+    from gehirn_ts.events import PatternError, validate_pattern
+
+    if args.cmd == "create":
+        account = await store.account_by_name(args.account)
+        if account is None:
+            raise CliError(f"no account {args.account!r} (see: gehirn-ts account list)")
+        try:
+            pattern = validate_pattern(args.pattern)
+            registry.check(args.url, args.secret, AddressPolicy(_config.edj.allow_networks))
+            if args.template is not None:
+                check_template(args.template)
+        except (PatternError, TemplateError) as e:
+            raise CliError(str(e))
+        except registry.DestinationError as e:
+            raise CliError(f"{e.field}: {e.message}")
+        sub = await store.create_subscription(
+            account.id, pattern, args.url, args.secret, args.template
+        )
+        shown = {
+            "id": sub.id,
+            "account": sub.account,
+            "pattern": sub.pattern,
+            "url": registry.redact(sub.url),
+        }
+        return shown, f"subscription {sub.id}: {sub.pattern} -> {shown['url']}"
+    if args.cmd == "list":
+        account_id = None
+        if args.account:
+            account = await store.account_by_name(args.account)
+            if account is None:
+                raise CliError(f"no account {args.account!r}")
+            account_id = account.id
+        rows = [
+            {
+                "id": s.id,
+                "account": s.account,
+                "pattern": s.pattern,
+                "url": registry.redact(s.url),
+                "created_at": _iso(s.created_at),
+            }
+            for s in await store.list_subscriptions(account_id)
+        ]
+        text = "\n".join(f"{r['id']}\t{r['account']}\t{r['pattern']}\t{r['url']}" for r in rows)
+        return rows, text or "no subscriptions"
+    await store.delete_subscription(args.id, None)
+    return {"deleted": args.id}, f"subscription {args.id} deleted"
+
+
+async def _through_daemon(args: argparse.Namespace) -> tuple[Any, str]:
+    """Commands the running daemon carries out (the bus is its own): over its HTTP API,
+    with the admin key it wrote at first start."""
+    if args.group == "delivery":
+        _, body = await _api("POST", f"/v1/deliveries/{args.id}/replay", None)
+        return body, f"delivery {args.id} queued again ({body.get('status')})"
+    if args.group == "publish":
+        event: dict[str, Any] = {
+            "type": args.type,
+            "source": "/gehirn-ts/cli",
+            "severity": args.severity,
+        }
+        if args.account:
+            event["account"] = args.account
+        if args.subject:
+            event["subject"] = args.subject
+        if args.data is not None:
+            try:
+                event["data"] = json.loads(args.data)
+            except ValueError:
+                raise CliError("--data: not valid JSON")
+        _, body = await _api("POST", "/v1/events", event)
+        return body, f"event {body['id']} published"
+    message = {"from": args.sender, "to": args.to, "subject": args.subject, "text": args.text}
+    _, body = await _api("POST", "/v1/messages", message)
+    return body, f"message {body['id']} queued (gehirn-ts queue show {body['id']})"
+
+
+async def _api(method: str, path: str, body: Any) -> tuple[int, Any]:
+    import urllib.error
+    import urllib.request
+
+    from twisted.internet.threads import deferToThread
+
+    listen = _config.http.listen
+    port = listen.split(":")[1]
+    host = "127.0.0.1"
+    for part in listen.split(":")[2:]:
+        if part.startswith("interface="):
+            host = part.split("=", 1)[1] or host
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - where the daemon listens, not us
+        host = "127.0.0.1"
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    key_file = _config.state_dir / "admin.key"
+    try:
+        admin = key_file.read_text().strip()
+    except OSError:
+        raise CliError(f"cannot read the admin key {key_file} (run as the daemon's user)")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)  # noqa: S310 - http:// to the daemon, built above
+    request.add_header("authorization", f"Bearer {admin}")
+    request.add_header("content-type", "application/json")
+
+    def call() -> tuple[int, Any]:
+        try:
+            # The URL is built above from the config: http:// to the daemon only.
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as e:
+            error = json.loads(e.read() or b"{}").get("error", {})
+            raise CliError(f"{error.get('field', '')}: {error.get('message', e.reason)}")
+        except OSError as e:
+            raise CliError(f"cannot reach the daemon at {base} ({e}); is it running?")
+
+    result: tuple[int, Any] = await deferToThread(call)
+    return result
 
 
 async def _dkim(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
@@ -292,8 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # every parser that shares them), so fill in the absent ones here.
     args.json = getattr(args, "json", False)
     args.config = getattr(args, "config", None)
+    global _config
     try:
-        config = load(args.config)
+        config = _config = load(args.config)
         db = config.state_dir / "gehirn-ts.sqlite"
         migrate(db)
     except (ConfigError, SchemaError) as e:

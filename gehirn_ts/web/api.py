@@ -398,12 +398,17 @@ class Api:
     # --- sending mail ---
 
     async def _sender_account(self, call: Call, address: str, field: str) -> int:
-        """The account sending: an account key's; its domain must be the sender's."""
+        """The account sending: an account key's, whose domain the sender's must be; the
+        admin key sends for the account that owns the sender's domain."""
         principal = _principal(call)
-        if principal.is_admin or principal.account_id is None:
-            raise ApiError(403, "forbidden", "send mail with an account's API key", "from")
         domain = address.rpartition("@")[2].lower()
-        if await self._mail.domain_owner(domain) != principal.account:
+        owner = await self._mail.domain_owner(domain)
+        if principal.is_admin or principal.account_id is None:
+            account_id = await self._mail.account_id(owner) if owner else None
+            if account_id is None:
+                raise ApiError(403, "forbidden", f"the domain {domain} is not served here", field)
+            return account_id
+        if owner != principal.account:
             raise ApiError(
                 403,
                 "forbidden",

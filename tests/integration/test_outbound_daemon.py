@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnstest import dns_server
-from tests.integration.procs import ENV, Daemon, wait_for
+from tests.integration.procs import ENV, Daemon, Receiver, wait_for
 from tests.sink import Sink
 from tests.support import free_port
 
@@ -139,3 +140,49 @@ def test_queue_cli_lists_holds_releases_flushes_and_deletes(daemon: Daemon, sink
     assert refused.returncode == 1 and "not a served domain" in refused.stderr
     daemon.cli("dkim", "remove", "near.test", "s1")
     assert daemon.cli("dkim", "list") == []
+
+
+def test_cli_subscriptions_publish_dead_letters_replay_and_send(
+    daemon: Daemon, sink_port: int
+) -> None:
+    receiver = Receiver(plan=[400])
+    sink = Sink("127.0.0.2", port=sink_port)
+    try:
+        made = daemon.cli("subscription", "create", "acme", "notice.#", receiver.url)
+        assert daemon.cli("subscription", "list")[0]["id"] == made["id"]
+        published = daemon.cli(
+            "publish", "notice.fault", "--account", "acme", "--data", '{"disk": "98%"}'
+        )
+        wait_for(lambda: receiver.hits)
+        assert json.loads(receiver.hits[0].body)["data"] == {"disk": "98%"}
+        # The 400 was permanent: a dead letter, listed, then replayed.
+        dead = wait_for(lambda: daemon.cli("delivery", "list", "--status", "dead"))
+        assert dead[0]["event_id"] == published["id"]
+        daemon.cli("delivery", "replay", dead[0]["id"])
+        wait_for(lambda: len(receiver.hits) == 2)
+        wait_for(lambda: daemon.cli("delivery", "list", "--status", "delivered"))
+        sent = daemon.cli("send", "--from", "app@near.test", "--to", "user@far.test")
+        wait_for(lambda: sink.captured())
+        assert sink.captured()[0].message["Subject"] == "gehirn-ts test"
+        assert daemon.cli("queue", "show", sent["id"])["recipients"][0]["status"] == "delivered"
+        daemon.cli("subscription", "delete", made["id"])
+        assert daemon.cli("subscription", "list") == []
+        daemon.kill()
+        down = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "gehirn_ts.cli",
+                "--config",
+                str(daemon.config),
+                "publish",
+                "notice.x",
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        assert down.returncode == 1 and "is it running?" in down.stderr
+    finally:
+        sink.stop()
+        receiver.close()
