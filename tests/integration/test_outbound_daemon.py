@@ -178,6 +178,7 @@ def test_cli_subscriptions_publish_dead_letters_replay_and_send(
                 "publish",
                 "notice.x",
             ],
+            cwd=daemon.workdir,
             env=ENV,
             capture_output=True,
             text=True,
