@@ -11,9 +11,12 @@ RUN_DEBS := python3 python3-venv python3-dev gcc libffi-dev
 # What the tests need beyond that: the real peers. postfix brings smtp-sink (a remote
 # MX) and smtp-source; it is installed unconfigured (no mail system is set up or started).
 # libmail-dkim-perl is the independent DKIM verifier; ngircd the IRC server.
-TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl libmail-dkim-perl postfix ngircd
+# DEB_DEBS build the Debian package (a test builds, installs and removes it).
+DEB_DEBS := dh-virtualenv debhelper dpkg-dev build-essential python3-dev python3-venv libffi-dev
+TEST_DEBS := curl rabbitmq-server swaks libnet-ssleay-perl libmail-dkim-perl postfix ngircd \
+	$(DEB_DEBS)
 
-.PHONY: run test test-debs lint unit bench sample clean install
+.PHONY: run test test-debs lint unit bench sample clean install deb
 
 test-debs:
 	@if ! dpkg-query -W -f='$${Status}' postfix 2>/dev/null | grep -q "ok installed"; then \
@@ -64,9 +67,14 @@ bench: install
 		$(BIN)/python bench/send.py || status=$$?; \
 		scripts/rabbitmq-node stop; exit $$status
 
+# The Debian package, in dist/ (docs/packaging.md).
+deb:
+	@scripts/apt-need $(DEB_DEBS)
+	scripts/build-deb dist
+
 sample: $(STAMP)
 	$(BIN)/python -c 'from gehirn_ts.config import render_sample; print(render_sample(), end="")' \
 		> etc/gehirn-ts.toml
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info dist

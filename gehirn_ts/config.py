@@ -182,6 +182,12 @@ class StateConfig:
         "Directory for the database, the embedded bus and generated keys; relative paths "
         "are taken from the working directory.",
     )
+    spool: str = opt(
+        "",
+        _str,
+        'Directory for mail in transit (received, and the outbound queue); "" means '
+        "DIR/spool. The Debian package uses /var/spool/gehirn-ts.",
+    )
 
 
 @dataclass(frozen=True)
@@ -502,6 +508,10 @@ class Config:
     @property
     def state_dir(self) -> Path:
         return Path(self.state.dir)
+
+    @property
+    def spool_dir(self) -> Path:
+        return Path(self.state.spool) if self.state.spool else self.state_dir / "spool"
 
 
 def _sections() -> list[tuple[str, type[Any]]]:

@@ -193,7 +193,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     queue.setServiceParent(top)
 
     routes = RouteStore(store, config.smtp.routes)
-    spool = Spool(config.state_dir / "spool")
+    spool = Spool(config.spool_dir)
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
     inbound = Inbound(
         spool=spool,
@@ -401,7 +401,7 @@ def _outbound(
     queue = MailQueue(
         store=queue_store,
         courier=courier,
-        directory=config.state_dir / "spool" / "queue",
+        directory=config.spool_dir / "queue",
         clock=reactor,
         retry=MailRetry(
             first=ob.retry_first,
