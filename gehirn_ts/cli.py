@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("username")
     sr = smtp_user.add_parser("revoke", parents=[common], help="revoke SMTP credentials")
     sr.add_argument("username")
+    smtp_user.add_parser("list", parents=[common], help="list SMTP users (never passwords)")
 
     subs = sub.add_parser("subscription", help="event subscriptions").add_subparsers(
         dest="cmd", required=True
@@ -212,6 +213,16 @@ async def _run(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
             {"username": args.username, "account": args.account, "password": password},
             f"SMTP user {args.username} for {args.account}\npassword (shown once): {password}",
         )
+    if args.group == "smtp-user" and args.cmd == "list":
+        users = await mail.list_credentials()
+        for u in users:
+            u["created_at"], u["revoked_at"] = _iso(u["created_at"]), _iso(u["revoked_at"])
+        text = "\n".join(
+            f"{u['username']}\t{u['account']}"
+            + (f"\trevoked {u['revoked_at']}" if u["revoked_at"] else "")
+            for u in users
+        )
+        return users, text or "no SMTP users"
     if args.group == "smtp-user" and args.cmd == "revoke":
         await mail.revoke_credential(args.username)
         return {"revoked": args.username}, f"SMTP user {args.username} revoked"

@@ -723,6 +723,21 @@ class MailStore:
 
         return self._run(tx)
 
+    def list_credentials(self) -> Deferred[list[dict[str, Any]]]:
+        """SMTP users (never their password hashes)."""
+
+        def tx(cur: Cursor) -> list[dict[str, Any]]:
+            cur.execute(
+                "SELECT c.username, a.name, c.created_at, c.revoked_at FROM smtp_credentials c "
+                "JOIN accounts a ON a.id = c.account_id ORDER BY c.username"
+            )
+            return [
+                {"username": u, "account": a, "created_at": c, "revoked_at": r}
+                for u, a, c, r in cur.fetchall()
+            ]
+
+        return self._read(tx)
+
     def smtp_authenticate(self, username: str, password: str) -> Deferred[str | None]:
         def tx(cur: Cursor) -> str | None:
             cur.execute(

@@ -109,6 +109,19 @@ def test_implicit_tls_and_auth_login(daemon) -> None:
         s.send_message(message("via 465"))
 
 
+def test_smtp_users_are_listed_without_secrets(daemon) -> None:
+    listed = daemon.cli("smtp-user", "list")
+    assert listed == [
+        {
+            "username": "app",
+            "account": "acme",
+            "created_at": listed[0]["created_at"],
+            "revoked_at": None,
+        }
+    ]
+    assert daemon.password not in json.dumps(listed)
+
+
 def test_wrong_password_is_535(daemon) -> None:
     with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
         s.starttls(context=insecure())
