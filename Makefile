@@ -75,6 +75,8 @@ deb:
 sample: $(STAMP)
 	$(BIN)/python -c 'from gehirn_ts.config import render_sample; print(render_sample(), end="")' \
 		> etc/gehirn-ts.toml
+	$(BIN)/python -c 'import pathlib, gehirn_ts.config as c; p = pathlib.Path("docs/operations.md"); \
+		p.write_text(c.replace_options_table(p.read_text()))'
 
 clean:
 	rm -rf $(VENV) build *.egg-info dist

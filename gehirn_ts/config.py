@@ -592,6 +592,36 @@ def render_sample() -> str:
     return "\n".join(lines) + "\n"
 
 
+OPTIONS_BEGIN = "<!-- options: rendered from gehirn_ts/config.py by `make sample` -->"
+OPTIONS_END = "<!-- end of options -->"
+
+
+def render_options_table() -> str:
+    """Every option as Markdown tables, one per section (for docs/operations.md)."""
+    lines = [OPTIONS_BEGIN]
+    for name, cls in _sections():
+        lines += [
+            "",
+            f"`[{name}]`: {cls.__doc__}",
+            "",
+            "| key | default | meaning |",
+            "|---|---|---|",
+        ]
+        for f in dataclasses.fields(cls):
+            show = f.metadata["show"]
+            default = toml_value(show(f.default) if show else f.default).replace("|", "\\|")
+            doc = " ".join(f.metadata["doc"].split()).replace("|", "\\|")
+            lines.append(f"| `{f.name}` | `{default}` | {doc} |")
+    lines.append(OPTIONS_END)
+    return "\n".join(lines)
+
+
+def replace_options_table(text: str) -> str:
+    head, _, rest = text.partition(OPTIONS_BEGIN)
+    _, _, tail = rest.partition(OPTIONS_END)
+    return head + render_options_table() + tail
+
+
 def _wrap(text: str, width: int = 88) -> list[str]:
     out: list[str] = []
     line = ""

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gehirn_ts.config import Config, ConfigError, from_mapping, load, render_sample
+from gehirn_ts.config import (
+    Config,
+    ConfigError,
+    from_mapping,
+    load,
+    render_sample,
+    replace_options_table,
+)
 from gehirn_ts.durations import format_duration, format_size, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,6 +28,13 @@ def test_no_file_means_embedded_defaults():
     assert config.edj.retry_schedule == (5, 300, 1800, 7200, 18000, 36000, 36000)
     assert config.edj.http_timeout == 10
     assert config.edj.allow_networks == ()
+
+
+def test_operations_doc_lists_every_option():
+    # docs/operations.md carries every option as a table (make sample renders it).
+    doc = (SAMPLE.parents[1] / "docs" / "operations.md").read_text()
+    assert replace_options_table(doc) == doc
+    assert "| `forward_sender` |" in doc and "| `mail_loop_limit` |" in doc
 
 
 def test_sample_is_rendered_from_the_schema():
