@@ -79,7 +79,9 @@ class MetricsTests(TestCase):
 
         async def settled() -> object:
             m = await self._metrics(d)
-            return m if m.get(("gehirn_mail_sent_total", ())) == 2 else None
+            # The queue gauges are refreshed by the queue run after the results.
+            done = m.get(("gehirn_mail_sent_total", ())) == 2
+            return m if done and m.get(("gehirn_queue_recipients", ())) == 0 else None
 
         m = await until(settled)
         assert m[("gehirn_events_published_total", ())] >= 1
