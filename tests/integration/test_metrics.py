@@ -96,5 +96,22 @@ class MetricsTests(TestCase):
         assert m[("gehirn_smtp_tls_sessions_total", (("listener", "submission"),))] == 1
         # smtplib tries each offered mechanism (PLAIN, then LOGIN) with the wrong password.
         assert m[("gehirn_smtp_auth_failures_total", (("listener", "submission"),))] == 2
-        assert m[("gehirn_queue_recipients", ())] == 0
         assert m[("gehirn_mail_bounced_total", ())] == 0
+        # A message to an MX that does not answer stays queued: the gauges show it.
+        zone.set("m-down.test", "MX", [10, "mx.m-down.test"])
+        zone.set("mx.m-down.test", "A", "127.0.0.9")
+        status, _ = await d.call(
+            "POST",
+            "/v1/messages",
+            {"from": "a@m-src.test", "to": "x@m-down.test", "text": "x"},
+            token=token,
+        )
+        assert status == 202
+
+        async def waiting() -> object:
+            m = await self._metrics(d)
+            queued = m.get(("gehirn_queue_recipients", ())) == 1
+            return m if queued and m[("gehirn_mail_deferred_total", ())] == 1 else None
+
+        m = await until(waiting)
+        assert m[("gehirn_queue_oldest_seconds", ())] > 0
