@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.smtp import ENV, POSTFIX_MAIN, smtp_source, start_gehirn, wait_port  # noqa: E402
+from bench.smtp import ENV, PostfixInstance, smtp_source, start_gehirn  # noqa: E402
 from tests.dnstest import dns_server  # noqa: E402
 from tests.sink import Sink  # noqa: E402
 from tests.support import free_port  # noqa: E402
@@ -123,49 +123,18 @@ def postfix(results: dict[str, str]) -> None:
         return
     port = free_port()
     sink = Sink("127.0.0.2", port=port)
-    work = Path(tempfile.mkdtemp(prefix="bench-postfix-relay-"))
-    etc, queue, data = work / "etc", work / "queue", work / "data"
-    for d in (etc, queue, data):
-        d.mkdir()
-    os.chmod(work, 0o755)
     smtpd = free_port()
-    main = POSTFIX_MAIN.format(q=queue, d=data)
-    main = main.replace("mydestination = bench.test", "mydestination =")
-    main = main.replace("default_transport = discard:", "default_transport = smtp")
-    main += (
+    relay = (
         f"relayhost = [127.0.0.2]:{port}\nsmtp_tls_security_level = may\n"
         "default_destination_concurrency_limit = 20\n"
     )
-    (etc / "main.cf").write_text(main)
-    lines = []
-    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-        if line.startswith("smtp      inet"):
-            line = f"127.0.0.1:{smtpd} inet n - n - - smtpd"
-        fields = line.split()
-        # No chroot: the instance lives in a temporary directory.
-        if len(fields) >= 8 and not line.startswith("#") and fields[4] == "y":
-            fields[4] = "n"
-            line = " ".join(fields)
-        lines.append(line)
-    if not any(line.startswith("postlog") for line in lines):
-        lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
-    (etc / "master.cf").write_text("\n".join(lines) + "\n")
-    shutil.chown(data, "postfix")
-    env = {**os.environ, "MAIL_CONFIG": str(etc)}
-    subprocess.run(
-        ["postfix", "-c", str(etc), "set-permissions"], env=env, check=False, capture_output=True
-    )
-    subprocess.run(["postfix", "-c", str(etc), "start"], env=env, check=True, capture_output=True)
     try:
-        wait_port(smtpd)
-        start = time.monotonic()
-        accepted = smtp_source(smtpd, 1024, COUNT, CLIENTS)
-        rate = wait_sink(sink, COUNT, start)
-        results["Postfix (relay)"] = f"{rate:8.0f}   (smtpd accepted {accepted:.0f}/s)"
+        with PostfixInstance(smtpd, relay, relay=True):
+            start = time.monotonic()
+            accepted = smtp_source(smtpd, 1024, COUNT, CLIENTS)
+            rate = wait_sink(sink, COUNT, start)
+            results["Postfix (relay)"] = f"{rate:8.0f}   (smtpd accepted {accepted:.0f}/s)"
     finally:
-        subprocess.run(
-            ["postfix", "-c", str(etc), "stop"], env=env, check=False, capture_output=True
-        )
         sink.stop()
 
 

@@ -179,40 +179,64 @@ maillog_file = {d}/maillog
 """
 
 
+class PostfixInstance:
+    """A Postfix of its own in a temporary directory, smtpd on ``port`` (loopback);
+    ``extra`` is appended to main.cf. Services run without chroot (the queue directory
+    is temporary)."""
+
+    def __init__(self, port: int, extra: str = "", relay: bool = False) -> None:
+        work = Path(tempfile.mkdtemp(prefix="bench-postfix-"))
+        self.etc, queue, data = work / "etc", work / "queue", work / "data"
+        for d in (self.etc, queue, data):
+            d.mkdir()
+        os.chmod(work, 0o755)
+        main = POSTFIX_MAIN.format(q=queue, d=data)
+        if relay:
+            main = main.replace("mydestination = bench.test", "mydestination =")
+            main = main.replace("default_transport = discard:", "default_transport = smtp")
+        (self.etc / "main.cf").write_text(main + extra)
+        lines = []
+        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
+            if line.startswith("smtp      inet"):
+                line = f"127.0.0.1:{port} inet n - n - - smtpd"
+            fields = line.split()
+            if len(fields) >= 8 and not line.startswith("#") and fields[4] == "y":
+                fields[4] = "n"
+                line = " ".join(fields)
+            lines.append(line)
+        if not any(line.startswith("postlog") for line in lines):
+            lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
+        (self.etc / "master.cf").write_text("\n".join(lines) + "\n")
+        shutil.chown(data, "postfix")
+        self.env = {**os.environ, "MAIL_CONFIG": str(self.etc)}
+        self.port = port
+
+    def _postfix(self, command: str, check: bool) -> None:
+        subprocess.run(
+            ["postfix", "-c", str(self.etc), command],
+            env=self.env,
+            check=check,
+            capture_output=True,
+        )
+
+    def __enter__(self) -> PostfixInstance:
+        self._postfix("set-permissions", False)
+        self._postfix("start", True)
+        wait_port(self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._postfix("stop", False)
+
+
 def postfix(results: dict[str, list[str]]) -> None:
     if shutil.which("postfix") is None:
         results["Postfix"] = ["n/a", "n/a", "", ""]
         return
-    work = Path(tempfile.mkdtemp(prefix="bench-postfix-"))
-    etc, queue, data = work / "etc", work / "queue", work / "data"
-    for d in (etc, queue, data):
-        d.mkdir()
-    os.chmod(work, 0o755)
     port = free_port()
-    (etc / "main.cf").write_text(POSTFIX_MAIN.format(q=queue, d=data))
-    master = (Path("/etc/postfix/master.cf")).read_text().splitlines()
-    lines = []
-    for line in master:
-        if line.startswith("smtp      inet"):
-            line = f"127.0.0.1:{port} inet n - n - - smtpd"
-        lines.append(line)
-    if not any(line.startswith("postlog") for line in lines):
-        lines.append("postlog   unix-dgram n  -       n       -       1       postlogd")
-    (etc / "master.cf").write_text("\n".join(lines) + "\n")
-    shutil.chown(data, "postfix")
-    env = {**os.environ, "MAIL_CONFIG": str(etc)}
-    subprocess.run(
-        ["postfix", "-c", str(etc), "set-permissions"], env=env, check=False, capture_output=True
-    )
-    subprocess.run(["postfix", "-c", str(etc), "start"], env=env, check=True, capture_output=True)
-    try:
-        wait_port(port)
+    with PostfixInstance(port):
         row = [f"{smtp_source(port, size, count):8.0f}" for size, count in RUNS]
         results["Postfix (queue)"] = [*row, "", ""]
-    finally:
-        subprocess.run(
-            ["postfix", "-c", str(etc), "stop"], env=env, check=False, capture_output=True
-        )
 
 
 def main() -> None:

@@ -99,6 +99,7 @@ class MailQueue(Service):
         self._poll = poll
         self._timer: IDelayedCall | None = None
         self._running_tick: Deferred[None] | None = None
+        self._sweeping: Deferred[None] | None = None
         self._again = False
         self._active: set[tuple[str, int]] = set()
         # A due() read may have begun before an attempt's result was committed: the
@@ -119,7 +120,7 @@ class MailQueue(Service):
 
     def startService(self) -> None:
         super().startService()
-        d = Deferred.fromCoroutine(self._sweep())
+        d = self._sweeping = Deferred.fromCoroutine(self._sweep())
         d.addErrback(lambda f: log.failure("sweeping the queue directory failed", f))
         d.addBoth(lambda _: self.wake())
 
@@ -133,6 +134,8 @@ class MailQueue(Service):
     async def _drain(self) -> None:
         """Attempts in flight finish (their results are recorded) before the store closes;
         a queue run in progress starts none once stopping."""
+        if self._sweeping is not None:
+            await DeferredList([self._sweeping], consumeErrors=True)
         if self._running_tick is not None:
             await DeferredList([self._running_tick], consumeErrors=True)
         while self._attempts:
@@ -178,6 +181,8 @@ class MailQueue(Service):
             self.wake()
 
     def _arm(self, when: float | None) -> None:
+        if not self.running:
+            return  # stopped while this run awaited the store: no timer after stop
         now = self._clock.seconds()
         delay = self._poll if when is None else max(0.0, min(when - now, self._poll))
         if self._timer is not None and self._timer.active():

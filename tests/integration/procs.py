@@ -158,6 +158,20 @@ class Daemon:
         )
         return json.loads(out.stdout)
 
+    def cli_error(self, *args: str) -> str:
+        """A CLI command that must fail (exit status 1): its message, with no traceback."""
+        out = subprocess.run(
+            [sys.executable, "-m", "gehirn_ts.cli", "--config", str(self.config), *args],
+            cwd=self.workdir,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1, (out.returncode, out.stderr)
+        assert "Traceback" not in out.stderr
+        return out.stderr
+
     def call(
         self, method: str, path: str, body: Any = None, token: str | None = None
     ) -> tuple[int, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.dnstest import dns_server
-from tests.integration.procs import ENV, Daemon, Receiver, wait_for
+from tests.integration.procs import Daemon, Receiver, wait_for
 from tests.sink import Sink
 from tests.support import free_port
 
@@ -100,44 +98,13 @@ def test_queue_cli_lists_holds_releases_flushes_and_deletes(daemon: Daemon, sink
     assert daemon.cli("queue", "delete", mid) == {"delete": 1}
     assert daemon.cli("queue", "show", mid)["recipients"][0]["status"] == "deleted"
     assert daemon.cli("queue", "list") == []
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gehirn_ts.cli",
-            "--config",
-            str(daemon.config),
-            "queue",
-            "flush",
-            "nope",
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 1 and "no queued message nope" in bad.stderr
+    assert "no queued message nope" in daemon.cli_error("queue", "flush", "nope")
     # DKIM keys: made, listed, refused for a domain not served, removed.
     made = daemon.cli("dkim", "keygen", "near.test", "s1", "--algorithm", "ed25519")
     assert made["dns_name"] == "s1._domainkey.near.test"
     assert made["dns_txt"].startswith("v=DKIM1; k=ed25519; p=")
     assert daemon.cli("dkim", "list")[0]["selector"] == "s1"
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gehirn_ts.cli",
-            "--config",
-            str(daemon.config),
-            "dkim",
-            "keygen",
-            "other.test",
-            "s1",
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert refused.returncode == 1 and "not a served domain" in refused.stderr
+    assert "not a served domain" in daemon.cli_error("dkim", "keygen", "other.test", "s1")
     daemon.cli("dkim", "remove", "near.test", "s1")
     assert daemon.cli("dkim", "list") == []
 
@@ -168,22 +135,7 @@ def test_cli_subscriptions_publish_dead_letters_replay_and_send(
         daemon.cli("subscription", "delete", made["id"])
         assert daemon.cli("subscription", "list") == []
         daemon.kill()
-        down = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gehirn_ts.cli",
-                "--config",
-                str(daemon.config),
-                "publish",
-                "notice.x",
-            ],
-            cwd=daemon.workdir,
-            env=ENV,
-            capture_output=True,
-            text=True,
-        )
-        assert down.returncode == 1 and "is it running?" in down.stderr
+        assert "is it running?" in daemon.cli_error("publish", "notice.x")
     finally:
         sink.stop()
         receiver.close()

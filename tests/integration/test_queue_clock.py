@@ -228,3 +228,26 @@ class QueueOnClockTests(TestCase):
         await until(lambda: len(self.reports) == 5)
         assert {mid for mid, _ in self.reports} == set(ids)
         assert script.concurrent_peak == 2
+
+    @inline
+    async def test_stopping_during_a_queue_run_leaves_no_timer(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self._setup(Script(), "stop.test", MailRetry(jitter=0))
+        await until(lambda: self.queue._running_tick is None)
+        # The run's last step (queue gauges, then the next timer) waits on the store ...
+        gate: Deferred[None] = Deferred()
+        asked: list[bool] = []
+        stats = self.qs.stats
+
+        def slow_stats() -> Deferred[tuple[int, float | None]]:
+            asked.append(True)
+            return gate.addCallback(lambda _: stats())
+
+        self.qs.stats = slow_stats  # type: ignore[method-assign]
+        self.queue.wake()
+        await until(lambda: asked)
+        stopped = self.queue.stopService()  # ... while the queue stops
+        gate.callback(None)
+        await stopped
+        assert [c for c in self.clock.getDelayedCalls() if c.active()] == []
