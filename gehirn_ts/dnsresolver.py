@@ -21,6 +21,9 @@ def make_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.
         resolver = dns.resolver.Resolver()
     resolver.lifetime = timeout
     resolver.timeout = timeout
+    # Answers are kept for their TTL (as a local caching resolver would): a busy MX asks
+    # for the same SPF and DKIM records again and again.
+    resolver.cache = dns.resolver.LRUCache(50_000)
     return resolver
 
 

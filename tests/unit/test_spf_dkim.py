@@ -116,3 +116,16 @@ def test_authentication_results_header(resolver):
     assert header == (
         b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=pass.example; dkim=none\r\n"
     )
+
+
+def test_answers_are_kept_for_their_ttl(dns):
+    # A busy MX asks for the same SPF and DKIM records again and again: answers are
+    # cached for their TTL (60 s in the test zone), as a local caching resolver would.
+    resolver = make_resolver(["127.0.0.1"], dns.port, 2.0)
+    dns.set("cached.example", "TXT", "v=spf1 -all")
+    first = resolver.resolve("cached.example", "TXT")
+    dns.set("cached.example", "TXT", "v=spf1 +all")
+    again = resolver.resolve("cached.example", "TXT")
+    assert [r.to_text() for r in again] == [r.to_text() for r in first]
+    fresh = make_resolver(["127.0.0.1"], dns.port, 2.0).resolve("cached.example", "TXT")
+    assert [r.to_text() for r in fresh] == ['"v=spf1 +all"']
