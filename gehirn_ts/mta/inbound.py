@@ -202,7 +202,7 @@ class Inbound:
                 await self._publisher.publish(self._event(envelope, account, rcpts, meta))
         if relayed or forwarded:
             await self._queue_onwards(envelope, source, relayed, forwarded)
-        self._spool.remove(qid)
+        await deferToThread(self._spool.remove, qid)  # unlink blocks: not on the reactor
         log.info(
             "received {qid} stored for {accounts}{relay}",
             qid=qid,
