@@ -48,8 +48,7 @@ def gehirn(results: dict[str, str]) -> None:
     port = free_port()
     sink = Sink("127.0.0.2", port=port)
     zone = dns_server()
-    zone.set("bench-dest.test", "MX", [10, "mx.bench-dest.test"])
-    zone.set("mx.bench-dest.test", "A", "127.0.0.2")
+    zone.mx("bench-dest.test", "127.0.0.2")
     api = free_port()
     (work / "c.toml").write_text(
         f'[http]\nlisten = "tcp:{api}:interface=127.0.0.1"\n'

@@ -44,6 +44,12 @@ class DnsServer:
         self.zone.setdefault(name.lower(), {})[rtype] = list(values)
         self.write()
 
+    def mx(self, domain: str, address: str, host: str | None = None) -> None:
+        """``domain`` served by one MX host (``mx.DOMAIN``) at ``address``."""
+        host = host or f"mx.{domain}"
+        self.set(domain, "MX", [10, host])
+        self.set(host, "A", address)
+
     def config(self) -> dict[str, Any]:
         return {"nameservers": ["127.0.0.1"], "port": self.port, "timeout": "2s"}
 

@@ -118,8 +118,7 @@ class DestinationTests(TestCase):
     async def test_a_mail_loop_stops_at_the_hop_limit(self) -> None:
         zone = dns_server()
         port = free_port()
-        zone.set("loop.test", "MX", [10, "mx.loop.test"])
-        zone.set("mx.loop.test", "A", "127.0.0.3")
+        zone.mx("loop.test", "127.0.0.3")
         d = await Daemon(
             self,
             dns=zone.config(),

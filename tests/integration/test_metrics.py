@@ -37,8 +37,7 @@ class MetricsTests(TestCase):
         port = free_port()
         sink = Sink("127.0.0.2", port=port)
         self.addCleanup(sink.stop)
-        zone.set("m-dest.test", "MX", [10, "mx.m-dest.test"])
-        zone.set("mx.m-dest.test", "A", "127.0.0.2")
+        zone.mx("m-dest.test", "127.0.0.2")
         submission = free_port()
         d = await Daemon(
             self,
@@ -98,8 +97,7 @@ class MetricsTests(TestCase):
         assert m[("gehirn_smtp_auth_failures_total", (("listener", "submission"),))] == 2
         assert m[("gehirn_mail_bounced_total", ())] == 0
         # A message to an MX that does not answer stays queued: the gauges show it.
-        zone.set("m-down.test", "MX", [10, "mx.m-down.test"])
-        zone.set("mx.m-down.test", "A", "127.0.0.9")
+        zone.mx("m-down.test", "127.0.0.9")
         status, _ = await d.call(
             "POST",
             "/v1/messages",

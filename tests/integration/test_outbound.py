@@ -56,8 +56,7 @@ class OutboundTests(TestCase):
         zone = dns_server()
         port = free_port()
         sink = self._sink(port)
-        zone.set("dest1.test", "MX", [10, "mx1.dest1.test"])
-        zone.set("mx1.dest1.test", "A", "127.0.0.2")
+        zone.mx("dest1.test", "127.0.0.2", host="mx1.dest1.test")
         d = await self._daemon(port, smtp={"hostname": "mta.sender1.test"})
         token = await d.account("acme")
         await MailStore(d.store).add_domain("sender1.test", "acme")
@@ -213,11 +212,9 @@ class OutboundTests(TestCase):
         zone = dns_server()
         port = free_port()
         self._sink(port, "-f", "RCPT", "-B", "550 5.1.1 <x>: Recipient address rejected")
-        zone.set("dest2.test", "MX", [10, "mx.dest2.test"])
-        zone.set("mx.dest2.test", "A", "127.0.0.2")
+        zone.mx("dest2.test", "127.0.0.2")
         # The sender's domain is served here: its MX is this daemon's own inbound listener.
-        zone.set("sender2.test", "MX", [10, "mx.sender2.test"])
-        zone.set("mx.sender2.test", "A", "127.0.0.3")
+        zone.mx("sender2.test", "127.0.0.3")
         submission = free_port()
         d = await self._daemon(
             port,
@@ -293,8 +290,7 @@ class OutboundTests(TestCase):
         zone = dns_server()
         port = free_port()
         sink = self._sink(port)
-        zone.set("ops.test", "MX", [10, "mx.ops.test"])
-        zone.set("mx.ops.test", "A", "127.0.0.2")
+        zone.mx("ops.test", "127.0.0.2")
         d = await self._daemon(port, smtp={"hostname": "mta.edj.test"})
         token = await d.account("acme")
         status, body = await d.call(
@@ -405,8 +401,7 @@ class OutboundTests(TestCase):
         zone = dns_server()
         port = free_port()
         # B: the remote, gehirn-ts's inbound server with DSN not offered.
-        zone.set("dest4.test", "MX", [10, "mx.dest4.test"])
-        zone.set("mx.dest4.test", "A", "127.0.0.4")
+        zone.mx("dest4.test", "127.0.0.4")
         b = await self._daemon(
             port,
             smtp={
@@ -420,8 +415,7 @@ class OutboundTests(TestCase):
         b_events = Receiver()
         await b.subscribe(b_token, "mail.received", b_events.listen(self))
         # A: the sender; its own inbound is the MX of sender4.test.
-        zone.set("sender4.test", "MX", [10, "mx.sender4.test"])
-        zone.set("mx.sender4.test", "A", "127.0.0.3")
+        zone.mx("sender4.test", "127.0.0.3")
         a = await self._daemon(
             port,
             smtp={"hostname": "mx.sender4.test", "listen": f"tcp:{port}:interface=127.0.0.3"},

@@ -25,8 +25,7 @@ def sink_port() -> int:
 @pytest.fixture
 def daemon(tmp_path: Path, sink_port: int) -> Iterator[Daemon]:
     zone = dns_server()
-    zone.set("far.test", "MX", [10, "mx.far.test"])
-    zone.set("mx.far.test", "A", "127.0.0.2")
+    zone.mx("far.test", "127.0.0.2")
     d = Daemon(
         tmp_path,
         outbound={"port": sink_port, "retry_first": "1s", "retry_max": "1s", "timeout": "10s"},

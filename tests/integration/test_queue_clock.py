@@ -31,8 +31,7 @@ class QueueOnClockTests(TestCase):
     def _setup(self, script: Script, domain: str, retry: MailRetry) -> None:
         port = listen(self, script)
         zone = dns_server()
-        zone.set(domain, "MX", [10, f"mx.{domain}"])
-        zone.set(f"mx.{domain}", "A", "127.0.0.1")
+        zone.mx(domain, "127.0.0.1")
         tmp = Path(self.mktemp())
         tmp.mkdir()
         migrate(tmp / "db.sqlite")
