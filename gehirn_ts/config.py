@@ -292,6 +292,12 @@ class EdjConfig:
         1.0, _positive_float, "Lines a second an IRC bot sends (flood control) ..."
     )
     irc_burst: int = opt(4, _positive_int, "... after a burst of this many lines.")
+    irc_timeout: float = opt(
+        10.0,
+        _duration,
+        "How long an IRC delivery waits for its bot to be connected and in the channel.",
+        format_duration,
+    )
     irc_reconnect: float = opt(
         1.0,
         _duration,

@@ -182,6 +182,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
             twilio_url=config.edj.twilio_url,
             irc=irc_bots,
             mail_loop_limit=config.edj.mail_loop_limit,
+            irc_timeout=config.edj.irc_timeout,
         ),
         retry=RetryPolicy(
             config.edj.retry_schedule, config.edj.retry_jitter, config.edj.max_retry_after

@@ -53,6 +53,7 @@ class Context:
     twilio_url: str = "https://api.twilio.com"
     irc: Any = None  # the IRC bots (edj.destinations.irc.IrcNetwork)
     mail_loop_limit: int = 3
+    irc_timeout: float = 10.0
 
 
 SLACK_HOST = "hooks.slack.com"
@@ -88,7 +89,7 @@ def _twilio(url: str, secret: str | None, ctx: Context) -> IDestination:
 
 
 def _irc(url: str, secret: str | None, ctx: Context) -> IDestination:
-    return IrcDestination(url, network=ctx.irc)
+    return IrcDestination(url, network=ctx.irc, timeout=ctx.irc_timeout)
 
 
 def _check_irc(url: str, secret: str | None, policy: AddressPolicy) -> None:

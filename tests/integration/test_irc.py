@@ -153,3 +153,23 @@ class IrcTests(TestCase):
         await until(lambda: listener.texts() and nickserv.texts())
         assert listener.texts()[0] == "[info] notice.fault: over TLS"
         assert nickserv.texts() == ["IDENTIFY idpass"]
+
+    @inline
+    async def test_ircs_verifies_the_certificate_unless_told_not_to(self) -> None:
+        from tests.support import free_port
+
+        server = Ngircd(tls_port=free_port()).start()  # a self-signed certificate
+        self.addCleanup(server.stop)
+        listener = await listen(self, server, "watcher", "#ops")
+        d, token = await self._daemon(irc_timeout="1s")
+        await d.subscribe(token, "notice.#", f"ircs://strict@127.0.0.1:{server.tls_port}/%23ops")
+        event_id = await self._publish(d, token, "must not arrive", n="1")
+
+        async def dead() -> Any:
+            body = await d.event(token, event_id)
+            found = body["deliveries"]
+            return body if found and found[0]["status"] == "dead" else None
+
+        body = await until(dead, timeout=30)
+        assert "not connected" in body["deliveries"][0]["last_error"]
+        assert listener.texts() == []
