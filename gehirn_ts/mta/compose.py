@@ -334,13 +334,18 @@ def build(req: SendRequest, *, message_id: str, now: float) -> bytes:
     return msg.as_bytes()
 
 
-def header_addresses(message: bytes, name: str) -> list[str]:
-    """The addr-specs of one address header field of a raw message."""
-    head = BytesHeaderParser(policy=email.policy.compat32).parsebytes(message[: 256 * 1024])
-    return [addr for _, addr in getaddresses(head.get_all(name, [])) if addr]
+class Head:
+    """The header section of a raw message, parsed once for all the fields asked."""
 
+    def __init__(self, message: bytes) -> None:
+        self._head = BytesHeaderParser(policy=email.policy.compat32).parsebytes(
+            message[: 256 * 1024]
+        )
 
-def header_value(message: bytes, name: str) -> str | None:
-    head = BytesHeaderParser(policy=email.policy.compat32).parsebytes(message[: 256 * 1024])
-    value = head.get(name)
-    return None if value is None else str(value)
+    def addresses(self, name: str) -> list[str]:
+        """The addr-specs of one address field."""
+        return [addr for _, addr in getaddresses(self._head.get_all(name, [])) if addr]
+
+    def value(self, name: str) -> str | None:
+        value = self._head.get(name)
+        return None if value is None else str(value)

@@ -26,11 +26,10 @@ from twisted.logger import Logger
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event
 from gehirn_ts.mta import dkim
-from gehirn_ts.mta.compose import header_addresses, header_value
+from gehirn_ts.mta.compose import Head
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report
 from gehirn_ts.mta.queue import MailQueue, group_by_kind
 from gehirn_ts.mta.spool import _fsync_dir, new_queue_id
-from gehirn_ts.store.db import NotFound
 from gehirn_ts.store.queue import (
     NewMessage,
     NewRecipient,
@@ -113,11 +112,8 @@ class Outbound:
         """Queue a message durably; (id, created). A given ``queue_id`` already queued
         is left alone (a repeat after a crash) unless the caller made it ``fresh``."""
         if queue_id is not None and not fresh:
-            try:
-                await self._store.get(queue_id)
+            if await self._store.exists(queue_id):
                 return queue_id, False
-            except NotFound:
-                pass
         qid = queue_id or new_queue_id()
         self._queue.writing.add(qid)
         try:
@@ -157,10 +153,10 @@ class Outbound:
         tags: Sequence[str],
         metadata: dict[str, Any] | None,
     ) -> tuple[str, bool]:
-        head = await deferToThread(_read_head, data, source)
+        head = Head(await deferToThread(_read_head, data, source))
         keys: list[dkim.SigningKey] = []
         if self._keys is not None:
-            senders = header_addresses(head, "From")
+            senders = head.addresses("From")
             domain = (senders[0] if senders else sender).rpartition("@")[2].lower()
             if domain:
                 keys = await self._keys(domain)
@@ -176,8 +172,8 @@ class Outbound:
             body=body,
             ret=ret,
             envid=envid,
-            header_message_id=header_value(head, "Message-ID"),
-            subject=header_value(head, "Subject"),
+            header_message_id=head.value("Message-ID"),
+            subject=head.value("Subject"),
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             tags=tags,

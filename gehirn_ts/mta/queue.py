@@ -201,12 +201,12 @@ class MailQueue(Service):
             )
         finally:
             if self.running:
-                count, oldest = await self.store.stats()
+                count, oldest, due = await self.store.stats()
                 self._metrics.queue_recipients.set(count)
                 self._metrics.queue_oldest.set(
                     max(0.0, self._clock.seconds() - oldest) if oldest is not None else 0
                 )
-                self._arm(await self.store.next_due())
+                self._arm(due)
 
     async def _send_reports(self) -> None:
         # All at once: their store and bus writes share commits (group commit).

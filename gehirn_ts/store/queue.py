@@ -262,27 +262,25 @@ class QueueStore:
 
         return self._read(tx)  # type: ignore[no-any-return]
 
-    def stats(self) -> Deferred[tuple[int, float | None]]:
-        """(recipients queued, when the oldest message still queued was queued)."""
+    def stats(self) -> Deferred[tuple[int, float | None, float | None]]:
+        """In one read: (recipients queued, when the oldest message still queued was
+        queued, the next attempt due among those not held)."""
 
-        def tx(cur: Cursor) -> tuple[int, float | None]:
+        def tx(cur: Cursor) -> tuple[int, float | None, float | None]:
             cur.execute(
-                "SELECT COUNT(*), MIN(m.created_at) FROM outbound_rcpts r "
+                "SELECT COUNT(*), MIN(m.created_at), "
+                "MIN(CASE WHEN m.held = 0 THEN r.next_attempt_at END) FROM outbound_rcpts r "
                 "JOIN outbound m ON m.id = r.message_id WHERE r.status = 'queued'"
             )
-            count, oldest = cur.fetchone()
-            return int(count), oldest
+            count, oldest, due = cur.fetchone()
+            return int(count), oldest, due
 
         return self._read(tx)  # type: ignore[no-any-return]
 
-    def next_due(self) -> Deferred[float | None]:
-        def tx(cur: Cursor) -> float | None:
-            cur.execute(
-                "SELECT MIN(r.next_attempt_at) FROM outbound_rcpts r "
-                "JOIN outbound m ON m.id = r.message_id WHERE r.status = 'queued' AND m.held = 0"
-            )
-            row = cur.fetchone()
-            return row[0] if row else None
+    def exists(self, message_id: str) -> Deferred[bool]:
+        def tx(cur: Cursor) -> bool:
+            cur.execute("SELECT 1 FROM outbound WHERE id = ?", (message_id,))
+            return cur.fetchone() is not None
 
         return self._read(tx)  # type: ignore[no-any-return]
 

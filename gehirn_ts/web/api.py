@@ -31,10 +31,9 @@ from gehirn_ts.metrics import CONTENT_TYPE, Metrics
 from gehirn_ts.mta.address import parse_path
 from gehirn_ts.mta.compose import (
     FieldError,
+    Head,
     build,
     envelope_address,
-    header_addresses,
-    header_value,
     parse_dsn,
     parse_send,
     parse_tags_metadata,
@@ -493,7 +492,8 @@ class Api:
         data = _crlf(data)
         if b"\r\n\r\n" not in data and not data.endswith(b"\r\n"):
             data += b"\r\n"
-        from_header = header_addresses(data, "From")
+        head = Head(data)
+        from_header = head.addresses("From")
         if len(from_header) != 1:
             raise bad_request("message", "needs exactly one address in its From header field")
         account_id = await self._sender_account(call, sender, "from")
@@ -501,9 +501,9 @@ class Api:
         qid = new_queue_id()
         # Like Postfix's cleanup for local submissions: Date and Message-ID when missing.
         extra = b""
-        if header_value(data, "Date") is None:
+        if head.value("Date") is None:
             extra += f"Date: {rfc5322_date(self._clock.seconds())}\r\n".encode()
-        if header_value(data, "Message-ID") is None:
+        if head.value("Message-ID") is None:
             assert self._outbound is not None
             extra += f"Message-ID: {message_id_header(qid, self._outbound.hostname)}\r\n".encode()
         data = extra + data

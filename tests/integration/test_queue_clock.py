@@ -239,7 +239,7 @@ class QueueOnClockTests(TestCase):
         asked: list[bool] = []
         stats = self.qs.stats
 
-        def slow_stats() -> Deferred[tuple[int, float | None]]:
+        def slow_stats() -> Deferred[tuple[int, float | None, float | None]]:
             asked.append(True)
             return gate.addCallback(lambda _: stats())
 
