@@ -31,8 +31,8 @@ CONFIG = """[Global]
 {ssl}
 [Limits]
     MaxNickLength = 30
-    PingTimeout = 120
-    PongTimeout = 20
+    PingTimeout = {ping}
+    PongTimeout = {pong}
 [Options]
     PAM = no
     Ident = no
@@ -42,7 +42,12 @@ CONFIG = """[Global]
 
 class Ngircd:
     def __init__(
-        self, port: int | None = None, password: str = "", tls_port: int | None = None
+        self,
+        port: int | None = None,
+        password: str = "",
+        tls_port: int | None = None,
+        ping: int = 120,
+        pong: int = 20,
     ) -> None:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gehirn-ngircd-"))
@@ -64,7 +69,14 @@ class Ngircd:
             )
         self.conf.write_text(
             CONFIG.format(
-                port=self.port, dir=self.dir, uid=uid, gid=gid, password=password, ssl=ssl
+                port=self.port,
+                dir=self.dir,
+                uid=uid,
+                gid=gid,
+                password=password,
+                ssl=ssl,
+                ping=ping,
+                pong=pong,
             )
         )
         self.proc: subprocess.Popen[bytes] | None = None

@@ -173,3 +173,26 @@ class IrcTests(TestCase):
         body = await until(dead, timeout=30)
         assert "not connected" in body["deliveries"][0]["last_error"]
         assert listener.texts() == []
+
+    @inline
+    async def test_the_bot_answers_the_servers_ping_and_stays_connected(self) -> None:
+        from tests.support import sleep
+
+        # ngircd PINGs a client idle for PingTimeout seconds (5 here) and drops it when
+        # no PONG comes within PongTimeout (3). (With 2 s it did not ping within 7 s, so a
+        # bot that never answered passed: hence 5 s and 14 s of idling.)
+        server = Ngircd(ping=5, pong=3).start()
+        self.addCleanup(server.stop)
+        listener = await listen(self, server, "watcher", "#ops")
+        d, token = await self._daemon()
+        await d.subscribe(token, "notice.#", f"irc://pingbot@127.0.0.1:{server.port}/#ops")
+        first = await self._publish(d, token, "before the pings", n="1")
+        await d.wait_status(token, first, "delivered")
+        (bot,) = d.service.getServiceNamed("irc").bots.values()
+        connection = bot._proto
+        assert connection is not None
+        await sleep(14)  # PING rounds while idle
+        second = await self._publish(d, token, "after the pings", n="2")
+        await d.wait_status(token, second, "delivered")
+        assert bot._proto is connection  # the same connection: it answered every PING
+        await until(lambda: len(listener.texts()) >= 2)
