@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gehirn_ts.durations import format_duration, format_size, parse_duration, parse_size
+from gehirn_ts.logs import LEVELS
 
 
 class ConfigError(Exception):
@@ -502,6 +503,18 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Logging."""
+
+    level: str = opt(
+        "info",
+        _choice(*LEVELS),
+        "Lowest level written: debug (one line per step of each message and event), "
+        "info (one per delivery, per received message and per API request), warn, error.",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     state: StateConfig = field(default_factory=StateConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -510,6 +523,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     outbound: OutboundConfig = field(default_factory=OutboundConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def state_dir(self) -> Path:

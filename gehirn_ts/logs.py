@@ -1,4 +1,10 @@
-"""Log output for log shippers: one flat JSON object per line.
+"""Logging: the level threshold, and log output for log shippers.
+
+Every module logs through ``gehirn_ts.logs.Logger``: events below the configured level
+(``[log] level``, info by default) are dropped before any observer formats them, which
+keeps per-message debug lines off the hot paths.
+
+JSON output, one flat object per line:
 
     twistd --logger gehirn_ts.logs.json_observer --nodaemon --pidfile= gehirn-ts ...
 
@@ -16,8 +22,27 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, formatEvent
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import Logger as _TwistedLogger
 from zope.interface import implementer
+
+LEVELS = ("debug", "info", "warn", "error")
+_threshold = LogLevel.info
+
+
+def set_level(name: str) -> None:
+    """Drop events below this level from now on (``debug``, ``info``, ``warn``, ``error``)."""
+    global _threshold
+    _threshold = LogLevel.levelWithName(name)
+
+
+class Logger(_TwistedLogger):
+    """A twisted.logger Logger that honours the configured level."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if level < _threshold:
+            return
+        super().emit(level, format, **kwargs)
 
 
 def _jsonable(value: Any) -> Any:

@@ -16,11 +16,11 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
+from gehirn_ts import logs
 from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
@@ -30,6 +30,7 @@ from gehirn_ts.edj.destinations.irc import IrcNetwork
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.dkim import verify as dkim_verify
 from gehirn_ts.mta.esmtp import EsmtpFactory, Settings
@@ -130,6 +131,7 @@ def prepare_state(config: Config, now: float) -> Path:
 
 
 def build(config: Config, reactor: Any, config_path: str | None = None) -> MultiService:
+    logs.set_level(config.log.level)
     db = prepare_state(config, reactor.seconds())
     top = OrderedService()
     store = Store(db, reactor)
@@ -279,6 +281,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
             factory.settings = _smtp_settings(new)
         relay.reconfigure(new.smtp.trusted_networks, new.smtp.spf_fail)
         routes.set_static(new.smtp.routes)
+        logs.set_level(new.log.level)
         fixed = _restart_only_changes(config, new)
         if fixed:
             log.warn(
@@ -307,6 +310,7 @@ RELOADABLE = frozenset(
         "smtp.auth_failures",
         "smtp.auth_failure_window",
         "smtp.discard_ehlo_keywords",
+        "log.level",
     }
 )
 

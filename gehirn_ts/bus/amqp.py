@@ -29,12 +29,12 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from gehirn_ts.bus import txamqp_compat as compat
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import BusMessage, BusUnavailable, Handler, IEventBus, Requeue
+from gehirn_ts.logs import Logger
 
 log = Logger()
 

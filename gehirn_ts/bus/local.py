@@ -20,14 +20,16 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from gehirn_ts.events import Event, topic_matches
 from gehirn_ts.interfaces import BusMessage, BusUnavailable, Handler, IEventBus, Requeue
+from gehirn_ts.logs import Logger
 from gehirn_ts.store.batch import BatchedDatabase
 
 log = Logger()
+
+_BODY_CACHE = 10_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -82,6 +84,9 @@ class LocalBus(Service):
         self._db: BatchedDatabase | None = None
         self._dispatching: set[Deferred[None]] = set()
         self._started: Deferred[None] | None = None
+        # (routing key, body) of messages stored by this process, so that dispatching
+        # them needs no read; bounded, the rest is read back from the file.
+        self._bodies: dict[int, tuple[str, bytes]] = {}
 
     # --- lifecycle ---
 
@@ -209,6 +214,7 @@ class LocalBus(Service):
 
         ids = await pool.run(tx)
         for queue, msg_id in zip(queues, ids, strict=True):
+            self._remember(msg_id, routing_key, body)
             heapq.heappush(self._queue(queue).ready, (ready_at, msg_id, 1))
             self._pump(queue)
 
@@ -230,6 +236,10 @@ class LocalBus(Service):
             wait = max(q.ready[0][0] - now, 0.0)
             q.timer = self._clock.callLater(wait, self._pump, name)
 
+    def _remember(self, msg_id: int, routing_key: str, body: bytes) -> None:
+        if len(self._bodies) < _BODY_CACHE:
+            self._bodies[msg_id] = (routing_key, body)
+
     def _forget(self, result: object, d: Deferred[None]) -> None:
         self._dispatching.discard(d)
 
@@ -238,12 +248,16 @@ class LocalBus(Service):
         assert db is not None and q.handler is not None
         redeliver: float | None = None
         try:
-            row = await db.run(
-                _query, "SELECT routing_key, body FROM messages WHERE id = ?", (msg_id,)
-            )
-            if not row:
-                return
-            message = BusMessage(name, bytes(row[0][1]), row[0][0], str(msg_id), attempt)
+            cached = self._bodies.pop(msg_id, None)
+            if cached is None:
+                row = await db.run(
+                    _query, "SELECT routing_key, body FROM messages WHERE id = ?", (msg_id,)
+                )
+                if not row:
+                    return
+                cached = (row[0][0], bytes(row[0][1]))
+            routing_key, body = cached
+            message = BusMessage(name, body, routing_key, str(msg_id), attempt)
             try:
                 await q.handler(message)
             except Requeue as r:
@@ -260,6 +274,7 @@ class LocalBus(Service):
                     "UPDATE messages SET ready_at = ?, attempt = attempt + 1 WHERE id = ?",
                     (ready_at, msg_id),
                 )
+                self._remember(msg_id, routing_key, body)
                 heapq.heappush(q.ready, (ready_at, msg_id, attempt + 1))
         except Exception:
             # The store failed (disk full, pool closed at shutdown): the message stays

@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from txamqp import codec as _codec
 from txamqp import spec as _spec
 from txamqp.client import TwistedDelegate
 from txamqp.connection import Body, Frame
 from txamqp.content import Content
 from txamqp.protocol import AMQClient
+
+from gehirn_ts.logs import Logger
 
 log = Logger()
 

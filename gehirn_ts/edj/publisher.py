@@ -20,9 +20,18 @@ class Publisher:
         return Deferred.fromCoroutine(self._publish(event))
 
     async def _publish(self, event: Event) -> None:
-        # Stored first so GET /v1/events/{id} works as soon as the publisher has its 202.
-        # A repeated publish of the same event is put on the bus again: routing is
-        # idempotent, and it mends a publish that crashed between the two steps.
-        await self._store.insert_event(event)
-        await self._bus.publish(event)
+        # The store and the bus write at once, and both are durable before this fires
+        # (so GET /v1/events/{id} works as soon as the publisher has its 202). If only
+        # one of them happened (a crash, a bus outage), routing stores a missing event
+        # with its deliveries, and a repeated publish puts the event on the bus again:
+        # routing is idempotent. An id already taken by another event (Conflict) is not
+        # routed: routing compares the stored event with the message.
+        stored = self._store.insert_event(event)
+        queued = self._bus.publish(event)
+        try:
+            await stored
+        except BaseException:
+            queued.addErrback(lambda _: None)
+            raise
+        await queued
         self._metrics.events_published.inc()

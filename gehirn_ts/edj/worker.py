@@ -1,8 +1,12 @@
 """Runs the EDJ: routes events to deliveries, and attempts each delivery.
 
 Two bus queues: ``edj.route`` (bound to every event type) and ``edj.deliver``
-(one message per delivery attempt, body = the delivery id). The store holds each
-delivery's state and attempt log; the bus holds when it is next due.
+(one message per retry, body = the delivery id). Routing creates the deliveries and
+makes their first attempt itself, before it acks the event's message: a crash
+before the ack routes the event again, and every delivery not yet attempted is
+attempted then (at least once). A delivery to retry goes to ``edj.deliver`` with its
+delay, before its attempt is recorded. The store holds each delivery's state and
+attempt log; the bus holds when it is next due.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.publisher import Publisher
@@ -21,7 +25,16 @@ from gehirn_ts.edj.render import render
 from gehirn_ts.edj.retry import next_delay
 from gehirn_ts.edj.router import route
 from gehirn_ts.events import EDJ_DELIVERY_FAILED, Event, event_from_json
-from gehirn_ts.interfaces import BusMessage, Delivered, IEventBus, PermFail, Requeue, Result
+from gehirn_ts.interfaces import (
+    BusMessage,
+    BusUnavailable,
+    Delivered,
+    IEventBus,
+    PermFail,
+    Requeue,
+    Result,
+)
+from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.store.db import Delivery, NotFound, Store, Subscription
 
@@ -52,6 +65,7 @@ class EdjService(Service):
         clock: IReactorTime,
         source: str = "/gehirn-ts/edj",
         metrics: Metrics | None = None,
+        first_attempts: int = 64,
     ) -> None:
         self._metrics = metrics or Metrics()
         self._store = store
@@ -62,6 +76,9 @@ class EdjService(Service):
         self._clock = clock
         self._source = source
         self._active: set[str] = set()
+        # First attempts made by routing, at once, in all: an event with many
+        # subscriptions waits here rather than opening a connection for each.
+        self._first_attempts = DeferredSemaphore(first_attempts)
 
     def startService(self) -> None:
         super().startService()
@@ -79,13 +96,35 @@ class EdjService(Service):
         subscriptions = route(event, await self._store.subscriptions_for(event.account))
         if not subscriptions:
             return
-        # Make sure the event is stored (an internal publisher may have crashed between
-        # the store and the bus), then create the deliveries idempotently.
-        await self._store.insert_event(event)
-        new = await self._store.create_deliveries(event.id, [s.id for s in subscriptions])
-        for delivery_id in new:
-            await self._bus.send(DELIVER_QUEUE, delivery_id.encode())
+        # The event is stored along with its deliveries when missing (an internal
+        # publisher may have crashed between the store and the bus); both idempotent.
+        new = await self._store.create_deliveries(event.id, [s.id for s in subscriptions], event)
         log.debug("event {event_id} routed to {n} deliveries", event_id=event.id, n=len(new))
+        by_id = {s.id: s for s in subscriptions}
+        attempts = [
+            self._first_attempts.run(
+                lambda d: Deferred.fromCoroutine(self._first(d, event, by_id[d.subscription_id])),
+                delivery,
+            )
+            for delivery in new
+        ]
+        results = await DeferredList(attempts, consumeErrors=True)
+        for ok, failure in results:
+            if not ok and failure is not None:
+                if failure.check(BusUnavailable):
+                    # A retry could not be queued (the bus is stopping or away): the
+                    # event is routed again later, and its attempt repeated then.
+                    raise Requeue(1.0)
+                failure.raiseException()  # the route message is redelivered
+
+    async def _first(self, delivery: Delivery, event: Event, sub: Subscription) -> None:
+        if delivery.id in self._active:
+            return
+        self._active.add(delivery.id)
+        try:
+            await self._attempt_and_settle(delivery, event, sub, by_send=True)
+        finally:
+            self._active.discard(delivery.id)
 
     # --- delivering ---
 
@@ -113,10 +152,15 @@ class EdjService(Service):
         if sub.deleted_at is not None:
             await self._store.set_delivery_status(delivery_id, "cancelled")
             return
+        await self._attempt_and_settle(delivery, event, sub, by_send=False)
+
+    async def _attempt_and_settle(
+        self, delivery: Delivery, event: Event, sub: Subscription, *, by_send: bool
+    ) -> None:
         started = self._clock.seconds()
-        kind, result = await self._attempt(event, sub, delivery_id)
+        kind, result = await self._attempt(event, sub, delivery.id)
         duration = self._clock.seconds() - started
-        await self._settle(delivery, event, sub, result, started, duration)
+        await self._settle(delivery, event, sub, result, started, duration, by_send)
         self._measure(kind, event, result, delivery)
 
     async def _attempt(
@@ -154,7 +198,10 @@ class EdjService(Service):
         result: Result,
         started: float,
         duration: float,
+        by_send: bool,
     ) -> None:
+        """Record the attempt; a retry is put on the deliver queue (``by_send``: the
+        message in hand is not a delivery message) or the message requeued."""
         delay: float | None = None
         if isinstance(result, Delivered):
             status, outcome = "delivered", "delivered"
@@ -189,6 +236,11 @@ class EdjService(Service):
                 "delivery {delivery_id} of event {event_id} to {destination}: {outcome} {reason}",
                 **fields,
             )
+        if delay is not None and by_send:
+            # Sent before the attempt is recorded: a crash in between leaves a retry
+            # message and a delivery that routing still counts as not attempted, so
+            # it is attempted again rather than forgotten.
+            await self._bus.send(DELIVER_QUEUE, delivery.id.encode(), delay)
         await self._store.record_attempt(
             delivery.id,
             started_at=started,
@@ -200,7 +252,7 @@ class EdjService(Service):
             next_attempt_at=None if delay is None else self._clock.seconds() + delay,
             failed=not isinstance(result, Delivered),
         )
-        if delay is not None:
+        if delay is not None and not by_send:
             raise Requeue(delay)
 
     async def _dead_letter(

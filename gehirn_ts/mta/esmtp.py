@@ -31,9 +31,9 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger
 from twisted.mail import smtp
 
+from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox, parse_path

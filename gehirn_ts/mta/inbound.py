@@ -22,10 +22,10 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
+from gehirn_ts.logs import Logger
 from gehirn_ts.mta.dkim import DkimResult
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.outbound import Outbound

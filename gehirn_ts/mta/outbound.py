@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event
+from gehirn_ts.logs import Logger
 from gehirn_ts.mta import dkim
 from gehirn_ts.mta.compose import Head
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report

@@ -19,9 +19,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger
 
 from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
+from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.store.queue import (

@@ -26,7 +26,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
-from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.protocols.basic import FileSender, LineReceiver
@@ -34,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
+from gehirn_ts.logs import Logger
 from gehirn_ts.mta.params import xtext_encode
 from gehirn_ts.netaddr import parse_ip
 

@@ -388,12 +388,28 @@ class Store:
         return self._read(tx)
 
     def create_deliveries(
-        self, event_id: str, subscription_ids: Sequence[str]
-    ) -> Deferred[list[str]]:
-        """One delivery per subscription (idempotent); the ids not yet attempted."""
-        now = self._now()
+        self, event_id: str, subscription_ids: Sequence[str], event: Event | None = None
+    ) -> Deferred[list[Delivery]]:
+        """One delivery per subscription (idempotent); those not yet attempted.
 
-        def tx(cur: Cursor) -> list[str]:
+        With ``event``, the event is stored first when missing (a publisher may have
+        died between the store and the bus), in the same transaction.
+        """
+        now = self._now()
+        body = b"" if event is None else event.to_json()
+
+        def tx(cur: Cursor) -> list[Delivery]:
+            if event is not None:
+                account_id = None if event.account is None else _account_id(cur, event.account)
+                cur.execute(
+                    "INSERT OR IGNORE INTO events (id, account_id, type, body, received_at) "
+                    "VALUES (?,?,?,?,?)",
+                    (event.id, account_id, event.type, body, now),
+                )
+                if cur.rowcount == 0:
+                    cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
+                    if json.loads(cur.fetchone()[0]) != json.loads(body):
+                        return []  # the id belongs to another event: the publish got a 409
             for sub_id in subscription_ids:
                 cur.execute(
                     "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "
@@ -401,11 +417,11 @@ class Store:
                     (new_id("dlv"), event_id, sub_id, now, now),
                 )
             cur.execute(
-                "SELECT id FROM deliveries WHERE event_id = ? AND status = 'pending' "
-                "AND attempts = 0 ORDER BY id",
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE event_id = ? "  # noqa: S608
+                "AND status = 'pending' AND attempts = 0 ORDER BY id",
                 (event_id,),
             )
-            return [r[0] for r in cur.fetchall()]
+            return [_delivery(r) for r in cur.fetchall()]
 
         return self._run(tx)
 

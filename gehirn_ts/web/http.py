@@ -15,10 +15,10 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from gehirn_ts.logs import Logger
 from gehirn_ts.store.db import Principal
 
 log = Logger()
@@ -204,6 +204,12 @@ class LimitedRequest(Request):
     """A request that keeps at most ``max_body`` bytes of its body, in memory."""
 
     max_body = 1024 * 1024
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Every body is JSON: the form parsing twisted.web does for a POST (through the
+        # email package, for each request) would only cost time.
+        self._parsePOSTFormSubmission = False
 
     def gotLength(self, length: int | None) -> None:
         self.too_large = length is not None and length > self.max_body

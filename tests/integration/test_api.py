@@ -315,3 +315,23 @@ class ApiTests(unittest.TestCase):
         await until(lambda: receiver.hits)
         await sleep(0.5)
         assert len(receiver.hits) == 1
+
+    @inline
+    async def test_an_event_refused_with_409_is_not_routed(self) -> None:
+        # The store and the bus are written at once: the refused event reaches the bus,
+        # and routing must see that its id belongs to another event.
+        d = await Daemon(self).start()
+        receiver = Receiver()
+        token = await d.account("acme")
+        await d.subscribe(token, "b.#", receiver.listen(self))
+        first = {"type": "a.x", "id": "taken-1", "source": "/x", "time": "2026-01-01T00:00:00Z"}
+        assert (await d.call("POST", "/v1/events", first, token=token))[0] == 202
+        status, _ = await d.call("POST", "/v1/events", {**first, "type": "b.y"}, token=token)
+        assert status == 409
+        status, later = await d.call("POST", "/v1/events", {"type": "b.z"}, token=token)
+        assert status == 202
+        await until(lambda: receiver.hits)
+        await sleep(0.5)
+        assert [json.loads(h.body)["id"] for h in receiver.hits] == [later["id"]]
+        _, shown = await d.call("GET", "/v1/events/taken-1", token=token)
+        assert shown["event"]["type"] == "a.x" and shown["deliveries"] == []

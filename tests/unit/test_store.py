@@ -99,7 +99,7 @@ class StoreTests(unittest.TestCase):
         again = await self.store.create_deliveries("e1", [sub.id])
         assert len(first) == 1 and again == first
         d = await self.store.record_attempt(
-            first[0],
+            first[0].id,
             started_at=1,
             duration=0.1,
             outcome="retry",
@@ -120,7 +120,8 @@ class StoreTests(unittest.TestCase):
         account, _, _ = await self.store.create_account("acme")
         sub = await self.store.create_subscription(account.id, "#", "http://x.test/", None)
         await self.store.insert_event(Event(type="a", source="/t", id="e1", account="acme"))
-        (dlv,) = await self.store.create_deliveries("e1", [sub.id])
+        (created,) = await self.store.create_deliveries("e1", [sub.id])
+        dlv = created.id
         with pytest.raises(Conflict):
             await self.store.replay_delivery(dlv, None)
         await self.store.record_attempt(

@@ -23,13 +23,9 @@ from tests.support import inline, sleep, until
 
 
 class WorkerClockTests(unittest.TestCase):
-    @inline
-    async def test_retries_wait_for_the_injected_clock(self) -> None:
-        random.seed(0)
+    def _worker(self, clock: task.Clock) -> tuple[Store, LocalBus, Publisher]:
         state = Path(self.mktemp())
         state.mkdir()
-        clock = task.Clock()
-        clock.advance(1_000_000)
         migrate(state / "db.sqlite")
         store = Store(state / "db.sqlite", clock)
         self.addCleanup(store.close)
@@ -49,6 +45,44 @@ class WorkerClockTests(unittest.TestCase):
             clock=clock,
         )
         edj.startService()
+        return store, bus, publisher
+
+    @inline
+    async def test_a_retry_is_queued_before_the_attempt_is_recorded(self) -> None:
+        # Routing makes the first attempt itself; if recording it fails (a crash), the
+        # retry must already be on the deliver queue and the event must be routed again.
+        clock = task.Clock()
+        store, bus, publisher = self._worker(clock)
+        record = store.record_attempt
+        calls = []
+
+        def failing_once(*args: object, **kwargs: object) -> object:
+            calls.append(args)
+            if len(calls) == 1:
+                raise OSError("disk gone")
+            return record(*args, **kwargs)  # type: ignore[arg-type]
+
+        store.record_attempt = failing_once  # type: ignore[method-assign]
+        receiver = Receiver(plan=[503])
+        account, _, _ = await store.create_account("acme")
+        await store.create_subscription(account.id, "#", receiver.listen(self), None)
+        await publisher.publish(Event(type="notice.fault", source="/t", account="acme", id="e"))
+        await until(lambda: len(receiver.hits) == 1 and calls)
+        await until(lambda: not bus._queues["edj.route"].inflight)
+        assert bus.depth("edj.deliver") == 1, "the retry was not queued before the record"
+        assert bus.depth("edj.route") == 1, "the event's message was acked without the record"
+        clock.advance(5)  # the bus redelivers a message whose handler failed after 5 s
+        await until(lambda: len(receiver.hits) == 2)
+        history = await until(lambda: self._done(store))
+        assert [a.status_code for a in history[0][1]] == [200]
+        assert len(self.flushLoggedErrors(OSError)) == 1
+
+    @inline
+    async def test_retries_wait_for_the_injected_clock(self) -> None:
+        random.seed(0)
+        clock = task.Clock()
+        clock.advance(1_000_000)
+        store, bus, publisher = self._worker(clock)
         receiver = Receiver(plan=[503, 503])
         account, _, _ = await store.create_account("acme")
         await store.create_subscription(account.id, "#", receiver.listen(self), None)

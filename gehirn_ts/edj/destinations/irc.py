@@ -34,7 +34,6 @@ from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 from zope.interface import implementer
@@ -42,6 +41,7 @@ from zope.interface import implementer
 from gehirn_ts.edj.netguard import AddressPolicy, GuardedEndpoint
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, IDestination, PermFail, Result, TempFail
+from gehirn_ts.logs import Logger
 from gehirn_ts.redact import MASK
 
 log = Logger()
