@@ -173,6 +173,11 @@ class GuardedEndpoint:
             _PinnedReactor(self._reactor, allowed), self._host, self._port, self._timeout
         )
         protocol: IProtocol = await endpoint.connect(factory)
+        # twisted.web writes a request's head and body in separate writes: with Nagle's
+        # algorithm the body waits for the receiver's delayed ACK.
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
         return protocol
 
 

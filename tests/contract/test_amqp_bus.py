@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import secrets
+import socket
 from typing import Any
 
 from twisted.internet import reactor
@@ -54,6 +55,14 @@ class AmqpBusContract(BusContract, unittest.TestCase):
         if not bus.running:
             return bus._loop
         return bus.stopService()
+
+    @inline
+    async def test_the_connection_sends_small_frames_at_once(self) -> None:
+        # Nagle's algorithm held each publish's frames for the broker's delayed ACK:
+        # p50 latency 59 ms instead of 18 ms at 200 events/s (bench/events.py).
+        bus = await self.new_bus()
+        sock = bus._conn.client.transport.getHandle()
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 class AmqpMethodsSent(unittest.TestCase):
