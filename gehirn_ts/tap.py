@@ -27,6 +27,7 @@ from gehirn_ts.config import Config, ConfigError, load
 from gehirn_ts.dnsresolver import make_async_resolver, make_resolver
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.destinations.irc import IrcNetwork
+from gehirn_ts.edj.httppool import DestinationPool
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
@@ -136,7 +137,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     top = OrderedService()
     store = Store(db, reactor)
     policy = AddressPolicy(config.edj.allow_networks)
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = DestinationPool(reactor, persistent=True)
     # Keep-alive connections per destination host: enough for the deliveries that a
     # busy webhook receives at once (Twisted's default is 2).
     pool.maxPersistentPerHost = config.bus.prefetch
