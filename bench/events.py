@@ -29,6 +29,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.smtp import cpu_seconds  # noqa: E402
 from gehirn_ts.bus import txamqp_compat as compat  # noqa: E402
 from gehirn_ts.bus.amqp import AmqpBus  # noqa: E402
 from gehirn_ts.interfaces import BusMessage  # noqa: E402
@@ -129,6 +130,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         # Throughput: TOTAL events, CONCURRENCY requests in flight.
         await http.call("POST", receiver + "/reset")
         counter = iter(range(TOTAL))
+        cpu_before = cpu_seconds(proc.pid)
         start = time.monotonic()
 
         async def worker() -> None:
@@ -144,6 +146,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         published = time.monotonic() - start
         await wait_until(lambda: delivered(TOTAL), 600)
         done = time.monotonic() - start
+        cpu_per_event = (cpu_seconds(proc.pid) - cpu_before) / TOTAL * 1000
 
         # Latency at a steady rate.
         await http.call("POST", receiver + "/reset")
@@ -174,6 +177,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             "p50": statistics.median(latencies),
             "p99": latencies[int(len(latencies) * 0.99) - 1],
             "rss_mb": rss,
+            "cpu_ms": cpu_per_event,
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -245,12 +249,13 @@ async def main(_: Any) -> None:
         f"latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s ({os.cpu_count()} cores)"
     )
     print(
-        f"{'':16}{'API 202/s':>12}{'delivered/s':>13}{'p50 ms':>9}{'p99 ms':>9}{'peak RSS MB':>13}"
+        f"{'':16}{'API 202/s':>12}{'delivered/s':>13}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'peak RSS MB':>13}{'CPU ms/event':>14}"
     )
     for name, r in results.items():
         print(
             f"{name:16}{r['publish_rate']:12.0f}{r['delivery_rate']:13.0f}{r['p50']:9.1f}"
-            f"{r['p99']:9.1f}{r['rss_mb']:13.1f}"
+            f"{r['p99']:9.1f}{r['rss_mb']:13.1f}{r['cpu_ms']:14.2f}"
         )
     print(f"{'bare txamqp':16}{'':12}{bare:13.0f}   (publish+confirm, consume+ack, same broker)")
 

@@ -11,6 +11,7 @@ import hmac
 import json
 import secrets
 import sqlite3
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,16 @@ def split_token(token: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
         return None
     return parts[1], parts[2]
+
+
+def new_password() -> str:
+    """32 random letters and digits (190 bits): safe to paste into any command line or
+    mail client (a token_urlsafe one may start with "-", which swaks and others read as
+    an option)."""
+    return "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(32))
+
+
+_PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 def _account_id(cur: Cursor, name: str) -> int:
@@ -709,7 +720,7 @@ class MailStore:
     def create_credential(self, account: str, username: str) -> Deferred[str]:
         """SMTP credentials: a generated password (shown once), stored hashed."""
         now = self._store._now()
-        password = secrets.token_urlsafe(24)
+        password = new_password()
 
         def tx(cur: Cursor) -> str:
             account_id = _account_id(cur, account)

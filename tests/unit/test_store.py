@@ -8,7 +8,14 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from gehirn_ts.events import Event
-from gehirn_ts.store.db import Conflict, NotFound, Store, bootstrap_admin_key, hash_secret
+from gehirn_ts.store.db import (
+    Conflict,
+    NotFound,
+    Store,
+    bootstrap_admin_key,
+    hash_secret,
+    new_password,
+)
 from gehirn_ts.store.schema import MIGRATIONS, SchemaError, migrate
 from tests.support import inline
 
@@ -268,3 +275,10 @@ def test_bad_config_routes(bad):
     with pytest.raises(ConfigError) as e:
         from_mapping({"smtp": {"routes": [bad]}})
     assert e.value.errors[0].startswith("smtp.routes: ")
+
+
+def test_generated_smtp_passwords_are_letters_and_digits() -> None:
+    # A password starting with "-" broke swaks' command line (read as an option).
+    passwords = [new_password() for _ in range(500)]
+    assert all(len(p) == 32 and p.isascii() and p.isalnum() for p in passwords)
+    assert len(set(passwords)) == 500
