@@ -93,12 +93,12 @@ class EdjService(Service):
 
     async def route(self, message: BusMessage) -> None:
         event = event_from_json(message.body)
-        subscriptions = route(event, await self._store.subscriptions_for(event.account))
+        # One transaction picks the subscriptions, stores the event when missing (an
+        # internal publisher may have crashed between the store and the bus) and
+        # creates the deliveries; all of it idempotent.
+        new, subscriptions = await self._store.route_event(event, lambda s: route(event, s))
         if not subscriptions:
             return
-        # The event is stored along with its deliveries when missing (an internal
-        # publisher may have crashed between the store and the bus); both idempotent.
-        new = await self._store.create_deliveries(event.id, [s.id for s in subscriptions], event)
         log.debug("event {event_id} routed to {n} deliveries", event_id=event.id, n=len(new))
         by_id = {s.id: s for s in subscriptions}
         attempts = [

@@ -12,7 +12,7 @@ import json
 import secrets
 import sqlite3
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -116,6 +116,15 @@ def split_token(token: str) -> tuple[str, str] | None:
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not parts[1] or not parts[2]:
         return None
     return parts[1], parts[2]
+
+
+def _live_subscriptions(cur: Cursor, account: str | None) -> list[Subscription]:
+    cur.execute(
+        f"SELECT {_SUB_COLUMNS} FROM subscriptions s JOIN accounts a "  # noqa: S608
+        "ON a.id = s.account_id WHERE s.deleted_at IS NULL AND (? IS NULL OR a.name = ?)",
+        (account, account),
+    )
+    return [_subscription(r) for r in cur.fetchall()]
 
 
 def new_password() -> str:
@@ -385,18 +394,21 @@ class Store:
 
         return self._read(tx)
 
-    def subscriptions_for(self, account: str | None) -> Deferred[list[Subscription]]:
-        """Live subscriptions that may see an event of ``account`` (None: broadcast)."""
+    def route_event(
+        self, event: Event, select: Callable[[list[Subscription]], list[Subscription]]
+    ) -> Deferred[tuple[list[Delivery], list[Subscription]]]:
+        """Routing in one transaction: the live subscriptions ``select`` picks, the event
+        stored when missing, one delivery per picked subscription (idempotent). Returns
+        the deliveries not yet attempted and the picked subscriptions."""
+        create = self._deliveries_tx(event.id, event)
 
-        def tx(cur: Cursor) -> list[Subscription]:
-            cur.execute(
-                f"SELECT {_SUB_COLUMNS} FROM subscriptions s JOIN accounts a "  # noqa: S608
-                "ON a.id = s.account_id WHERE s.deleted_at IS NULL AND (? IS NULL OR a.name = ?)",
-                (account, account),
-            )
-            return [_subscription(r) for r in cur.fetchall()]
+        def tx(cur: Cursor) -> tuple[list[Delivery], list[Subscription]]:
+            chosen = select(_live_subscriptions(cur, event.account))
+            if not chosen:
+                return [], []
+            return create(cur, [s.id for s in chosen]), chosen
 
-        return self._read(tx)
+        return self._run(tx)
 
     def create_deliveries(
         self, event_id: str, subscription_ids: Sequence[str], event: Event | None = None
@@ -406,10 +418,15 @@ class Store:
         With ``event``, the event is stored first when missing (a publisher may have
         died between the store and the bus), in the same transaction.
         """
+        return self._run(self._deliveries_tx(event_id, event), list(subscription_ids))
+
+    def _deliveries_tx(
+        self, event_id: str, event: Event | None
+    ) -> Callable[[Cursor, list[str]], list[Delivery]]:
         now = self._now()
         body = b"" if event is None else event.to_json()
 
-        def tx(cur: Cursor) -> list[Delivery]:
+        def tx(cur: Cursor, subscription_ids: list[str]) -> list[Delivery]:
             if event is not None:
                 account_id = None if event.account is None else _account_id(cur, event.account)
                 cur.execute(
@@ -434,7 +451,7 @@ class Store:
             )
             return [_delivery(r) for r in cur.fetchall()]
 
-        return self._run(tx)
+        return tx
 
     def get_delivery(self, delivery_id: str) -> Deferred[Delivery]:
         def tx(cur: Cursor) -> Delivery:

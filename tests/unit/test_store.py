@@ -12,6 +12,7 @@ from gehirn_ts.store.db import (
     Conflict,
     NotFound,
     Store,
+    Subscription,
     bootstrap_admin_key,
     hash_secret,
     new_password,
@@ -121,6 +122,32 @@ class StoreTests(unittest.TestCase):
         assert await self.store.create_deliveries("e1", [sub.id]) == []
         history = await self.store.deliveries_of_event("e1")
         assert [a.status_code for a in history[0][1]] == [503]
+
+    @inline
+    async def test_routing_picks_live_subscriptions_and_stores_a_missing_event(self) -> None:
+        acme, _, _ = await self.store.create_account("acme")
+        other, _, _ = await self.store.create_account("other")
+        wanted = await self.store.create_subscription(acme.id, "a.#", "http://x.test/", None)
+        await self.store.create_subscription(acme.id, "b.#", "http://y.test/", None)
+        gone = await self.store.create_subscription(acme.id, "#", "http://z.test/", None)
+        await self.store.delete_subscription(gone.id, None)
+        await self.store.create_subscription(other.id, "#", "http://w.test/", None)
+        event = Event(type="a.x", source="/t", id="e9", account="acme")
+        seen: list[list[str]] = []
+
+        def pick(subs: list[Subscription]) -> list[Subscription]:
+            seen.append(sorted(s.url for s in subs))
+            return [s for s in subs if s.pattern == "a.#"]
+
+        new, picked = await self.store.route_event(event, pick)
+        # Only acme's live subscriptions are offered; the event was never stored before.
+        assert seen == [["http://x.test/", "http://y.test/"]]
+        assert [s.id for s in picked] == [wanted.id]
+        assert [d.subscription_id for d in new] == [wanted.id]
+        assert (await self.store.get_event("e9", None)).type == "a.x"
+        again, _ = await self.store.route_event(event, pick)
+        assert [d.id for d in again] == [d.id for d in new]
+        assert await self.store.route_event(event, lambda subs: []) == ([], [])
 
     @inline
     async def test_replay_only_dead(self) -> None:
