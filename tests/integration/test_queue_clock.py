@@ -101,7 +101,8 @@ class QueueOnClockTests(TestCase):
         assert self.reports == [(mid, [("r@flaky.test", "delivered")])]
         # The message crossed the wire dot-stuffed and came out whole.
         assert script.messages[0] == MESSAGE
-        assert not self.queue.path(mid).exists()  # done: the file is gone
+        # Done: the file goes once the report is recorded (after the reporter returns).
+        await until(lambda: not self.queue.path(mid).exists())
 
     @inline
     async def test_delayed_at_the_threshold_then_per_interval_then_failed_at_lifetime(
