@@ -411,18 +411,16 @@ class Store:
         return self._run(tx)
 
     def create_deliveries(
-        self, event_id: str, subscription_ids: Sequence[str], event: Event | None = None
+        self, event_id: str, subscription_ids: Sequence[str]
     ) -> Deferred[list[Delivery]]:
-        """One delivery per subscription (idempotent); those not yet attempted.
-
-        With ``event``, the event is stored first when missing (a publisher may have
-        died between the store and the bus), in the same transaction.
-        """
-        return self._run(self._deliveries_tx(event_id, event), list(subscription_ids))
+        """One delivery per subscription (idempotent); those not yet attempted."""
+        return self._run(self._deliveries_tx(event_id, None), list(subscription_ids))
 
     def _deliveries_tx(
         self, event_id: str, event: Event | None
     ) -> Callable[[Cursor, list[str]], list[Delivery]]:
+        """The deliveries' transaction; with ``event``, the event is stored first when
+        missing (a publisher may have died between the store and the bus)."""
         now = self._now()
         body = b"" if event is None else event.to_json()
 
