@@ -1,8 +1,8 @@
 """Received mail -> the KVS, the index in the store, and a ``mail.received`` event.
 
 Runs after the 250 (the message is in the spool, durable) and again at every start for
-whatever the spool still holds, so each step is idempotent: the KVS object is a hard
-link named by the queue id, the index row is keyed by (queue id, account), and the
+whatever the spool still holds, so each step is idempotent: the KVS object is a file
+named by the queue id, the index row is keyed by (queue id, account), and the
 event id is derived from both, so a repeat stores and publishes nothing twice.
 Recipients outside the served domains (relayed mail from authenticated or trusted
 clients) and the targets of forward routes go to the outbound queue, under ids derived
@@ -11,12 +11,9 @@ from the queue id (``QID`` and ``QID.fwd``), so a repeat queues nothing twice.
 
 from __future__ import annotations
 
-import email.policy
 import os
-import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from email.parser import BytesParser
 from pathlib import Path
 from typing import Any
 
@@ -31,50 +28,26 @@ from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.outbound import Outbound
 from gehirn_ts.mta.spf import SpfResult
 from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir
+from gehirn_ts.mta.summary import summarize_bytes
 from gehirn_ts.store.db import MailStore, Received
 from gehirn_ts.store.queue import NewRecipient
 
 log = Logger()
 
-LOOP_HEADER = "X-Gehirn-Loop"
 SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
-EXCERPT_CHARS = 300
 OwnerLookup = Callable[[str], Awaitable[str | None]]
 AccountId = Callable[[str], Awaitable[int | None]]
 
 
-def summarize(path: Path) -> dict[str, Any]:
-    """Headers and a text excerpt, from the first bytes of the message (in a thread)."""
-    with path.open("rb") as f:
-        head = f.read(SUMMARY_BYTES)
-    out: dict[str, Any] = {
-        "from": None,
-        "to": None,
-        "cc": None,
-        "subject": None,
-        "message_id": None,
-        "date": None,
-        "excerpt": "",
-        "loop_hops": 0,
-    }
+def summarize(head: bytes) -> dict[str, Any]:
+    """The event's header fields and excerpt; a message the parser chokes on gets none."""
     try:
-        message = BytesParser(policy=email.policy.default).parsebytes(head)
-        # The e-mail destination's loop marker (edj/destinations/email.py).
-        hops = [str(v).strip() for v in message.get_all(LOOP_HEADER, [])]
-        out["loop_hops"] = max((int(h) for h in hops if h.isdigit() and len(h) < 4), default=0)
-        for name in ("from", "to", "cc", "subject", "message_id", "date"):
-            value = message.get(name.replace("_", "-"))
-            if value is not None:
-                out[name] = str(value)[:998]
-        part = message.get_body(preferencelist=("plain", "html"))
-        if part is not None:
-            text = part.get_content()
-            if part.get_content_subtype() == "html":
-                text = re.sub(r"<[^>]*>", " ", text)
-            out["excerpt"] = " ".join(text.split())[:EXCERPT_CHARS]
-    except Exception:  # noqa: S110 - a malformed message still gets stored and published
-        pass
-    return out
+        return summarize_bytes(head)
+    except Exception:
+        # summarize_bytes is property-tested not to raise; should a message still find
+        # a way, it is stored and published without a summary rather than left spooled.
+        log.failure("summarizing a received message failed")
+        return summarize_bytes(b"")
 
 
 class Inbound:
@@ -164,15 +137,14 @@ class Inbound:
                     NewRecipient(address, None, ("rfc822", rcpt.address))
                     for address in route.forward_to
                 )
-        summary = await deferToThread(summarize, source)
-        dkim_results = await deferToThread(self._dkim, source)
         spf_data = envelope.extra.get("spf")
         spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
-        auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
         obj = f"{qid}.eml"
-        if by_account:
-            header = authentication_results(self._hostname, spf, dkim_results)
-            await deferToThread(self._store_object, source, self._kvs / obj, header)
+        # One trip to a thread for the reading, the checks and the KVS copy.
+        summary, dkim_results = await deferToThread(
+            self._examine, source, spf, self._kvs / obj if by_account else None
+        )
+        auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
         for account, rcpts in by_account.items():
             meta = {
                 **summary,
@@ -292,10 +264,24 @@ class Inbound:
             },
         )
 
-    def _dkim(self, source: Path) -> list[DkimResult]:
+    def _examine(
+        self, source: Path, spf: SpfResult | None, target: Path | None
+    ) -> tuple[dict[str, Any], list[DkimResult]]:
+        """Summary and DKIM results of a spooled message, and its KVS object when
+        ``target`` is given (blocking: runs in a thread)."""
         if self._dkim_verify is None:
-            return []
-        return self._dkim_verify(source.read_bytes())
+            with source.open("rb") as f:
+                head = f.read(SUMMARY_BYTES)
+            dkim_results = []
+        else:
+            # DKIM hashes the whole message (RFC 6376 section 3.7).
+            head = source.read_bytes()
+            dkim_results = self._dkim_verify(head)
+        summary = summarize(head[:SUMMARY_BYTES])
+        if target is not None:
+            header = authentication_results(self._hostname, spf, dkim_results)
+            self._store_object(source, target, header)
+        return summary, dkim_results
 
     @staticmethod
     def _store_object(source: Path, target: Path, header: bytes) -> None:

@@ -1,0 +1,157 @@
+"""The received-message summary (mta/summary.py): examples, and properties on any input."""
+
+from __future__ import annotations
+
+import email.policy
+from email.header import Header
+from email.parser import BytesParser
+from email.utils import formataddr
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gehirn_ts.mta.summary import EXCERPT_CHARS, FIELD_CHARS, summarize_bytes
+
+
+def test_a_plain_message() -> None:
+    got = summarize_bytes(
+        b"From: <sender@example.org>\r\nTo: <user@bench.test>\r\n"
+        b"Date: Thu, 26 Nov 2026 21:00:00 +0000\r\nMessage-Id: <123@client.test>\r\n"
+        b"Subject: smtp-source test\r\n\r\n" + b"La de da.\r\n" * 50
+    )
+    assert got["from"] == "sender@example.org" and got["to"] == "user@bench.test"
+    assert got["cc"] is None and got["subject"] == "smtp-source test"
+    assert got["message_id"] == "<123@client.test>"
+    assert got["date"] == "Thu, 26 Nov 2026 21:00:00 +0000"
+    assert got["excerpt"].startswith("La de da. La de da.")
+    assert len(got["excerpt"]) == EXCERPT_CHARS and got["loop_hops"] == 0
+
+
+def test_encoded_words_folding_and_quoted_names() -> None:
+    got = summarize_bytes(
+        b"From: =?utf-8?q?J=C3=B6rg?= <j@example.org>\r\n"
+        b'To: "Doe, John" <john@bench.test>,\r\n other@bench.test\r\n'
+        b"Cc: =?utf-8?q?A=2C_B?= <ab@x.test>\r\n"
+        b"Subject: a long\r\n subject =?iso-8859-1?q?caf=E9?= here\r\n\r\nbody\r\n"
+    )
+    assert got["from"] == "Jörg <j@example.org>"
+    assert got["to"] == '"Doe, John" <john@bench.test>, other@bench.test'
+    # A decoded name with a special in it is quoted again (RFC 5322 section 3.2.3).
+    assert got["cc"] == '"A, B" <ab@x.test>'
+    assert got["subject"] == "a long subject café here"
+
+
+def test_the_plain_part_is_preferred_and_attachments_are_skipped() -> None:
+    alternative = summarize_bytes(
+        b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n'
+        b"--b\r\nContent-Type: text/html\r\n\r\n<p>the html</p>\r\n"
+        b"--b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nHall=C3=B6 Welt\r\n--b--\r\n"
+    )
+    assert alternative["excerpt"] == "Hallö Welt"
+    mixed = summarize_bytes(
+        b"Content-Type: multipart/mixed; boundary=z\r\n\r\n"
+        b"--z\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=a\r\n"
+        b"\r\nattached\r\n--z\r\nContent-Type: text/plain\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\ndGhlIGJvZHk=\r\n--z--\r\n"
+    )
+    assert mixed["excerpt"] == "the body"
+
+
+def test_html_only_loses_its_tags_and_keeps_its_charset() -> None:
+    got = summarize_bytes(
+        b"Content-Type: text/html; charset=iso-8859-1\r\n\r\n"
+        b"<html><b>caf\xe9</b>\r\n  ok</html>\r\n"
+    )
+    assert got["excerpt"] == "café ok"
+
+
+def test_eight_bit_headers_are_read_as_utf8_and_unknown_charsets_do_not_fail() -> None:
+    got = summarize_bytes(
+        b"From: J\xc3\xb6rg <j@x.test>\r\nSubject: Gr\xc3\xbc\xc3\x9fe \xff\r\n"
+        b"Content-Type: text/plain; charset=x-no-such-charset\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xc3\xbc\xc3\x9fe aus dem Test.\r\n"
+    )
+    assert got["from"] == "Jörg <j@x.test>"
+    assert got["subject"] == "Grüße \ufffd"
+    assert got["excerpt"] == "Grüße aus dem Test."
+
+
+def test_groups_and_garbage_are_shown_as_written() -> None:
+    got = summarize_bytes(
+        b"To: undisclosed-recipients:;\r\nFrom: not an address\r\n"
+        b"Subject: =?bogus?q?x?=\r\nX-Gehirn-Loop: 3\r\nX-Gehirn-Loop: 12\r\n\r\n"
+    )
+    assert got["to"] == "undisclosed-recipients:;"
+    assert got["from"] == "not an address"
+    assert got["subject"] == "=?bogus?q?x?="
+    assert got["loop_hops"] == 12
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3000))
+def test_any_bytes_give_a_summary_of_valid_text(raw: bytes) -> None:
+    got = summarize_bytes(raw)
+    for name in ("from", "to", "cc", "subject", "message_id", "date"):
+        value = got[name]
+        assert value is None or (isinstance(value, str) and len(value) <= FIELD_CHARS)
+        if value is not None:
+            value.encode("utf-8")  # no lone surrogates: the event is JSON in UTF-8
+    assert len(got["excerpt"]) <= EXCERPT_CHARS
+    got["excerpt"].encode("utf-8")
+    assert 0 <= got["loop_hops"] < 1000
+
+
+_LINES = st.lists(
+    st.sampled_from(
+        [
+            b"From: a@b.test",
+            b"To: x <y@z.test>, w@v.test",
+            b"Subject: =?utf-8?b?w7w=?=",
+            b"Content-Type: multipart/mixed; boundary=q",
+            b"Content-Type: text/html; charset=utf-16",
+            b"Content-Transfer-Encoding: base64",
+            b"Content-Transfer-Encoding: quoted-printable",
+            b"--q",
+            b"--q--",
+            b"",
+            b" folded",
+            b"<p>x=3D=C3</p>",
+            b"\xff\xfe garbage",
+        ]
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_LINES)
+def test_any_mime_shaped_input_gives_a_summary(lines: list[bytes]) -> None:
+    got = summarize_bytes(b"\r\n".join(lines))
+    got["excerpt"].encode("utf-8")
+    assert all(got[n] is None or isinstance(got[n], str) for n in ("from", "to", "subject"))
+
+
+_NAME = st.text(
+    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="\\\""),
+    min_size=1,
+    max_size=30,
+).map(lambda s: " ".join(s.split())).filter(bool)
+_ADDR = st.from_regex(r"\A[a-z][a-z0-9.+-]{0,15}@[a-z0-9]{1,10}\.test\Z")
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NAME, _ADDR, _NAME)
+def test_fields_read_as_the_email_packages_default_policy_reads_them(
+    name: str, addr: str, subject: str
+) -> None:
+    """Names and subjects in any script, encoded as mail clients encode them, come out
+    as the `email` package's header objects show them."""
+    raw = (
+        f"From: {formataddr((name, addr), charset='utf-8')}\r\n"
+        f"Subject: {Header(subject, 'utf-8').encode()}\r\n\r\nbody\r\n"
+    ).encode("ascii")
+    reference = BytesParser(policy=email.policy.default).parsebytes(raw)
+    got = summarize_bytes(raw)
+    assert got["from"] == str(reference["from"])
+    assert got["subject"] == str(reference["subject"])
