@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 SPECVERSION = "1.0"
@@ -101,6 +102,12 @@ class Event:
 
     def to_json(self) -> bytes:
         """Structured-mode JSON (CloudEvents JSON format, section 3)."""
+        return self._json
+
+    @cached_property
+    def _json(self) -> bytes:
+        # Encoded once: the store, the bus and each webhook body need the same bytes.
+        # An event is not changed once made (frozen; ``data`` is never mutated after).
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -52,7 +52,10 @@ class Envelope:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        # vars(), not dataclasses.asdict: no deep copy of what is only serialised.
+        out = dict(vars(self))
+        out["recipients"] = [vars(r) for r in self.recipients]
+        return json.dumps(out, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:

@@ -132,11 +132,15 @@ def test_any_mime_shaped_input_gives_a_summary(lines: list[bytes]) -> None:
     assert all(got[n] is None or isinstance(got[n], str) for n in ("from", "to", "subject"))
 
 
-_NAME = st.text(
-    st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="\\\""),
-    min_size=1,
-    max_size=30,
-).map(lambda s: " ".join(s.split())).filter(bool)
+_NAME = (
+    st.text(
+        st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters='\\"'),
+        min_size=1,
+        max_size=30,
+    )
+    .map(lambda s: " ".join(s.split()))
+    .filter(bool)
+)
 _ADDR = st.from_regex(r"\A[a-z][a-z0-9.+-]{0,15}@[a-z0-9]{1,10}\.test\Z")
 
 
