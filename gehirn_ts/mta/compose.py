@@ -19,6 +19,7 @@ from email.utils import format_datetime, getaddresses, parseaddr
 from typing import Any
 
 from gehirn_ts.mta.address import parse_path
+from gehirn_ts.mta.mimepolicy import SMTP
 from gehirn_ts.mta.replies import SmtpError
 
 MAX_RECIPIENTS = 1000
@@ -307,7 +308,7 @@ def parse_send(body: dict[str, Any]) -> SendRequest:
 
 def build(req: SendRequest, *, message_id: str, now: float) -> bytes:
     """The RFC 5322 message (Bcc is never written: RFC 5322 section 3.6.3)."""
-    msg = EmailMessage(policy=email.policy.SMTP)
+    msg = EmailMessage(policy=SMTP)
     msg["From"] = req.sender
     if req.to:
         msg["To"] = req.to

@@ -15,6 +15,8 @@ from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import format_datetime, make_msgid
 
+from gehirn_ts.mta.mimepolicy import SMTP
+
 # Above this size a failure report carries the headers only (Postfix: bounce_size_limit).
 FULL_RETURN_LIMIT = 50_000
 
@@ -79,7 +81,7 @@ def build_report(
 ) -> bytes:
     """The report as bytes with CRLF line ends, ready for the queue (sender ``<>``)."""
     action = statuses[0].action
-    report = EmailMessage(policy=email.policy.SMTP)
+    report = EmailMessage(policy=SMTP)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
     report["To"] = to
     report["Subject"] = {
@@ -103,7 +105,7 @@ def build_report(
         lines.append(f"  <{s.recipient}>{detail}")
     if action == "delayed" and statuses[0].will_retry_until is not None:
         lines += ["", f"Delivery will be retried until {_date(statuses[0].will_retry_until)}."]
-    text = EmailMessage(policy=email.policy.SMTP)
+    text = EmailMessage(policy=SMTP)
     text.set_content("\n".join(lines) + "\n", charset="utf-8")
     del text["MIME-Version"]
 
@@ -150,4 +152,4 @@ def build_report(
         returned.set_payload("".join(f"{k}: {v}\n" for k, v in headers.items()), charset=None)
     del returned["MIME-Version"]
     report.set_payload([text, status_part, returned])  # type: ignore[arg-type]
-    return report.as_bytes(policy=email.policy.SMTP)
+    return report.as_bytes(policy=SMTP)

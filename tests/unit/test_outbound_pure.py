@@ -7,7 +7,9 @@ import email
 import email.policy
 import json
 import random
+import re
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from gehirn_ts.interfaces import RcptOutcome
 from gehirn_ts.mta.compose import FieldError, build, parse_send
 from gehirn_ts.mta.dsn import FULL_RETURN_LIMIT, RecipientStatus, build_report, wants_report
+from gehirn_ts.mta.mimepolicy import SMTP
 from gehirn_ts.mta.queue import decide
 from gehirn_ts.mta.relay import ServerReply, _dot_stuffer
 from gehirn_ts.mta.schedule import MailRetry
@@ -320,3 +323,32 @@ def test_openssl_rsa_signatures_equal_dkimpys_own() -> None:
     for data in (b"", b"a message", bytes(range(256)) * 10):
         digest = hashlib.sha256(data)
         assert _openssl_rsa_sign(digest, key) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(digest, key)
+
+
+def test_the_mime_policy_makes_each_header_class_once() -> None:
+    registry = SMTP.header_factory
+    assert registry["Subject"] is registry["subject"]  # type: ignore[index]
+    assert registry["To"] is not registry["Subject"]  # type: ignore[index]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=40), st.text(max_size=40), st.text(max_size=100))
+def test_messages_are_the_same_as_with_the_stock_policy(name: str, subject: str, text: str) -> None:
+    try:
+        req = parse_send(
+            {
+                "from": f"{json.dumps(name)} <a@x.test>",
+                "to": ["b@y.test", "Ann <c@y.test>"],
+                "subject": subject,
+                "text": text,
+                "html": f"<p>{text}</p>",
+            }
+        )
+    except FieldError:
+        return
+    ours = build(req, message_id="<m@x.test>", now=0)
+    with mock.patch("gehirn_ts.mta.compose.SMTP", email.policy.SMTP):
+        stock = build(req, message_id="<m@x.test>", now=0)
+    # The multipart boundary is random: compare with it taken out.
+    boundary = re.compile(rb"={15}\d+==")
+    assert boundary.sub(b"B", ours) == boundary.sub(b"B", stock)
