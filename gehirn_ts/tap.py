@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import defer
@@ -30,6 +29,7 @@ from gehirn_ts.edj.destinations.irc import IrcNetwork
 from gehirn_ts.edj.httppool import DestinationPool
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.webclient import WebClient
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
@@ -141,7 +141,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     # Keep-alive connections per destination host: enough for the deliveries that a
     # busy webhook receives at once (Twisted's default is 2).
     pool.maxPersistentPerHost = config.bus.prefetch
-    http = HTTPClient(guarded_agent(reactor, policy, pool))
+    http = WebClient(guarded_agent(reactor, policy, pool), reactor)
     _Closer(store, pool).setServiceParent(top)
 
     bus: LocalBus | AmqpBus

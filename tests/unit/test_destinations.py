@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -22,6 +21,7 @@ from gehirn_ts.edj.destinations.chat import (
 )
 from gehirn_ts.edj.destinations.sms import SmsDestination, fit, segments, twilio_settings
 from gehirn_ts.edj.render import TemplateError, check_template, fill, message, render
+from gehirn_ts.edj.webclient import WebClient
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, PermFail, TempFail
 from tests.fake_apis import FakePushover, FakeSlack, FakeTwilio, Planned
@@ -39,9 +39,9 @@ EVENT = Event(
 )
 
 
-def _http(testcase: TestCase) -> HTTPClient:
+def _http(testcase: TestCase) -> WebClient:
     pool = HTTPConnectionPool(reactor, persistent=False)
-    return HTTPClient(Agent(reactor, pool=pool))
+    return WebClient(Agent(reactor, pool=pool), reactor)
 
 
 class HostedApiTests(TestCase):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from treq.client import HTTPClient
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 from twisted.web.client import URI, HTTPConnectionPool
@@ -14,6 +14,7 @@ from twisted.web.client import URI, HTTPConnectionPool
 from gehirn_ts.edj.destinations.http import WebhookDestination, classify
 from gehirn_ts.edj.httppool import DestinationPool
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
+from gehirn_ts.edj.webclient import WebClient, basic_auth, request_target
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, PermFail, TempFail
 from tests.harness import Receiver
@@ -74,7 +75,7 @@ class Stall(Protocol):
 class WebhookTests(unittest.TestCase):
     def destination(self, url: str, allow: tuple[str, ...] = ("127.0.0.0/8",), timeout=2.0):
         pool = HTTPConnectionPool(reactor, persistent=False)
-        http = HTTPClient(guarded_agent(reactor, AddressPolicy(allow), pool))
+        http = WebClient(guarded_agent(reactor, AddressPolicy(allow), pool), reactor)
         return WebhookDestination(url, None, http=http, clock=reactor, timeout=timeout)
 
     @inline
@@ -174,7 +175,7 @@ class Http10PoolTests(unittest.TestCase):
         port = reactor.listenTCP(0, Factory.forProtocol(Http10Close), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.addCleanup(pool.closeCachedConnections)
-        http = HTTPClient(guarded_agent(reactor, AddressPolicy(["127.0.0.0/8"]), pool))
+        http = WebClient(guarded_agent(reactor, AddressPolicy(["127.0.0.0/8"]), pool), reactor)
         dest = WebhookDestination(
             f"http://127.0.0.1:{port.getHost().port}/", None, http=http, clock=reactor, timeout=2
         )
@@ -193,3 +194,67 @@ class Http10PoolTests(unittest.TestCase):
         results = await self._two_posts(HTTPConnectionPool(reactor, persistent=True))
         assert isinstance(results[0], Delivered)
         assert isinstance(results[1], TempFail) and "connection lost" in results[1].reason
+
+
+# --- the client (edj/webclient.py) ---
+
+
+def test_request_targets_are_ascii_with_the_host_in_its_idna_form() -> None:
+    assert request_target("http://127.0.0.1:8080/a/b?x=1") == b"http://127.0.0.1:8080/a/b?x=1"
+    # RFC 5891 A-label for the host; the path percent-encoded (RFC 3986 section 2.1).
+    assert request_target("https://bücher.example/ä?q=ö") == (
+        b"https://xn--bcher-kva.example/%C3%A4?q=%C3%B6"
+    )
+
+
+def test_basic_auth_is_utf8_base64_of_user_colon_password() -> None:
+    # RFC 7617 section 2: the example credentials and their header value.
+    assert basic_auth("Aladdin", "open sesame") == b"Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+    # Section 2.1: UTF-8 for the charset "UTF-8" ("test" / "123£").
+    assert basic_auth("test", "123\u00a3") == b"Basic dGVzdDoxMjPCow=="
+
+
+class WebClientTests(unittest.TestCase):
+    @inline
+    async def test_the_request_carries_body_headers_and_basic_auth(self) -> None:
+        receiver = Receiver()
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        client = WebClient(guarded_agent(reactor, AddressPolicy(["127.0.0.0/8"]), pool), reactor)
+        response = await client.post(
+            receiver.listen(self) + "/in",
+            data=b'{"a": "\xc3\xa4"}',
+            headers={"content-type": ["application/json"], "x-one": ["1"]},
+            auth=("user", "pässword"),
+            timeout=5,
+        )
+        assert response.code == 200
+        [hit] = receiver.hits
+        assert hit.path == "/in" and hit.body == b'{"a": "\xc3\xa4"}'
+        assert hit.headers["content-type"] == "application/json"
+        assert hit.headers["x-one"] == "1" and hit.headers["content-length"] == str(len(hit.body))
+        assert hit.headers["authorization"] == basic_auth("user", "pässword").decode()
+
+    @inline
+    async def test_the_timeout_cancels_and_a_finished_request_leaves_no_timer(self) -> None:
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        pending: Deferred[object] = Deferred()
+
+        class Agent:
+            def request(self, *args: object) -> Deferred[object]:
+                return pending
+
+        client = WebClient(Agent(), clock)  # type: ignore[arg-type]
+        d = client.post("http://x.test/", data=b"", headers={}, timeout=3)
+        clock.advance(2.9)
+        assert not d.called
+        clock.advance(0.2)
+        assert d.called and isinstance(self.failureResultOf(d).value, CancelledError)
+        answered: Deferred[object] = Deferred()
+        Agent.request = lambda self, *a: answered  # type: ignore[method-assign]
+        d2 = client.post("http://x.test/", data=b"", headers={}, timeout=3)
+        answered.callback("response")
+        assert self.successResultOf(d2) == "response" and clock.getDelayedCalls() == []
+        with pytest.raises(ValueError):
+            client.post("http://x.test/", data=b"", headers={}, allow_redirects=True)
