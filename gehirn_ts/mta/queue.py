@@ -234,7 +234,13 @@ class MailQueue(Service):
         now = self._clock.seconds()
         self._epoch += 1
         epoch = self._epoch
-        due = await self.store.due(now, limit=max(free * 50, 100))
+        # Recipients in attempts still running are read again (their rows stay queued
+        # until the attempt is recorded), and some of the rest share a message or wait
+        # for their domain: read that many more than there are free slots.
+        busy = [d for d, n in self._per_domain_active.items() if n >= self._per_domain]
+        due = await self.store.due(
+            now, limit=len(self._active) + len(self._finished) + free * 8, skip_domains=busy
+        )
         # Older marks are settled: every later read sees those results.
         self._finished = {k: e for k, e in self._finished.items() if e >= epoch}
         groups: dict[tuple[str, str], tuple[QueuedMessage, list[RecipientState]]] = {}

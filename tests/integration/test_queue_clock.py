@@ -219,10 +219,21 @@ class QueueOnClockTests(TestCase):
         self.queue._per_domain = 2
         zone = dns_server()
         zone.set("busy.test", "A", "127.0.0.1")  # no MX: the domain itself (RFC 5321 5.1)
+        reads: list[tuple[int, list[str], int]] = []
+        due = self.qs.due
+
+        async def spy(now: float, limit: int, skip_domains: list[str] = ()) -> Any:  # type: ignore[assignment]
+            found = await due(now, limit, skip_domains)
+            reads.append((limit, list(skip_domains), len(found)))
+            return found
+
+        self.qs.due = spy  # type: ignore[method-assign]
         ids = [await self._submit(NewRecipient(f"r{n}@busy.test")) for n in range(5)]
         await until(lambda: len(script.messages) + script.held == 2)
         await sleep(0.3)
         assert script.sessions == 2  # the other three wait for a slot
+        # While the domain is at its limit, queue runs do not read its waiting recipients.
+        assert reads[-1][1] == ["busy.test"] and reads[-1][2] == 0, reads
         gate.callback(None)
         await until(lambda: len(script.messages) == 5)
         await until(lambda: len(self.reports) == 5)
@@ -251,3 +262,16 @@ class QueueOnClockTests(TestCase):
         gate.callback(None)
         await stopped
         assert [c for c in self.clock.getDelayedCalls() if c.active()] == []
+
+    @inline
+    async def test_the_due_read_leaves_out_the_domains_asked(self) -> None:
+        self._setup(Script(), "unused3.test", MailRetry(jitter=0))
+        await self.queue.stopService()  # only the store is used here
+        for n, domain in enumerate(["a.test", "b.test", "a.test", "c.test"]):
+            await self._submit(NewRecipient(f"r{n}@{domain}"))
+        now = self.clock.seconds() + 1
+        everything = await self.qs.due(now, 10)
+        assert sorted(r.domain for _, r in everything) == ["a.test", "a.test", "b.test", "c.test"]
+        some = await self.qs.due(now, 10, skip_domains=["a.test", "c.test"])
+        assert [r.domain for _, r in some] == ["b.test"]
+        assert len(await self.qs.due(now, 2)) == 2
