@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,11 @@ class DkimResult:
 
     def as_dict(self) -> dict[str, str]:
         return {"result": self.result, "domain": self.domain, "selector": self.selector}
+
+
+# A DKIM-Signature field at the start of a header line (RFC 5322 section 3.6.8 field
+# names are case-insensitive; obsolete syntax allows blanks before the colon).
+_SIGNED = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 
 class _Temporary(Exception):
@@ -38,6 +44,10 @@ def verify(message: bytes, resolver: dns.resolver.Resolver) -> list[DkimResult]:
             raise _Temporary(str(e))
         return b"".join(b"".join(r.strings) for r in answer)
 
+    end = message.find(b"\r\n\r\n")
+    if not _SIGNED.search(message, 0, end if end >= 0 else len(message)):
+        # No signature to check (most mail): dkimpy would still parse the whole message.
+        return []
     try:
         checker = dkim.DKIM(message)
     except dkim.MessageFormatError:

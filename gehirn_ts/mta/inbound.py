@@ -269,30 +269,36 @@ class Inbound:
     ) -> tuple[dict[str, Any], list[DkimResult]]:
         """Summary and DKIM results of a spooled message, and its KVS object when
         ``target`` is given (blocking: runs in a thread)."""
+        whole: bytes | None = None
         if self._dkim_verify is None:
             with source.open("rb") as f:
                 head = f.read(SUMMARY_BYTES)
             dkim_results = []
         else:
             # DKIM hashes the whole message (RFC 6376 section 3.7).
-            head = source.read_bytes()
-            dkim_results = self._dkim_verify(head)
+            head = whole = source.read_bytes()
+            dkim_results = self._dkim_verify(whole)
         summary = summarize(head[:SUMMARY_BYTES])
         if target is not None:
             header = authentication_results(self._hostname, spf, dkim_results)
-            self._store_object(source, target, header)
+            self._store_object(source, target, header, whole)
         return summary, dkim_results
 
     @staticmethod
-    def _store_object(source: Path, target: Path, header: bytes) -> None:
-        """The KVS object: our Authentication-Results field, then the message as spooled."""
+    def _store_object(source: Path, target: Path, header: bytes, whole: bytes | None) -> None:
+        """The KVS object: our Authentication-Results field, then the message as spooled
+        (``whole``, when it was read already)."""
         if target.exists():
             return
         tmp = target.with_name("." + target.name)
-        with source.open("rb") as src, tmp.open("wb") as out:
+        with tmp.open("wb") as out:
             out.write(header)
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
+            if whole is not None:
+                out.write(whole)
+            else:
+                with source.open("rb") as src:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)

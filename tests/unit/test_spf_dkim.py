@@ -129,3 +129,22 @@ def test_answers_are_kept_for_their_ttl(dns):
     assert [r.to_text() for r in again] == [r.to_text() for r in first]
     fresh = make_resolver(["127.0.0.1"], dns.port, 2.0).resolve("cached.example", "TXT")
     assert [r.to_text() for r in fresh] == ['"v=spf1 +all"']
+
+
+def test_unsigned_mail_skips_dkimpy_and_any_signature_field_reaches_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    parsed: list[bytes] = []
+
+    class Recorder:
+        def __init__(self, message: bytes) -> None:
+            parsed.append(message)
+            self.headers: list[tuple[bytes, bytes]] = []
+
+    monkeypatch.setattr(dkim, "DKIM", Recorder)
+    resolver = make_resolver(["127.0.0.1"], port=1, timeout=1)
+    unsigned = b"From: a@x.test\r\nSubject: DKIM-Signature: no\r\n\r\nDKIM-Signature: body\r\n"
+    assert verify(unsigned, resolver) == [] and parsed == []
+    for field in (b"DKIM-Signature: v=1", b"dkim-signature\t: v=1"):
+        verify(b"From: a@x.test\r\n" + field + b"\r\n\r\nbody\r\n", resolver)
+    assert len(parsed) == 2
