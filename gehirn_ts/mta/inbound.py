@@ -122,12 +122,14 @@ class Inbound:
             if domain == "":
                 by_account.setdefault(None, []).append(vars(rcpt))
                 continue
-            owner = await self._owner(domain)
+            # The route lookup names the owner too: one store read for both, and the
+            # owner alone only for an address the routes do not know.
+            found = await self._routes(rcpt.address) if self._routes is not None else None
+            owner = found[0] if found else await self._owner(domain)
             if owner is None:
                 relayed.append(rcpt)
                 continue
             by_account.setdefault(owner, []).append(vars(rcpt))
-            found = await self._routes(rcpt.address) if self._routes is not None else None
             route = found[1] if found else None
             if route is not None and route.action == "forward":
                 # Stored and published like any mail, and also handed to the outbound
