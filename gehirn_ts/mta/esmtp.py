@@ -183,8 +183,9 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         incoming = self._incoming
         if self._data_error is not None or incoming is None:
             return
-        crlf = chunk.count(b"\r\n")
-        if max(map(len, chunk.split(b"\r\n"))) > self.settings.max_line:
+        lines = chunk.split(b"\r\n")
+        crlf = len(lines) - 1  # as chunk.count(b"\r\n"), without another pass
+        if max(map(len, lines)) > self.settings.max_line:
             self._data_error = replies.LINE_TOO_LONG
         elif chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
             self._data_error = Reply(

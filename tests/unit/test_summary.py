@@ -10,7 +10,7 @@ from email.utils import formataddr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gehirn_ts.mta.summary import EXCERPT_CHARS, FIELD_CHARS, summarize_bytes
+from gehirn_ts.mta.summary import BODY_BYTES, EXCERPT_CHARS, FIELD_CHARS, summarize_bytes
 
 
 def test_a_plain_message() -> None:
@@ -159,3 +159,23 @@ def test_fields_read_as_the_email_packages_default_policy_reads_them(
     got = summarize_bytes(raw)
     assert got["from"] == str(reference["from"])
     assert got["subject"] == str(reference["subject"])
+
+
+def test_only_the_start_of_a_large_body_is_read() -> None:
+    line = b"La de da de da. " * 4 + b"\r\n"
+    single = summarize_bytes(b"Subject: big\r\n\r\n" + line * 20_000)
+    assert single["excerpt"].startswith("La de da de da. La de da")
+    assert len(single["excerpt"]) == EXCERPT_CHARS
+    encoded = summarize_bytes(
+        b"Content-Transfer-Encoding: base64\r\n\r\n" + b"aGVsbG8gd29ybGQ=\r\n" + b"x" * 100_000
+    )
+    assert encoded["excerpt"].startswith("hello world")
+    # A text part after BODY_BYTES of attachment is not reached (text comes first in
+    # the mail clients' own messages).
+    late = summarize_bytes(
+        b"Content-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+        + b"A" * (BODY_BYTES + 10)
+        + b"\r\n--z\r\nContent-Type: text/plain\r\n\r\nlate text\r\n--z--\r\n"
+    )
+    assert late["excerpt"] == ""
