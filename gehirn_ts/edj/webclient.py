@@ -6,7 +6,7 @@ benchmark that was 13% of the reactor thread (docs/performance.md). A delivery n
 none of it: no cookies, no redirects (a 3xx is an answer, DESIGN.md), no compressed
 answers (only the first 4 KiB are kept, for the attempt log). This client keeps treq's
 call shape (``post(url, data=, headers=, auth=, timeout=)``) so the destinations take
-either; treq stays the client of the tests and of everything off the hot path.
+either; treq stays in the stack as the tests' client (docs/decisions.md).
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ async def post(
     except (CancelledError, neterror.TimeoutError):
         return TempFail(f"no response within {timeout:g}s")
     except webclient.ResponseNeverReceived as e:
-        # treq's timeout cancels the request, which surfaces as this error.
+        # The client's timeout cancels the request, which surfaces as this error.
         if any(f.check(CancelledError, neterror.TimeoutError) for f in e.reasons):
             return TempFail(f"no response within {timeout:g}s")
         return TempFail("connection lost before a response")
