@@ -1,4 +1,5 @@
-"""The DNS resolver that pyspf and dkimpy use (blocking; called in threads only).
+"""The DNS resolvers: the blocking one that pyspf and dkimpy use (in threads only), and
+the twisted.names one for MX and address lookups.
 
 Configurable (``[dns]``) so that tests, and operators with a local validating
 resolver, choose the server; empty ``nameservers`` means the system's resolv.conf.
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import dns.resolver
+from twisted.internet.defer import Deferred, succeed
+from twisted.names.common import ResolverBase
 
 
 def make_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.resolver.Resolver:
@@ -34,7 +37,46 @@ def make_async_resolver(nameservers: Sequence[str], port: int, timeout: float, r
     servers = [(ns, port) for ns in nameservers] or _system_nameservers()
     # Given servers, not the resolv.conf path: twisted.names would re-read the file on
     # a timer of its own; the system's list is read once, at start.
-    return client.Resolver(servers=servers, timeout=(timeout,), reactor=reactor)
+    upstream = client.Resolver(servers=servers, timeout=(timeout,), reactor=reactor)
+    return CachingResolver(upstream, reactor)
+
+
+class CachingResolver(ResolverBase):
+    """Answers kept for their smallest TTL, as the blocking resolver's LRU cache does
+    (and as a local caching resolver would): every delivery to a domain asked for its
+    MX and addresses again (three queries per message to one destination). Errors and
+    empty answers are not kept. No timers: an entry is checked when it is read, and a
+    full cache drops its expired entries (or, if none, all of them)."""
+
+    def __init__(self, upstream: Any, clock: Any, size: int = 10_000) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._clock = clock
+        self._size = size
+        self._entries: dict[tuple[bytes, int, int], tuple[float, Any]] = {}
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any) -> Deferred[Any]:
+        key = (name.lower(), cls, type)
+        now = self._clock.seconds()
+        found = self._entries.get(key)
+        if found is not None:
+            if found[0] > now:
+                return succeed(found[1])
+            del self._entries[key]
+        d: Deferred[Any] = self._upstream._lookup(name, cls, type, timeout)
+        d.addCallback(self._keep, key, now)
+        return d
+
+    def _keep(self, result: Any, key: tuple[bytes, int, int], now: float) -> Any:
+        records = [*result[0], *result[1], *result[2]]
+        ttl = min((r.ttl for r in records), default=0)
+        if ttl > 0:
+            if len(self._entries) >= self._size:
+                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+                if len(self._entries) >= self._size:
+                    self._entries.clear()
+            self._entries[key] = (now + ttl, result)
+        return result
 
 
 def _system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:

@@ -148,3 +148,52 @@ def test_unsigned_mail_skips_dkimpy_and_any_signature_field_reaches_it(
     for field in (b"DKIM-Signature: v=1", b"dkim-signature\t: v=1"):
         verify(b"From: a@x.test\r\n" + field + b"\r\n\r\nbody\r\n", resolver)
     assert len(parsed) == 2
+
+
+class _Upstream:
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+        self.ttl = 60
+        self.fail = False
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: object) -> object:
+        from twisted.internet.defer import fail, succeed
+        from twisted.names import dns as tdns
+        from twisted.names.error import DNSNameError
+
+        self.asked.append(name)
+        if self.fail:
+            return fail(DNSNameError(name))
+        record = tdns.RRHeader(name, tdns.A, ttl=self.ttl, payload=tdns.Record_A("192.0.2.1"))
+        return succeed(([record], [], []))
+
+
+def test_async_answers_are_kept_for_their_ttl_and_errors_are_not() -> None:
+    from twisted.internet.task import Clock
+
+    from gehirn_ts.dnsresolver import CachingResolver
+
+    clock, upstream = Clock(), _Upstream()
+    resolver = CachingResolver(upstream, clock, size=2)
+    results: list[object] = []
+    for _ in range(3):
+        resolver.lookupAddress("mx.example").addBoth(results.append)
+    assert upstream.asked == [b"mx.example"] and len(results) == 3
+    clock.advance(59)
+    resolver.lookupAddress("MX.example").addBoth(results.append)  # names are caseless
+    assert upstream.asked == [b"mx.example"]
+    clock.advance(1)
+    resolver.lookupAddress("mx.example").addBoth(results.append)
+    assert upstream.asked == [b"mx.example"] * 2  # the TTL ran out
+    upstream.ttl = 0
+    for _ in range(2):
+        resolver.lookupAddress("zero.example").addBoth(results.append)
+    assert upstream.asked.count(b"zero.example") == 2  # TTL 0: never kept
+    upstream.fail = True
+    for _ in range(2):
+        resolver.lookupAddress("gone.example").addBoth(lambda _: None)
+    assert upstream.asked.count(b"gone.example") == 2  # errors are not kept
+    upstream.fail, upstream.ttl = False, 60
+    for name in ("a.example", "b.example", "c.example"):
+        resolver.lookupAddress(name).addBoth(results.append)
+    assert len(resolver._entries) <= 2  # the size bound holds
