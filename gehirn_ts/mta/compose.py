@@ -343,6 +343,12 @@ def build(req: SendRequest, *, message_id: str, now: float) -> bytes:
     # The MIME structure (MIME-Version, Content-Type, the body encodings) is the email
     # package's, written after the fields above.
     msg = EmailMessage(policy=SMTP)
+    add_content(msg, req)
+    return b"".join(head) + msg.as_bytes()
+
+
+def add_content(msg: EmailMessage, req: SendRequest) -> None:
+    """The text, HTML and attachments of a request, as the message's MIME content."""
     if req.text is not None:
         msg.set_content(req.text)
         if req.html is not None:
@@ -354,7 +360,6 @@ def build(req: SendRequest, *, message_id: str, now: float) -> bytes:
     for att in req.attachments:
         maintype, _, subtype = att.content_type.partition("/")
         msg.add_attachment(att.content, maintype=maintype, subtype=subtype, filename=att.filename)
-    return b"".join(head) + msg.as_bytes()
 
 
 class Head:
