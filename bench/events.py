@@ -155,8 +155,9 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         t0 = time.monotonic()
         for n in range(count):
             target = t0 + n / STEADY_RATE
-            if target > time.monotonic():
-                await sleep(target - time.monotonic())
+            wait = target - time.monotonic()
+            if wait > 0:
+                await sleep(wait)
             calls.append(
                 defer.Deferred.fromCoroutine(
                     http.call(
