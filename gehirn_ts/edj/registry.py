@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -203,10 +204,12 @@ def build(url: str, secret: str | None, ctx: Context) -> IDestination:
     return SCHEMES[scheme][0](url, secret, ctx)
 
 
+@functools.lru_cache(maxsize=1024)
 def redact(url: str) -> str:
     """The URL as logs and API answers show it: each destination hides its own secrets
     (Slack's token, Pushover's keys, Twilio's credentials, an IRC password), the rest
-    as redact_url does (as Apprise does)."""
+    as redact_url does (as Apprise does). A pure function of the URL, kept per URL:
+    every delivery's log line asks for it."""
     scheme = urlsplit(url).scheme.lower()
     try:
         if scheme in SCHEMES:
