@@ -18,7 +18,7 @@ from email.message import Message
 from email.utils import getaddresses
 from typing import Any
 
-LOOP_HEADER = "X-Gehirn-Loop"
+LOOP_HEADER = "X-Gehirn-Loop"  # the e-mail destination's loop marker (edj/destinations/email.py)
 EXCERPT_CHARS = 300
 # What of the body is parsed: enough for the first text part of ordinary mail (text
 # parts come before attachments); a whole 100 KiB message took a quarter of the
@@ -29,8 +29,8 @@ FIELD_CHARS = 998  # RFC 5322 section 2.1.1: no line is longer
 _ADDRESS_FIELDS = ("from", "to", "cc")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _TAG = re.compile(r"<[^>]*>")
-# RFC 5322 section 3.2.3 "specials" (and the space-safe rest): a display name holding
-# one of them is written as a quoted-string.
+# RFC 5322 section 3.2.3 "specials": a display name holding one is written as a
+# quoted-string.
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
 
 
