@@ -34,6 +34,7 @@ class BatchedDatabase:
         # A reader runs deferred transactions on its own connection: in WAL mode it sees
         # every commit made before it starts and never waits for the writer's fsync.
         self._begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
+        self._readonly = readonly
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -92,26 +93,38 @@ class BatchedDatabase:
         return self._conn
 
     def _execute(self, batch: list[tuple[Interaction, tuple[Any, ...]]]) -> list[Any]:
-        """In the worker thread: one transaction, a savepoint per interaction."""
+        """In the worker thread: one transaction, a savepoint per interaction where one
+        is needed: a read changes nothing to roll back, and a write alone in its batch
+        is rolled back with its transaction. Each statement lets go of the interpreter
+        lock and waits to take it back while the reactor thread holds it; the two a
+        savepoint adds were a share of the time a batch spent waiting
+        (docs/performance.md)."""
         conn = self._connection()
         outcomes: list[tuple[bool, Any]] = []
+        savepoints = not self._readonly and len(batch) > 1
         conn.execute(self._begin)
         try:
             for fn, args in batch:
                 cur = conn.cursor()
-                cur.execute("SAVEPOINT one")
+                if savepoints:
+                    cur.execute("SAVEPOINT one")
                 try:
                     value = fn(cur, *args)
                 except Exception:
-                    cur.execute("ROLLBACK TO one")
-                    cur.execute("RELEASE one")
+                    if savepoints:
+                        cur.execute("ROLLBACK TO one")
+                        cur.execute("RELEASE one")
                     outcomes.append((False, Failure()))
                 else:
-                    cur.execute("RELEASE one")
+                    if savepoints:
+                        cur.execute("RELEASE one")
                     outcomes.append((True, value))
                 finally:
                     cur.close()
-            conn.execute("COMMIT")
+            if savepoints or self._readonly or outcomes[0][0]:
+                conn.execute("COMMIT")
+            else:
+                conn.execute("ROLLBACK")  # the one write failed: none of it stays
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -1,0 +1,96 @@
+"""Group commit (store/batch.py): each interaction atomic, savepoints only where needed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import DeferredList
+from twisted.trial import unittest
+
+from gehirn_ts.store.batch import BatchedDatabase
+from tests.support import inline
+
+
+class Boom(Exception):
+    pass
+
+
+def insert(cur: sqlite3.Cursor, value: str, fail: bool = False) -> str:
+    cur.execute("INSERT INTO t (v) VALUES (?)", (value,))
+    if fail:
+        raise Boom(value)
+    return value
+
+
+def count(cur: sqlite3.Cursor, fail: bool = False) -> int:
+    cur.execute("SELECT COUNT(*) FROM t")
+    if fail:
+        raise Boom("read")
+    return int(cur.fetchone()[0])
+
+
+class BatchTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.path = Path(self.mktemp())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE t (v TEXT)")
+        conn.commit()
+        conn.close()
+        self.writer = BatchedDatabase(self.path)
+        self.reader = BatchedDatabase(self.path, readonly=True)
+        self.addCleanup(self.reader.close)
+        self.addCleanup(self.writer.close)
+        self.statements: list[str] = []
+
+    def _trace(self, db: BatchedDatabase) -> None:
+        db._connection().set_trace_callback(self.statements.append)
+
+    def _rows(self) -> list[str]:
+        conn = sqlite3.connect(self.path)
+        try:
+            return [r[0] for r in conn.execute("SELECT v FROM t ORDER BY v")]
+        finally:
+            conn.close()
+
+    @inline
+    async def test_a_failing_write_alone_leaves_nothing_and_takes_no_savepoint(self) -> None:
+        self._trace(self.writer)
+        assert await self.writer.run(insert, "a") == "a"
+        with self.assertRaises(Boom):
+            await self.writer.run(insert, "b", True)
+        assert self._rows() == ["a"]
+        assert not [s for s in self.statements if "SAVEPOINT" in s]
+
+    @inline
+    async def test_in_a_batch_of_writes_only_the_failing_one_is_rolled_back(self) -> None:
+        self._trace(self.writer)
+        # The first run starts a batch of one; the three after it wait and share the next.
+        results: list[Any] = await DeferredList(
+            [
+                self.writer.run(insert, "first"),
+                self.writer.run(insert, "x"),
+                self.writer.run(insert, "y", True),
+                self.writer.run(insert, "z"),
+            ],
+            consumeErrors=True,
+        )
+        assert [ok for ok, _ in results] == [True, True, False, True]
+        assert results[2][1].check(Boom)
+        assert self._rows() == ["first", "x", "z"]
+        assert sum("SAVEPOINT" in s for s in self.statements) == 3
+
+    @inline
+    async def test_reads_take_no_savepoint_and_a_failing_read_spoils_no_other(self) -> None:
+        await self.writer.run(insert, "a")
+        self._trace(self.reader)
+        results: list[Any] = await DeferredList(
+            [self.reader.run(count), self.reader.run(count, True), self.reader.run(count)],
+            consumeErrors=True,
+        )
+        assert [ok for ok, _ in results] == [True, False, True]
+        assert results[0][1] == results[2][1] == 1
+        assert not [s for s in self.statements if "SAVEPOINT" in s]
