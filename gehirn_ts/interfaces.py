@@ -139,3 +139,6 @@ class RcptOutcome:
 class ICourier(Interface):
     def deliver(parcel: Parcel) -> Deferred[list[RcptOutcome]]:
         """Try once to deliver ``parcel``: one outcome per recipient, never an error."""
+
+    def close() -> Deferred[None]:
+        """End the sessions kept for reuse (the queue calls it at stop)."""

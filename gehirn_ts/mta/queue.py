@@ -140,6 +140,7 @@ class MailQueue(Service):
             await DeferredList([self._running_tick], consumeErrors=True)
         while self._attempts:
             await DeferredList(list(self._attempts), consumeErrors=True)
+        await self._courier.close()
 
     async def _sweep(self) -> None:
         """Files whose message is finished or was never committed are removed."""

@@ -173,6 +173,23 @@ class Settings:
     username: str = ""
     password: str = ""
     tls: CertificateOptions | None = field(default=None)
+    # Connection reuse, as Postfix's connection cache: a session that ended its
+    # transaction cleanly waits this long for the next message to the same host, and
+    # carries at most this many messages (smtp_connection_cache_time_limit = 2s; a reuse
+    # limit keeps one long session from pinning a host).
+    reuse_idle: float = 2.0
+    reuse_limit: int = 100
+    reuse_per_host: int = 20
+
+
+@dataclass
+class _Kept:
+    """A session between transactions, waiting for the next message to its host."""
+
+    proto: ClientProtocol
+    ext: dict[str, str]
+    uses: int
+    timer: Any = None
 
 
 class RouteError(Exception):
@@ -194,6 +211,24 @@ class MxCourier:
             # encrypt whenever offered; an unverified certificate is still better than
             # cleartext.
             settings.tls = CertificateOptions(verify=False)
+        self._kept: dict[tuple[str, str, int], list[_Kept]] = {}
+        self._closed = False
+
+    def close(self) -> Deferred[None]:
+        """QUIT the sessions kept for reuse (at stop)."""
+        self._closed = True
+        kept = [k for sessions in self._kept.values() for k in sessions]
+        self._kept.clear()
+        return defer.gatherResults(
+            [Deferred.fromCoroutine(self._end(k)) for k in kept]
+        ).addCallback(lambda _: None)
+
+    async def _end(self, kept: _Kept) -> None:
+        if kept.timer is not None and kept.timer.active():
+            kept.timer.cancel()
+        await self._quit(kept.proto)
+        if not kept.proto.lost:
+            kept.proto.transport.loseConnection()  # type: ignore[union-attr]
 
     def deliver(self, parcel: Parcel) -> Deferred[list[RcptOutcome]]:
         return Deferred.fromCoroutine(self._deliver(parcel))
@@ -286,16 +321,82 @@ class MxCourier:
         return out
 
     async def _session(self, ip: str, host: Host, parcel: Parcel) -> list[RcptOutcome]:
+        key = (host.name, ip, host.port)
+        while (kept := self._take(key)) is not None:
+            # RFC 5321 section 4.1.1.5: RSET starts the next transaction clean, and its
+            # answer shows the session still works (as Postfix checks a cached one).
+            try:
+                reply = await self._timed(kept.proto.command(b"RSET"), "RSET")
+            except Exception:
+                reply = None  # a dead kept session: the next one, or a new one
+            if reply is not None and reply.code == 250 and not kept.proto.lost:
+                return await self._transaction(key, kept.proto, host, parcel, kept.ext, kept.uses)
+            if not kept.proto.lost:
+                kept.proto.transport.loseConnection()  # type: ignore[union-attr]
         s = self._settings
         endpoint_cls = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         endpoint = endpoint_cls(self._reactor, ip, host.port, timeout=s.connect_timeout)
         proto = ClientProtocol()
         await connectProtocol(endpoint, proto)
         try:
-            return await self._transaction(proto, host, parcel)
-        finally:
+            ext = await self._open(proto, host)
+        except BaseException:
             if not proto.lost:
                 proto.transport.loseConnection()  # type: ignore[union-attr]
+            raise
+        return await self._transaction(key, proto, host, parcel, ext, 0)
+
+    async def _transaction(
+        self,
+        key: tuple[str, str, int],
+        proto: ClientProtocol,
+        host: Host,
+        parcel: Parcel,
+        ext: dict[str, str],
+        uses: int,
+    ) -> list[RcptOutcome]:
+        """One mail transaction; then the session is kept for the next message to the
+        host, or ended with QUIT."""
+        try:
+            outcomes = await self._mail(proto, host, parcel, ext)
+        except BaseException:
+            if not proto.lost:
+                proto.transport.loseConnection()  # type: ignore[union-attr]
+            raise
+        self._keep(key, _Kept(proto, ext, uses + 1))
+        return outcomes
+
+    def _take(self, key: tuple[str, str, int]) -> _Kept | None:
+        sessions = self._kept.get(key)
+        while sessions:
+            kept = sessions.pop()
+            if kept.timer is not None and kept.timer.active():
+                kept.timer.cancel()
+            if not kept.proto.lost:
+                return kept
+        self._kept.pop(key, None)
+        return None
+
+    def _keep(self, key: tuple[str, str, int], kept: _Kept) -> None:
+        s = self._settings
+        sessions = self._kept.setdefault(key, [])
+        if (
+            self._closed
+            or kept.proto.lost
+            or kept.uses >= s.reuse_limit
+            or len(sessions) >= s.reuse_per_host
+            or s.reuse_idle <= 0
+        ):
+            Deferred.fromCoroutine(self._end(kept))
+            return
+
+        def expire() -> None:
+            if kept in sessions:
+                sessions.remove(kept)
+            Deferred.fromCoroutine(self._end(kept))
+
+        kept.timer = self._reactor.callLater(s.reuse_idle, expire)
+        sessions.append(kept)
 
     def _timed(self, d: Deferred[ServerReply], what: str) -> Deferred[ServerReply]:
         def timeout(result: Any, _t: float) -> Any:
@@ -303,9 +404,8 @@ class MxCourier:
 
         return d.addTimeout(self._settings.timeout, self._reactor, onTimeoutCancel=timeout)
 
-    async def _transaction(
-        self, proto: ClientProtocol, host: Host, parcel: Parcel
-    ) -> list[RcptOutcome]:
+    async def _open(self, proto: ClientProtocol, host: Host) -> dict[str, str]:
+        """Greeting, EHLO, STARTTLS and AUTH: the session's extensions."""
         s = self._settings
         remote = host.name
         greeting = await self._timed(proto.expect(), "the greeting")
@@ -330,6 +430,14 @@ class MxCourier:
             if reply.code != 235:
                 # A credentials problem is the operator's to fix: retry, never bounce.
                 raise SessionError(f"{remote} refused AUTH: {reply}", "4.7.0")
+        return ext
+
+    async def _mail(
+        self, proto: ClientProtocol, host: Host, parcel: Parcel, ext: dict[str, str]
+    ) -> list[RcptOutcome]:
+        """MAIL, RCPT and DATA: an outcome per recipient (no QUIT: the caller ends or
+        keeps the session)."""
+        remote = host.name
         limit = ext.get("SIZE", "")
         if limit.isdigit() and 0 < int(limit) < parcel.size:
             text = f"552 5.3.4 message size {parcel.size} exceeds {remote}'s limit of {limit}"
@@ -360,7 +468,6 @@ class MxCourier:
                     break
         mail_reply = replies[0]
         if not mail_reply.positive:
-            await self._quit(proto)
             kind = "failed" if mail_reply.permanent else "deferred"
             return [
                 RcptOutcome(r.n, kind, str(mail_reply), mail_reply.enhanced, remote, proto.tls)
@@ -387,7 +494,6 @@ class MxCourier:
                 outcomes[rcpt.n] = RcptOutcome(
                     rcpt.n, kind, str(final), final.enhanced, remote, proto.tls
                 )
-        await self._quit(proto)
         return [outcomes[r.n] for r in parcel.recipients]
 
     async def _hello(self, proto: ClientProtocol, remote: str) -> dict[str, str]:

@@ -43,6 +43,7 @@ class QueueOnClockTests(TestCase):
         self.qs = QueueStore(self.store)
         resolver = client.Resolver(servers=[("127.0.0.1", zone.port)], reactor=reactor)
         courier = MxCourier(reactor, resolver, Settings(helo="mta.test", port=port, timeout=5))
+        self.courier = courier
         self.queue = MailQueue(
             store=self.qs, courier=courier, directory=tmp / "queue", clock=self.clock, retry=retry
         )
@@ -275,3 +276,39 @@ class QueueOnClockTests(TestCase):
         some = await self.qs.due(now, 10, skip_domains=["a.test", "c.test"])
         assert [r.domain for _, r in some] == ["b.test"]
         assert len(await self.qs.due(now, 2)) == 2
+
+    @inline
+    async def test_a_session_carries_the_next_messages_to_its_host_then_ends(self) -> None:
+        script = Script()
+        self._setup(script, "reuse.test", MailRetry(jitter=0))
+        self.courier._settings.reuse_limit = 3
+        self.courier._settings.reuse_idle = 0.3
+        for n in range(4):
+            await self._submit(NewRecipient(f"r{n}@reuse.test"))
+            await until(lambda n=n: len(script.messages) == n + 1)  # one after another
+        # Three messages share the first session (RSET before each next one, RFC 5321
+        # 4.1.1.5); the reuse limit sends the fourth through a second one.
+        assert script.sessions == 2
+        words = [c.split(" ")[0].split(":")[0].upper() for c in script.commands]
+        assert words.count("EHLO") == 2 and words.count("RSET") == 2
+        assert words[:5] == ["EHLO", "MAIL", "RCPT", "DATA", "RSET"]
+        assert words.count("QUIT") == 1  # the first session, at its limit
+        # Idle past reuse_idle: the second session ends with QUIT too.
+        await until(lambda: script.open == 0)
+        assert script.commands.count("QUIT") == 2 and script.commands[-1] == "QUIT"
+
+    @inline
+    async def test_a_kept_session_the_server_dropped_is_replaced(self) -> None:
+        script = Script()
+        self._setup(script, "dropped.test", MailRetry(jitter=0))
+        self.courier._settings.reuse_idle = 30
+        await self._submit(NewRecipient("a@dropped.test"))
+        await until(lambda: len(script.messages) == 1)
+        # The kept session answers the next RSET with 421 (RFC 5321 section 3.8): it is
+        # dropped, and the message goes through a new one.
+        script.plan["RSET"] = ["421 4.4.2 closing"]
+        await self._submit(NewRecipient("b@dropped.test"))
+        await until(lambda: len(script.messages) == 2)
+        assert "RSET" in script.commands and script.sessions == 2
+        await self.queue.stopService()  # QUITs the kept session
+        await until(lambda: script.open == 0)
