@@ -87,6 +87,15 @@ class ClientProtocol(LineReceiver):
         self._lines: list[str] = []
         self.tls = False
         self.lost = False
+        self._closed: list[Deferred[None]] = []
+
+    def closed(self) -> Deferred[None]:
+        """Fires once the connection is gone."""
+        if self.lost:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed.append(d)
+        return d
 
     def lineReceived(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
@@ -118,6 +127,8 @@ class ClientProtocol(LineReceiver):
         self.lost = True
         while self._waiters:
             self._waiters.popleft().errback(Failure(SessionError("lost connection", "4.4.2")))
+        while self._closed:
+            self._closed.pop().callback(None)
 
     def expect(self) -> Deferred[ServerReply]:
         if self._replies:
@@ -229,6 +240,11 @@ class MxCourier:
         await self._quit(kept.proto)
         if not kept.proto.lost:
             kept.proto.transport.loseConnection()  # type: ignore[union-attr]
+        # Done when the connection is: a stop leaves no session half-closed behind.
+        try:
+            await kept.proto.closed().addTimeout(5, self._reactor)
+        except defer.TimeoutError:
+            kept.proto.transport.abortConnection()  # type: ignore[union-attr]
 
     def deliver(self, parcel: Parcel) -> Deferred[list[RcptOutcome]]:
         return Deferred.fromCoroutine(self._deliver(parcel))
