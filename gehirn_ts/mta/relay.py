@@ -223,16 +223,31 @@ class MxCourier:
             # cleartext.
             settings.tls = CertificateOptions(verify=False)
         self._kept: dict[tuple[str, str, int], list[_Kept]] = {}
+        self._ending: set[Deferred[None]] = set()
         self._closed = False
 
     def close(self) -> Deferred[None]:
-        """QUIT the sessions kept for reuse (at stop)."""
+        """QUIT the sessions kept for reuse, and wait for those already ending (at stop)."""
         self._closed = True
-        kept = [k for sessions in self._kept.values() for k in sessions]
+        for sessions in self._kept.values():
+            for kept in sessions:
+                self._finish(kept)
         self._kept.clear()
-        return defer.gatherResults(
-            [Deferred.fromCoroutine(self._end(k)) for k in kept]
-        ).addCallback(lambda _: None)
+        return defer.DeferredList(list(self._ending), consumeErrors=True).addCallback(
+            lambda _: None
+        )
+
+    def _finish(self, kept: _Kept) -> None:
+        """End a session in the background; ``close`` waits for it."""
+        d = Deferred.fromCoroutine(self._end(kept))
+        self._ending.add(d)
+
+        def done(result: Any) -> None:
+            self._ending.discard(d)
+            if isinstance(result, Failure):
+                log.failure("ending an SMTP session failed", result)
+
+        d.addBoth(done)
 
     async def _end(self, kept: _Kept) -> None:
         if kept.timer is not None and kept.timer.active():
@@ -403,13 +418,13 @@ class MxCourier:
             or len(sessions) >= s.reuse_per_host
             or s.reuse_idle <= 0
         ):
-            Deferred.fromCoroutine(self._end(kept))
+            self._finish(kept)
             return
 
         def expire() -> None:
             if kept in sessions:
                 sessions.remove(kept)
-            Deferred.fromCoroutine(self._end(kept))
+            self._finish(kept)
 
         kept.timer = self._reactor.callLater(s.reuse_idle, expire)
         sessions.append(kept)
