@@ -1,9 +1,12 @@
 """The embedded bus: durable, in-process, one machine.
 
 Messages live in their own SQLite file (WAL, fsync on commit); ``publish`` and
-``send`` fire only after the commit. Each message row is deleted when its handler
+``send`` fire only after the commit. Each message row is deleted after its handler
 succeeds (the ack), so whatever was not acked when the process died is delivered
-again at the next start: at least once. Which rows are ready, and when, is mirrored
+again at the next start: at least once. The deletes of the acks that come in while
+one delete is being written go together in the next one (one statement, not one
+each); a message acked just before a crash may so be delivered once more, which at
+least once allows. Which rows are ready, and when, is mirrored
 in memory (a heap per queue), so no polling is needed.
 """
 
@@ -56,6 +59,14 @@ class _Queue:
     timer: IDelayedCall | None = None
 
 
+_DELETE_BATCH = 500  # ids in one DELETE (SQLite allows 32,766 parameters)
+
+
+def _delete(cur: sqlite3.Cursor, ids: list[int]) -> None:
+    marks = ",".join("?" * len(ids))
+    cur.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)  # noqa: S608
+
+
 def _query(cur: sqlite3.Cursor, sql: str, args: tuple[Any, ...]) -> list[Any]:
     cur.execute(sql, args)
     return cur.fetchall()
@@ -87,6 +98,8 @@ class LocalBus(Service):
         # (routing key, body) of messages stored by this process, so that dispatching
         # them needs no read; bounded, the rest is read back from the file.
         self._bodies: dict[int, tuple[str, bytes]] = {}
+        self._acked: list[int] = []
+        self._deleting: Deferred[None] | None = None
 
     # --- lifecycle ---
 
@@ -140,6 +153,8 @@ class LocalBus(Service):
                 await pending
             except defer.TimeoutError:
                 log.warn("bus stopped with {n} messages unacked", n=len(self._dispatching))
+        while self._deleting is not None:
+            await self._deleting
         if self._started is not None:
             try:
                 await self._started
@@ -266,7 +281,7 @@ class LocalBus(Service):
                 log.failure("handler for queue {queue} failed; message requeued", queue=name)
                 redeliver = self._default_delay
             if redeliver is None:
-                await db.run(_query, "DELETE FROM messages WHERE id = ?", (msg_id,))
+                self._ack(msg_id)
             else:
                 ready_at = self._clock.seconds() + redeliver
                 await db.run(
@@ -284,6 +299,24 @@ class LocalBus(Service):
             q.inflight.discard(msg_id)
             if name in self._queues:
                 self._pump(name)
+
+    def _ack(self, msg_id: int) -> None:
+        self._acked.append(msg_id)
+        if self._deleting is None:
+            self._deleting = Deferred.fromCoroutine(self._delete_acked())
+
+    async def _delete_acked(self) -> None:
+        """Delete the acked rows, a batch at a time, until none is left."""
+        try:
+            while self._acked and self._db is not None:
+                ids, self._acked = self._acked[:_DELETE_BATCH], self._acked[_DELETE_BATCH:]
+                try:
+                    await self._db.run(_delete, ids)
+                except Exception:
+                    # Not deleted: delivered again at the next start (at least once).
+                    log.failure("bus could not delete {n} acked messages", n=len(ids))
+        finally:
+            self._deleting = None
 
     def depth(self, queue: str) -> int:
         """Messages in ``queue`` (ready, delayed or in flight)."""

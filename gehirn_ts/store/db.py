@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from gehirn_ts.events import Event, event_from_dict
 from gehirn_ts.store.batch import BatchedDatabase
@@ -178,6 +179,11 @@ class Store:
         self._clock = clock
         self._db = BatchedDatabase(path)
         self._reader = BatchedDatabase(path, readonly=True)
+        # Account name -> id for the event paths (two lookups an event otherwise).
+        # Accounts are never renamed or deleted, so an id once read stays right; a
+        # failed write forgets them all, in case one was read inside a transaction
+        # whose commit failed.
+        self._account_ids: dict[str, int] = {}
 
     def close(self) -> Deferred[None]:
         return defer.gatherResults([self._db.close(), self._reader.close()]).addCallback(
@@ -192,7 +198,18 @@ class Store:
         return self._clock.seconds()
 
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
-        return self._db.run(fn, *args)
+        return self._db.run(fn, *args).addErrback(self._forget_account_ids)
+
+    def _forget_account_ids(self, failure: Failure) -> Failure:
+        self._account_ids.clear()
+        return failure
+
+    def _account_id(self, cur: Cursor, name: str) -> int:
+        """``_account_id`` through the cache (called in the writer thread)."""
+        known = self._account_ids.get(name)
+        if known is None:
+            known = self._account_ids[name] = _account_id(cur, name)
+        return known
 
     # --- accounts and keys ---
 
@@ -366,7 +383,7 @@ class Store:
         def tx(cur: Cursor) -> bool:
             account_id = None
             if event.account is not None:
-                account_id = _account_id(cur, event.account)
+                account_id = self._account_id(cur, event.account)
             cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
             row = cur.fetchone()
             if row is not None:
@@ -426,7 +443,7 @@ class Store:
 
         def tx(cur: Cursor, subscription_ids: list[str]) -> list[Delivery]:
             if event is not None:
-                account_id = None if event.account is None else _account_id(cur, event.account)
+                account_id = None if event.account is None else self._account_id(cur, event.account)
                 cur.execute(
                     "INSERT OR IGNORE INTO events (id, account_id, type, body, received_at) "
                     "VALUES (?,?,?,?,?)",
@@ -434,7 +451,9 @@ class Store:
                 )
                 if cur.rowcount == 0:
                     cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
-                    if json.loads(cur.fetchone()[0]) != json.loads(body):
+                    stored = cur.fetchone()[0]
+                    # Most often the publisher stored these very bytes; parse only if not.
+                    if stored != body and json.loads(stored) != json.loads(body):
                         return []  # the id belongs to another event: the publish got a 409
             for sub_id in subscription_ids:
                 cur.execute(
@@ -500,9 +519,9 @@ class Store:
 
         def tx(cur: Cursor) -> Delivery:
             cur.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, failures = failures + ?, "
+                "UPDATE deliveries SET attempts = attempts + 1, failures = failures + ?, "  # noqa: S608
                 "status = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
-                "WHERE id = ? RETURNING attempts",
+                f"WHERE id = ? RETURNING {_DLV_COLUMNS}",
                 (
                     int(failed),
                     new_status,
@@ -512,17 +531,15 @@ class Store:
                     delivery_id,
                 ),
             )
-            (n,) = cur.fetchone()
+            # RETURNING gives the row as updated (SQLite 3.35+), so no SELECT after.
+            delivery = _delivery(cur.fetchone())
+            n = delivery.attempts
             cur.execute(
                 "INSERT INTO attempts (delivery_id, n, started_at, duration, outcome, "
                 "status_code, detail) VALUES (?,?,?,?,?,?,?)",
                 (delivery_id, n, started_at, duration, outcome, status_code, detail),
             )
-            cur.execute(
-                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE id = ?",  # noqa: S608
-                (delivery_id,),
-            )
-            return _delivery(cur.fetchone())
+            return delivery
 
         return self._run(tx)
 

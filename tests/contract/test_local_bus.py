@@ -3,10 +3,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
-from gehirn_ts.bus.local import LocalBus
+from gehirn_ts.bus.local import LocalBus, _delete
+from gehirn_ts.events import Event
+from gehirn_ts.interfaces import BusMessage
 from tests.contract.bus_contract import BusContract
+from tests.support import inline, sleep, until
 
 
 class LocalBusContract(BusContract, unittest.TestCase):
@@ -50,3 +54,54 @@ class LocalBusContract(BusContract, unittest.TestCase):
             return None
         bus.running = True
         return bus.stopService()
+
+
+class LocalBusAckTests(unittest.TestCase):
+    @inline
+    async def test_acks_that_come_in_together_are_deleted_in_one_statement(self) -> None:
+        from pathlib import Path
+
+        path = Path(self.mktemp()) / "bus.sqlite"
+        bus = LocalBus(path, reactor, prefetch=16)
+        bus.startService()
+        self.addCleanup(lambda: bus.stopService() if bus.running else None)
+        await bus.bind("q", ["t.#"])
+        db = await bus._ready()
+        deletes: list[list[int]] = []
+        run = db.run
+
+        def counting(fn: Any, *args: Any) -> Any:
+            if fn is _delete:
+                deletes.append(list(args[0]))
+            return run(fn, *args)
+
+        db.run = counting  # type: ignore[method-assign]
+        gate: Deferred[None] = Deferred()
+        handled: list[str] = []
+
+        async def handler(message: BusMessage) -> None:
+            await gate
+            handled.append(message.message_id)
+
+        for n in range(10):
+            await bus.publish(Event(type="t.x", source="/t", data={"n": n}))
+        bus.consume("q", handler)
+        gate.callback(None)  # all ten handlers finish in this one turn
+        await until(lambda: len(handled) == 10 and bus._deleting is None)
+        # The first ack starts a delete; the nine that come while it is written share one.
+        assert [len(ids) for ids in deletes] == [1, 9]
+        assert sorted(str(i) for ids in deletes for i in ids) == sorted(handled)
+        await bus.stopService()
+
+        again = LocalBus(path, reactor, prefetch=16)
+        again.startService()
+        self.addCleanup(again.stopService)
+        later: list[BusMessage] = []
+
+        async def record(message: BusMessage) -> None:
+            later.append(message)
+
+        await again.bind("q", ["t.#"])
+        again.consume("q", record)
+        await sleep(0.2)
+        assert later == [] and again.depth("q") == 0

@@ -150,6 +150,29 @@ class StoreTests(unittest.TestCase):
         assert await self.store.route_event(event, lambda subs: []) == ([], [])
 
     @inline
+    async def test_the_event_paths_read_an_accounts_id_once(self) -> None:
+        await self.store.create_account("acme")
+        statements: list[str] = []
+        self.store._db._connection().set_trace_callback(statements.append)
+
+        def lookups() -> int:
+            return sum("FROM accounts WHERE name" in s for s in statements)
+
+        await self.store.insert_event(Event(type="a", source="/t", id="e1", account="acme"))
+        await self.store.insert_event(Event(type="a", source="/t", id="e2", account="acme"))
+        await self.store.route_event(
+            Event(type="a", source="/t", id="e3", account="acme"), lambda subs: subs
+        )
+        assert lookups() == 1
+        # A failed write forgets what was read (its transaction may not have committed).
+        with pytest.raises(Conflict):
+            await self.store.insert_event(Event(type="b", source="/t", id="e1", account="acme"))
+        await self.store.insert_event(Event(type="a", source="/t", id="e4", account="acme"))
+        assert lookups() == 2
+        with pytest.raises(NotFound):
+            await self.store.insert_event(Event(type="a", source="/t", id="e5", account="nobody"))
+
+    @inline
     async def test_replay_only_dead(self) -> None:
         account, _, _ = await self.store.create_account("acme")
         sub = await self.store.create_subscription(account.id, "#", "http://x.test/", None)
