@@ -239,8 +239,17 @@ class MailQueue(Service):
         # until the attempt is recorded), and some of the rest share a message or wait
         # for their domain: read that many more than there are free slots.
         busy = [d for d, n in self._per_domain_active.items() if n >= self._per_domain]
+        # Rows of running attempts, and messages a domain has no room for, are left out
+        # in the read, before they are made into objects. (Attempts that finish while
+        # the read runs are left out below.)
+        room = {d: self._per_domain - n for d, n in self._per_domain_active.items()}
         due = await self.store.due(
-            now, limit=len(self._active) + len(self._finished) + free * 8, skip_domains=busy
+            now,
+            limit=len(self._active) + len(self._finished) + free * 8,
+            skip_domains=busy,
+            exclude=self._active,
+            room=room,
+            room_default=self._per_domain,
         )
         # Older marks are settled: every later read sees those results.
         self._finished = {k: e for k, e in self._finished.items() if e >= epoch}

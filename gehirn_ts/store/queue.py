@@ -11,7 +11,7 @@ so a crash in between repeats them, with the same ids, and nothing is sent twice
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,11 +249,23 @@ class QueueStore:
         return self._run(tx)  # type: ignore[no-any-return]
 
     def due(
-        self, now: float, limit: int, skip_domains: Sequence[str] = ()
+        self,
+        now: float,
+        limit: int,
+        skip_domains: Sequence[str] = (),
+        *,
+        exclude: Collection[tuple[str, int]] = (),
+        room: Mapping[str, int] | None = None,
+        room_default: int = 0,
     ) -> Deferred[list[tuple[QueuedMessage, RecipientState]]]:
         """Recipients due by ``now``, oldest first, leaving out ``skip_domains`` (those
         at their concurrency limit: reading them each run only to skip them made every
-        queue run cost as much as the backlog)."""
+        queue run cost as much as the backlog), the (message id, n) keys in ``exclude``
+        (attempts running or just finished) and, with ``room``, the messages of a domain
+        past how many more it may start (``room_default`` for a domain not named). Only
+        the rows kept are made into objects (each costs two JSON parses)."""
+        excluded = frozenset(exclude)
+        caps = None if room is None else dict(room)
 
         def tx(cur: Cursor) -> list[tuple[QueuedMessage, RecipientState]]:
             marks = ",".join("?" * len(skip_domains))
@@ -266,7 +278,24 @@ class QueueStore:
                 "ORDER BY r.next_attempt_at LIMIT ?",
                 (now, *skip_domains, limit),
             )
-            return [(_message(row[:15]), _rcpt(row[15:])) for row in cur.fetchall()]
+            out = []
+            messages: dict[str, QueuedMessage] = {}
+            started: dict[str, set[str]] = {}
+            for row in cur.fetchall():
+                message_id, n, domain = row[15], row[16], row[18]
+                if (message_id, n) in excluded:
+                    continue
+                if caps is not None:
+                    taken = started.setdefault(domain, set())
+                    if message_id not in taken:
+                        if len(taken) >= caps.get(domain, room_default):
+                            continue
+                        taken.add(message_id)
+                msg = messages.get(message_id)
+                if msg is None:
+                    msg = messages[message_id] = _message(row[:15])
+                out.append((msg, _rcpt(row[15:])))
+            return out
 
         return self._read(tx)  # type: ignore[no-any-return]
 

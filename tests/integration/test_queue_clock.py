@@ -223,8 +223,8 @@ class QueueOnClockTests(TestCase):
         reads: list[tuple[int, list[str], int]] = []
         due = self.qs.due
 
-        async def spy(now: float, limit: int, skip_domains: list[str] = ()) -> Any:  # type: ignore[assignment]
-            found = await due(now, limit, skip_domains)
+        async def spy(now: float, limit: int, skip_domains: list[str] = (), **kw: Any) -> Any:  # type: ignore[assignment]
+            found = await due(now, limit, skip_domains, **kw)
             reads.append((limit, list(skip_domains), len(found)))
             return found
 
@@ -276,6 +276,26 @@ class QueueOnClockTests(TestCase):
         some = await self.qs.due(now, 10, skip_domains=["a.test", "c.test"])
         assert [r.domain for _, r in some] == ["b.test"]
         assert len(await self.qs.due(now, 2)) == 2
+        # Keys asked to be left out (running attempts) are not read.
+        key = (everything[0][0].id, everything[0][1].n)
+        rest = await self.qs.due(now, 10, exclude={key})
+        assert len(rest) == 3 and key not in {(m.id, r.n) for m, r in rest}
+        # With room, a domain gives no more messages than it may start; the recipients
+        # of one message stay together.
+        both = await self._submit(NewRecipient("x1@d.test"), NewRecipient("x2@d.test"))
+        self.clock.advance(1)  # the later message is due later: a fixed order
+        await self._submit(NewRecipient("y@d.test"))
+        now = self.clock.seconds() + 1
+        capped = await self.qs.due(now, 10, room={"a.test": 1, "d.test": 1})
+        assert sorted((r.domain, m.id == both) for m, r in capped) == [
+            ("a.test", False),
+            ("d.test", True),
+            ("d.test", True),
+        ]
+        opened = await self.qs.due(now, 10, room={"a.test": 0}, room_default=9)
+        assert (
+            sorted(r.domain for _, r in opened) == ["b.test", "c.test", "d.test"] + ["d.test"] * 2
+        )
 
     @inline
     async def test_a_session_carries_the_next_messages_to_its_host_then_ends(self) -> None:
