@@ -55,10 +55,12 @@ from gehirn_ts.store.db import (
 from gehirn_ts.store.keys import DkimKeyStore, bootstrap_dkim_key
 from gehirn_ts.store.queue import QueueStore
 from gehirn_ts.store.schema import SchemaError, migrate
+from gehirn_ts.threads import Workers
 from gehirn_ts.web.api import Api, make_site
 
 DB_FILE = "gehirn-ts.sqlite"
 BUS_FILE = "bus.sqlite"
+IO_THREADS = 10
 ADMIN_KEY_FILE = "admin.key"
 DEV_CERT = "tls/dev-cert.pem"
 DEV_KEY = "tls/dev-key.pem"
@@ -92,12 +94,14 @@ class OrderedService(MultiService):
 class _Closer(Service):
     """Closes shared resources after every other service has stopped."""
 
-    def __init__(self, store: Store, pool: HTTPConnectionPool) -> None:
+    def __init__(self, store: Store, pool: HTTPConnectionPool, threads: Workers) -> None:
         self._store = store
         self._pool = pool
+        self._threads = threads
 
     def stopService(self) -> Any:
         super().stopService()
+        self._threads.stop()  # nothing is left to hand them: every other service stopped
         return defer.gatherResults([self._store.close(), self._pool.closeCachedConnections()])
 
 
@@ -142,7 +146,10 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     # busy webhook receives at once (Twisted's default is 2).
     pool.maxPersistentPerHost = config.bus.prefetch
     http = WebClient(guarded_agent(reactor, policy, pool), reactor)
-    _Closer(store, pool).setServiceParent(top)
+    # The file work of the mail paths (spool, KVS, queue files) and the SPF checks:
+    # as many threads as Twisted's own pool has, with a cheaper hand-off.
+    threads = Workers(reactor, "io", IO_THREADS)
+    _Closer(store, pool, threads).setServiceParent(top)
 
     bus: LocalBus | AmqpBus
     if config.bus.url == "local:":
@@ -159,7 +166,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     metrics = Metrics()
     publisher = Publisher(store, bus, metrics)
     mail = MailStore(store)
-    queue, outbound = _outbound(config, reactor, store, publisher, metrics)
+    queue, outbound = _outbound(config, reactor, store, publisher, metrics, threads)
     irc_bots = IrcNetwork(
         reactor,
         policy,
@@ -197,7 +204,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     queue.setServiceParent(top)
 
     routes = RouteStore(store, config.smtp.routes)
-    spool = Spool(config.spool_dir)
+    spool = Spool(config.spool_dir, threads)
     resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
     inbound = Inbound(
         spool=spool,
@@ -242,7 +249,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         mail.domain_owner,
         mail.smtp_authenticate,
         smtp.trusted_networks,
-        spf=SpfChecker(resolver, smtp.hostname),
+        spf=SpfChecker(resolver, smtp.hostname, threads),
         spf_fail=smtp.spf_fail,
         routes=routes.resolve,
     )
@@ -379,7 +386,12 @@ class _Reloader(Service):
 
 
 def _outbound(
-    config: Config, reactor: Any, store: Store, publisher: Publisher, metrics: Metrics
+    config: Config,
+    reactor: Any,
+    store: Store,
+    publisher: Publisher,
+    metrics: Metrics,
+    threads: Workers,
 ) -> tuple[MailQueue, Outbound]:
     ob = config.outbound
     hostname = config.smtp.hostname
@@ -418,6 +430,7 @@ def _outbound(
         concurrency=ob.concurrency,
         per_domain=ob.per_domain,
         metrics=metrics,
+        threads=threads,
     )
     outbound = Outbound(
         store=queue_store,

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
@@ -143,7 +142,7 @@ class Inbound:
         spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
         obj = f"{qid}.eml"
         # One trip to a thread for the reading, the checks and the KVS copy.
-        summary, dkim_results = await deferToThread(
+        summary, dkim_results = await self._spool.threads.run(
             self._examine, source, spf, self._kvs / obj if by_account else None
         )
         auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
@@ -176,7 +175,7 @@ class Inbound:
                 await self._publisher.publish(self._event(envelope, account, rcpts, meta))
         if relayed or forwarded:
             await self._queue_onwards(envelope, source, relayed, forwarded)
-        await deferToThread(self._spool.remove, qid)  # unlink blocks: not on the reactor
+        await self._spool.threads.run(self._spool.remove, qid)  # unlink blocks: not on the reactor
         log.info(
             "received {qid} stored for {accounts}{relay}",
             qid=qid,

@@ -20,8 +20,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.threads import deferToThread
-
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event
 from gehirn_ts.logs import Logger
@@ -153,7 +151,7 @@ class Outbound:
         tags: Sequence[str],
         metadata: dict[str, Any] | None,
     ) -> tuple[str, bool]:
-        head = Head(await deferToThread(_read_head, data, source))
+        head = Head(await self._queue.threads.run(_read_head, data, source))
         keys: list[dkim.SigningKey] = []
         if self._keys is not None:
             senders = head.addresses("From")
@@ -161,7 +159,7 @@ class Outbound:
             if domain:
                 keys = await self._keys(domain)
         path = self._queue.path(qid)
-        size = await deferToThread(_write, path, data, source, keys)
+        size = await self._queue.threads.run(_write, path, data, source, keys)
         message = NewMessage(
             id=qid,
             account_id=account_id,
@@ -182,11 +180,11 @@ class Outbound:
         try:
             mid, created = await self._store.enqueue(message, self._clock.seconds())
         except BaseException:
-            await deferToThread(path.unlink, True)
+            await self._queue.threads.run(path.unlink, True)
             raise
         if mid != qid:
             # The Idempotency-Key matched an earlier request: keep that message only.
-            await deferToThread(path.unlink, True)
+            await self._queue.threads.run(path.unlink, True)
         if created:
             self._queue.wake()
             log.info(
@@ -280,7 +278,7 @@ class Reporter:
         )
 
     async def _report(self, msg: QueuedMessage, kind: str, rcpts: list[RecipientState]) -> None:
-        original = await deferToThread(self._queue.path(msg.id).read_bytes)
+        original = await self._queue.threads.run(self._queue.path(msg.id).read_bytes)
         retry_until = None
         if kind == "delayed":
             retry_until = msg.created_at + self._queue._retry.lifetime

@@ -18,7 +18,6 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.threads import deferToThread
 
 from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
 from gehirn_ts.logs import Logger
@@ -31,6 +30,7 @@ from gehirn_ts.store.queue import (
     RecipientState,
     Update,
 )
+from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
 log = Logger()
 
@@ -86,8 +86,10 @@ class MailQueue(Service):
         per_domain: int = 5,
         poll: float = 5.0,
         metrics: Metrics | None = None,
+        threads: ThreadRunner = REACTOR_THREADS,
     ) -> None:
         self._metrics = metrics or Metrics()
+        self.threads = threads  # for the queue directory's file work (and Outbound's)
         self.store = store
         self._courier = courier
         self.directory = directory
@@ -144,7 +146,7 @@ class MailQueue(Service):
 
     async def _sweep(self) -> None:
         """Files whose message is finished or was never committed are removed."""
-        names = await deferToThread(lambda: [p.stem for p in self.directory.glob("*.eml")])
+        names = await self.threads.run(lambda: [p.stem for p in self.directory.glob("*.eml")])
         keep = await self.store.known(names)
         stale = [n for n in names if n not in keep and n not in self.writing]
 
@@ -152,7 +154,7 @@ class MailQueue(Service):
             for n in stale:
                 self.path(n).unlink(missing_ok=True)
 
-        await deferToThread(unlink)
+        await self.threads.run(unlink)
         for tmp in self.directory.glob(".*.eml.tmp"):
             if tmp.name[1 : -len(".eml.tmp")] not in self.writing:
                 tmp.unlink(missing_ok=True)
@@ -226,7 +228,7 @@ class MailQueue(Service):
             log.failure("reporting the status of {qid} failed; retried later", qid=msg.id)
             return
         if await self.store.clear_reports(msg.id, [r.n for r in rcpts]):
-            await deferToThread(self.path(msg.id).unlink, True)
+            await self.threads.run(self.path(msg.id).unlink, True)
 
     async def _start_due(self) -> None:
         free = self._concurrency - len(self._attempts)

@@ -13,7 +13,8 @@ import dns.exception
 import dns.resolver
 import spf
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
+
+from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
 _resolver: dns.resolver.Resolver | None = None
 
@@ -57,14 +58,20 @@ class SpfResult:
 
 
 class SpfChecker:
-    def __init__(self, resolver: dns.resolver.Resolver, receiver: str) -> None:
+    def __init__(
+        self,
+        resolver: dns.resolver.Resolver,
+        receiver: str,
+        threads: ThreadRunner = REACTOR_THREADS,
+    ) -> None:
+        self._threads = threads
         global _resolver
         _resolver = resolver
         spf.DNSLookup = _lookup
         self._receiver = receiver
 
     def check(self, ip: str, sender: str, helo: str) -> Deferred[SpfResult]:
-        return deferToThread(self._check, ip, sender, helo)
+        return self._threads.run(self._check, ip, sender, helo)
 
     def _check(self, ip: str, sender: str, helo: str) -> SpfResult:
         # RFC 7208 section 2.4: with the null reverse-path, the HELO identity is checked.

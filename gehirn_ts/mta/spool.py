@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
+
+from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
 
 def new_queue_id() -> str:
@@ -109,12 +110,13 @@ class Incoming:
         """Make the message durable (in a thread: fsync blocks)."""
         f, self._file = self._file, None
         assert f is not None
-        return deferToThread(self.spool._commit, f, self.path, envelope)
+        return self.spool.threads.run(self.spool._commit, f, self.path, envelope)
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, threads: ThreadRunner = REACTOR_THREADS) -> None:
         self.root = root
+        self.threads = threads  # for the blocking file work of this spool and its readers
         self.tmp = root / "tmp"
         self.incoming = root / "incoming"
         for d in (self.tmp, self.incoming):

@@ -10,57 +10,20 @@ committed, and fsync'd, together.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from gehirn_ts.store.schema import configure
+from gehirn_ts.threads import Workers
 
 T = TypeVar("T")
 MAX_BATCH = 256
 
 Interaction = Callable[..., Any]
-
-
-class _Thread:
-    """One thread that runs jobs in order and hands each result back to the reactor.
-
-    Twisted's ThreadPool does the same through a Python Condition and its worker
-    team: about 30 us more CPU per round trip (docs/performance.md), and an event
-    makes several. SimpleQueue is the C queue of the standard library.
-    """
-
-    def __init__(self, reactor: Any, name: str) -> None:
-        self._reactor = reactor
-        self._jobs: SimpleQueue[tuple[Callable[[], Any], Deferred[Any]] | None] = SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name)
-        self._thread.start()
-
-    def run(self, job: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self._jobs.put((job, d))
-        return d
-
-    def _loop(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            job, d = item
-            try:
-                result = job()
-            except BaseException:
-                self._reactor.callFromThread(d.errback, Failure())
-            else:
-                self._reactor.callFromThread(d.callback, result)
-
-    def stop(self) -> None:
-        """Run what is queued, then end; waits for the thread (as ThreadPool.stop)."""
-        if self._thread.is_alive():
-            self._jobs.put(None)
-            self._thread.join()
 
 
 class BatchedDatabase:
@@ -81,7 +44,7 @@ class BatchedDatabase:
         self._queue: list[tuple[Interaction, tuple[Any, ...], Deferred[Any]]] = []
         self._busy = False
         self._closed = False
-        self._thread = _Thread(reactor, f"sqlite:{path.name}{':r' if readonly else ''}")
+        self._thread = Workers(reactor, f"sqlite:{path.name}{':r' if readonly else ''}")
         # Never leave the thread behind when the reactor stops without close().
         reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
 
@@ -103,7 +66,7 @@ class BatchedDatabase:
         self._busy = True
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         jobs = [(fn, args) for fn, args, _ in batch]
-        work = self._thread.run(lambda: self._execute(jobs))
+        work = self._thread.run(self._execute, jobs)
         work.addCallbacks(self._settle, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _settle(self, outcomes: list[tuple[bool, Any]], batch: list[Any]) -> None:

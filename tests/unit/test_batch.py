@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet.defer import DeferredList
 from twisted.trial import unittest
 
-from gehirn_ts.store.batch import BatchedDatabase, _Thread
+from gehirn_ts.store.batch import BatchedDatabase
 from tests.support import inline
 
 
@@ -94,40 +94,3 @@ class BatchTests(unittest.TestCase):
         assert [ok for ok, _ in results] == [True, False, True]
         assert results[0][1] == results[2][1] == 1
         assert not [s for s in self.statements if "SAVEPOINT" in s]
-
-
-class ThreadTests(unittest.TestCase):
-    @inline
-    async def test_jobs_run_in_order_off_the_reactor_thread_and_errors_come_back(self) -> None:
-        import threading
-
-        from twisted.internet import reactor
-
-        worker = _Thread(reactor, "test")
-        self.addCleanup(worker.stop)
-        seen: list[tuple[int, bool]] = []
-
-        def job(n: int) -> int:
-            seen.append((n, threading.current_thread() is threading.main_thread()))
-            return n * 2
-
-        def bad() -> None:
-            raise Boom("in the thread")
-
-        results = [worker.run(lambda n=n: job(n)) for n in range(5)]
-        failed = worker.run(bad)
-        assert [await d for d in results] == [0, 2, 4, 6, 8]
-        with self.assertRaises(Boom):
-            await failed
-        assert seen == [(n, False) for n in range(5)]
-
-    def test_stop_runs_what_is_queued_first(self) -> None:
-        from twisted.internet import reactor
-
-        worker = _Thread(reactor, "test")
-        ran: list[int] = []
-        for n in range(3):
-            worker.run(lambda n=n: ran.append(n))
-        worker.stop()
-        assert ran == [0, 1, 2]
-        worker.stop()  # a second stop is harmless

@@ -1,0 +1,110 @@
+"""Worker threads (gehirn_ts/threads.py): order, parallelism, errors, stop."""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from gehirn_ts.threads import REACTOR_THREADS, Workers
+from tests.support import inline
+
+
+class Boom(Exception):
+    pass
+
+
+class WorkersTests(unittest.TestCase):
+    @inline
+    async def test_one_thread_runs_jobs_in_order_off_the_reactor_and_errors_come_back(
+        self,
+    ) -> None:
+        worker = Workers(reactor, "test")
+        self.addCleanup(worker.stop)
+        seen: list[tuple[int, bool]] = []
+
+        def job(n: int) -> int:
+            seen.append((n, threading.current_thread() is threading.main_thread()))
+            return n * 2
+
+        def bad() -> None:
+            raise Boom("in the thread")
+
+        results = [worker.run(job, n) for n in range(5)]
+        failed = worker.run(bad)
+        assert [await d for d in results] == [0, 2, 4, 6, 8]
+        with self.assertRaises(Boom):
+            await failed
+        assert seen == [(n, False) for n in range(5)]
+
+    @inline
+    async def test_several_threads_run_jobs_at_once(self) -> None:
+        workers = Workers(reactor, "test", 3)
+        self.addCleanup(workers.stop)
+        arrived = threading.Barrier(3, timeout=10)
+
+        def meet() -> str:
+            arrived.wait()  # passes only when three jobs run at the same time
+            return threading.current_thread().name
+
+        names = [await d for d in [workers.run(meet) for _ in range(3)]]
+        assert sorted(names) == ["test-0", "test-1", "test-2"]
+
+    def test_stop_runs_what_is_queued_first_and_then_refuses(self) -> None:
+        worker = Workers(reactor, "test")
+        ran: list[int] = []
+        for n in range(3):
+            worker.run(ran.append, n)
+        worker.stop()
+        assert ran == [0, 1, 2]
+        worker.stop()  # a second stop is harmless
+        refused = worker.run(ran.append, 4)
+        self.failureResultOf(refused, RuntimeError)
+        assert ran == [0, 1, 2]
+
+    def test_no_thread_starts_before_the_first_job(self) -> None:
+        before = threading.active_count()
+        workers = Workers(reactor, "idle", 4)
+        assert threading.active_count() == before
+        workers.stop()
+
+    @inline
+    async def test_the_reactor_pool_runner_calls_through(self) -> None:
+        assert await REACTOR_THREADS.run(lambda a, b: a + b, 2, 3) == 5
+
+
+class SpoolThreadsTests(unittest.TestCase):
+    @inline
+    async def test_a_spool_commits_on_the_threads_it_was_given(self) -> None:
+        from pathlib import Path
+
+        from gehirn_ts.mta.spool import Envelope, Recipient, Spool
+
+        workers = Workers(reactor, "io")
+        self.addCleanup(workers.stop)
+        spool = Spool(Path(self.mktemp()), workers)
+        ran_on: list[str] = []
+        commit = spool._commit
+
+        def spy(*args: object) -> None:
+            ran_on.append(threading.current_thread().name)
+            commit(*args)  # type: ignore[arg-type]
+
+        spool._commit = spy  # type: ignore[method-assign]
+        incoming = spool.begin()
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        envelope = Envelope(
+            incoming.queue_id,
+            "a@x.test",
+            [Recipient("b@y.test")],
+            incoming.size,
+            0.0,
+            "192.0.2.1",
+            "x.test",
+            "smtp",
+            False,
+        )
+        await incoming.commit(envelope)
+        assert ran_on == ["io-0"]
+        assert [e.queue_id for e in spool.pending()] == [incoming.queue_id]
