@@ -1,7 +1,8 @@
 """Worker threads for blocking calls, with a cheaper hand-off than Twisted's ThreadPool.
 
 A job goes into the standard library's ``SimpleQueue`` (written in C) and its result
-comes back through ``reactor.callFromThread``. Twisted's ThreadPool hands each job
+comes back through ``reactor.callFromThread``, once for all the results that came in
+before the reactor thread took them (each call writes to the reactor's wake-up pipe). Twisted's ThreadPool hands each job
 over through a Python ``Condition`` and its worker team, which under load cost more
 CPU than many of the jobs themselves (docs/performance.md). ``Workers(reactor, name)``
 has one thread, which runs jobs one at a time in order (a database connection's
@@ -16,6 +17,7 @@ safe to cut short (every write commits by an atomic rename or an SQLite commit).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any, Protocol, TypeVar
@@ -50,6 +52,10 @@ class Workers:
         self._jobs: SimpleQueue[tuple[Callable[[], Any], Deferred[Any]] | None] = SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopped = False
+        # Results wait here for the reactor thread; one callFromThread (a write to the
+        # reactor's wake-up pipe) brings all that came in meanwhile.
+        self._results: deque[tuple[Deferred[Any], bool, Any]] = deque()
+        self._signalled = False
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         """Call ``fn(*args)`` in a worker thread; the Deferred fires in the reactor thread."""
@@ -71,11 +77,25 @@ class Workers:
         while (item := self._jobs.get()) is not None:
             job, d = item
             try:
-                result = job()
+                self._results.append((d, True, job()))
             except BaseException:
-                self._reactor.callFromThread(d.errback, Failure())
+                self._results.append((d, False, Failure()))
+            # The reactor clears the flag before it takes results, so a result added
+            # after its last take always finds the flag clear and signals again.
+            if not self._signalled:
+                self._signalled = True
+                self._reactor.callFromThread(self._deliver)
+
+    def _deliver(self) -> None:
+        """In the reactor thread: fire the Deferreds of every result that is in."""
+        self._signalled = False
+        results = self._results
+        while results:
+            d, ok, value = results.popleft()
+            if ok:
+                d.callback(value)
             else:
-                self._reactor.callFromThread(d.callback, result)
+                d.errback(value)
 
     def stop(self) -> None:
         """Run what is queued, then end the threads (waits for them, as ThreadPool.stop)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial import unittest
@@ -62,6 +63,25 @@ class WorkersTests(unittest.TestCase):
         refused = worker.run(ran.append, 4)
         self.failureResultOf(refused, RuntimeError)
         assert ran == [0, 1, 2]
+
+    def test_results_that_come_in_together_share_one_wake_up(self) -> None:
+        handed: list[tuple[Any, tuple[Any, ...]]] = []
+
+        class HeldReactor:
+            """Takes callFromThread calls and runs none until the test says so."""
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                handed.append((f, args))
+
+        workers = Workers(HeldReactor(), "test")
+        results = [workers.run(lambda n=n: n) for n in range(5)]
+        failed = workers.run(lambda: 1 / 0)
+        workers.stop()  # all six jobs have run
+        assert len(handed) == 1  # one wake-up of the reactor for six results
+        f, args = handed[0]
+        f(*args)
+        assert [self.successResultOf(d) for d in results] == [0, 1, 2, 3, 4]
+        self.failureResultOf(failed, ZeroDivisionError)
 
     def test_no_thread_starts_before_the_first_job(self) -> None:
         before = threading.active_count()
