@@ -2,12 +2,12 @@
 
 A job goes into the standard library's ``SimpleQueue`` (written in C) and its result
 comes back through ``reactor.callFromThread``, once for all the results that came in
-before the reactor thread took them (each call writes to the reactor's wake-up pipe). Twisted's ThreadPool hands each job
-over through a Python ``Condition`` and its worker team, which under load cost more
-CPU than many of the jobs themselves (docs/performance.md). ``Workers(reactor, name)``
-has one thread, which runs jobs one at a time in order (a database connection's
-thread); more threads share the queue and run jobs in parallel (fsyncs, checks that
-wait on DNS).
+before the reactor thread took them (each call writes to the reactor's wake-up pipe).
+Twisted's ThreadPool hands each job over through a Python ``Condition`` and its worker
+team, which under load cost more CPU than many of the jobs themselves
+(docs/performance.md). ``Workers(reactor, name)`` has one thread, which runs jobs one
+at a time in order (a database connection's thread); more threads share the queue and
+run jobs in parallel (fsyncs, checks that wait on DNS).
 
 The threads start at the first job and are daemon threads: a stop that never came
 (a start that failed half way) cannot keep the process alive, and what they do is

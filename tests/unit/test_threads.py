@@ -95,26 +95,17 @@ class WorkersTests(unittest.TestCase):
 
 
 class SpoolThreadsTests(unittest.TestCase):
-    @inline
-    async def test_a_spool_commits_on_the_threads_it_was_given(self) -> None:
+    def _spool(self, workers: Any) -> Any:
         from pathlib import Path
 
-        from gehirn_ts.mta.spool import Envelope, Recipient, Spool
+        from gehirn_ts.mta.spool import Spool
 
-        workers = Workers(reactor, "io")
-        self.addCleanup(workers.stop)
-        spool = Spool(Path(self.mktemp()), workers)
-        ran_on: list[str] = []
-        commit = spool._commit
+        return Spool(Path(self.mktemp()), workers)
 
-        def spy(*args: object) -> None:
-            ran_on.append(threading.current_thread().name)
-            commit(*args)  # type: ignore[arg-type]
+    def _envelope(self, incoming: Any) -> Any:
+        from gehirn_ts.mta.spool import Envelope, Recipient
 
-        spool._commit = spy  # type: ignore[method-assign]
-        incoming = spool.begin()
-        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
-        envelope = Envelope(
+        return Envelope(
             incoming.queue_id,
             "a@x.test",
             [Recipient("b@y.test")],
@@ -125,6 +116,56 @@ class SpoolThreadsTests(unittest.TestCase):
             "smtp",
             False,
         )
-        await incoming.commit(envelope)
-        assert ran_on == ["io-0"]
+
+    @inline
+    async def test_a_spool_hands_only_its_fsyncs_to_the_threads_it_was_given(self) -> None:
+        workers = Workers(reactor, "io")
+        self.addCleanup(workers.stop)
+        jobs: list[tuple[str, str]] = []
+        run = workers.run
+
+        def spy(fn: Any, *args: Any) -> Any:
+            def job() -> Any:
+                jobs.append((fn.__name__, threading.current_thread().name))
+                return fn(*args)
+
+            return run(job)
+
+        workers.run = spy  # type: ignore[method-assign]
+        spool = self._spool(workers)
+        incoming = spool.begin()
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        await incoming.commit(self._envelope(incoming))
+        # The message's and the envelope's fsync in one job, the directory's in a second.
+        assert jobs == [("_fsync_files", "io-0"), ("_fsync_dir", "io-0")]
         assert [e.queue_id for e in spool.pending()] == [incoming.queue_id]
+        assert spool.message_path(incoming.queue_id).read_bytes().endswith(b"body\r\n")
+        assert list(spool.tmp.iterdir()) == []
+
+    @inline
+    async def test_a_commit_that_fails_leaves_nothing_to_process(self) -> None:
+        import errno
+        import os
+
+        workers = Workers(reactor, "io")
+        self.addCleanup(workers.stop)
+        spool = self._spool(workers)
+        incoming = spool.begin()
+        incoming.write(b"Subject: x\r\n\r\nbody\r\n")
+        run = workers.run
+
+        def failing_dir_sync(fn: Any, *args: Any) -> Any:
+            if fn.__name__ == "_fsync_dir":
+
+                def eio() -> None:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+                return run(eio)
+            return run(fn, *args)
+
+        workers.run = failing_dir_sync  # type: ignore[method-assign]
+        with self.assertRaises(OSError):
+            await incoming.commit(self._envelope(incoming))
+        incoming.discard()  # as the session does before its 451
+        assert spool.pending() == []
+        assert list(spool.incoming.iterdir()) == [] and list(spool.tmp.iterdir()) == []
