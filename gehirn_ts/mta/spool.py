@@ -2,10 +2,12 @@
 
 Layout under the spool directory:
 - ``tmp/QID.eml``: a message being received (written line by line, never held whole
-  in memory); removed if the session ends without a final 250.
+  in memory), and at the final dot ``tmp/QID.json``, its envelope; removed if the
+  session ends without a final 250, and at start.
 - ``incoming/QID.eml`` + ``incoming/QID.json``: a message accepted and not yet processed.
-  The envelope file is renamed into place last and the directory fsync'd: its presence
-  is the commit point. A restart resumes every committed message (``pending``).
+  Both are fsync'd in tmp/, renamed here, the envelope last, and the directory fsync'd:
+  the envelope's presence is the commit point. A restart resumes every committed
+  message (``pending``).
 """
 
 from __future__ import annotations
