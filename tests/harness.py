@@ -93,8 +93,10 @@ class Daemon:
 
     async def start(self) -> Daemon:
         self.service = build(self.config, reactor)
-        self.service.startService()
+        # Registered first: a start that fails half way (a port taken) still stops
+        # what it started, instead of leaving timers for the next test to trip on.
         self.testcase.addCleanup(self.service.stopService)
+        self.service.startService()
         self.admin = (self.state / ADMIN_KEY_FILE).read_text().strip()
         self.store = Store(self.state / DB_FILE, reactor)
         self.testcase.addCleanup(self.store.close)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -43,7 +44,20 @@ async def until(
         await sleep(step)
 
 
+# Below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out
+# for bind(0) is also one it may give an outgoing connection before the test's server
+# binds it (a clean-clone run once failed so: "Couldn't listen on 127.0.0.1:44343").
+_PORTS = range(20_000, 32_000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nothing listens on, outside the ephemeral range."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
