@@ -27,6 +27,12 @@ class DkimResult:
 _SIGNED = re.compile(rb"(?im)^dkim-signature[ \t]*:")
 
 
+def is_signed(message: bytes) -> bool:
+    """Whether the header section has a DKIM-Signature field (pure; no DNS)."""
+    end = message.find(b"\r\n\r\n")
+    return _SIGNED.search(message, 0, end if end >= 0 else len(message)) is not None
+
+
 class _Temporary(Exception):
     pass
 
@@ -44,8 +50,7 @@ def verify(message: bytes, resolver: dns.resolver.Resolver) -> list[DkimResult]:
             raise _Temporary(str(e))
         return b"".join(b"".join(r.strings) for r in answer)
 
-    end = message.find(b"\r\n\r\n")
-    if not _SIGNED.search(message, 0, end if end >= 0 else len(message)):
+    if not is_signed(message):
         # No signature to check (most mail): dkimpy would still parse the whole message.
         return []
     try:

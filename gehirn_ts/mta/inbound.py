@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
 from gehirn_ts.logs import Logger
-from gehirn_ts.mta.dkim import DkimResult
+from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.outbound import Outbound
 from gehirn_ts.mta.spf import SpfResult
@@ -34,6 +34,16 @@ from gehirn_ts.store.queue import NewRecipient
 log = Logger()
 
 SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
+# Messages up to this size are read and copied to the KVS on the reactor thread; a
+# larger copy would hold the reactor up (256 KiB: about 0.1 ms to the page cache).
+INLINE_BYTES = 256 * 1024
+
+
+def _commit_object(fd: int, tmp: Path, target: Path) -> None:
+    """In a thread: the KVS object's data, its name, then the directory, on disk."""
+    os.fsync(fd)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
 OwnerLookup = Callable[[str], Awaitable[str | None]]
 AccountId = Callable[[str], Awaitable[int | None]]
 
@@ -141,10 +151,14 @@ class Inbound:
         spf_data = envelope.extra.get("spf")
         spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
         obj = f"{qid}.eml"
-        # One trip to a thread for the reading, the checks and the KVS copy.
-        summary, dkim_results = await self._spool.threads.run(
-            self._examine, source, spf, self._kvs / obj if by_account else None
-        )
+        target = self._kvs / obj if by_account else None
+        if envelope.size <= INLINE_BYTES:
+            summary, dkim_results = await self._examine_here(source, spf, target)
+        else:
+            # One trip to a thread for the reading, the checks and the KVS copy.
+            summary, dkim_results = await self._spool.threads.run(
+                self._examine, source, spf, target
+            )
         auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
         for account, rcpts in by_account.items():
             meta = {
@@ -264,6 +278,31 @@ class Inbound:
                 "auth": meta["auth"],
             },
         )
+
+    async def _examine_here(
+        self, source: Path, spf: SpfResult | None, target: Path | None
+    ) -> tuple[dict[str, Any], list[DkimResult]]:
+        """``_examine`` for a small message: the reading, the summary and the KVS
+        object's writes here, on the reactor thread (page-cache work, as the DATA lines
+        were); only a DKIM check (it asks DNS) and the fsyncs go to a thread. A thread
+        job of a dozen system calls takes the interpreter lock back after each one, and
+        the reactor thread waits for it (docs/performance.md)."""
+        threads = self._spool.threads
+        with source.open("rb") as f:
+            whole = f.read()
+        dkim_results: list[DkimResult] = []
+        if self._dkim_verify is not None and is_signed(whole):
+            dkim_results = await threads.run(self._dkim_verify, whole)
+        summary = summarize(whole[:SUMMARY_BYTES])
+        if target is not None and not target.exists():
+            header = authentication_results(self._hostname, spf, dkim_results)
+            tmp = target.with_name("." + target.name)
+            with tmp.open("wb") as out:
+                out.write(header)
+                out.write(whole)
+                out.flush()
+                await threads.run(_commit_object, out.fileno(), tmp, target)
+        return summary, dkim_results
 
     def _examine(
         self, source: Path, spf: SpfResult | None, target: Path | None
