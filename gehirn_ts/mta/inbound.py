@@ -44,6 +44,8 @@ def _commit_object(fd: int, tmp: Path, target: Path) -> None:
     os.fsync(fd)
     os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
 OwnerLookup = Callable[[str], Awaitable[str | None]]
 AccountId = Callable[[str], Awaitable[int | None]]
 
