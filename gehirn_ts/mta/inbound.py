@@ -191,7 +191,11 @@ class Inbound:
                 await self._publisher.publish(self._event(envelope, account, rcpts, meta))
         if relayed or forwarded:
             await self._queue_onwards(envelope, source, relayed, forwarded)
-        await self._spool.threads.run(self._spool.remove, qid)  # unlink blocks: not on the reactor
+        if envelope.size <= INLINE_BYTES:
+            self._spool.remove(qid)  # two small files: metadata work, as the renames
+        else:
+            # Freeing a large file's blocks can take a while: not on the reactor.
+            await self._spool.threads.run(self._spool.remove, qid)
         log.info(
             "received {qid} stored for {accounts}{relay}",
             qid=qid,

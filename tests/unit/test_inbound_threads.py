@@ -98,19 +98,20 @@ class ExamineTests(unittest.TestCase):
     async def test_a_small_unsigned_message_gives_the_threads_only_its_fsyncs(self) -> None:
         message = b"From: a@x.test\r\nSubject: hi\r\n\r\nbody\r\n"
         qid = await self._receive(message)
-        # The KVS object's fsyncs and rename in one job; then the spool's removal.
-        assert [name for name, _ in self.jobs] == ["_commit_object", "remove"]
+        # The KVS object's fsyncs and rename in one job, and nothing else.
+        assert [name for name, _ in self.jobs] == ["_commit_object"]
         assert not any(on_main for _, on_main in self.jobs)
         stored = (self.kvs / f"{qid}.eml").read_bytes()
         assert stored.startswith(b"Authentication-Results: mx.test") and stored.endswith(message)
         assert self.checked == [] and [e.data["subject"] for e in self.publisher.events] == ["hi"]
         assert list(self.kvs.iterdir()) == [self.kvs / f"{qid}.eml"]
+        assert list(self.spool.incoming.iterdir()) == []  # processed: out of the spool
 
     @inline
     async def test_a_signed_message_is_checked_in_a_thread(self) -> None:
         message = b"DKIM-Signature: v=1; d=x.test\r\nFrom: a@x.test\r\n\r\nbody\r\n"
         await self._receive(message)
-        assert [name for name, _ in self.jobs] == ["dkim_verify", "_commit_object", "remove"]
+        assert [name for name, _ in self.jobs] == ["dkim_verify", "_commit_object"]
         assert self.checked == [message]
 
     @inline
@@ -121,6 +122,7 @@ class ExamineTests(unittest.TestCase):
         qid = await self._receive(message)
         assert [name for name, _ in self.jobs] == ["_examine", "remove"]
         assert (self.kvs / f"{qid}.eml").read_bytes().endswith(message)
+        assert list(self.spool.incoming.iterdir()) == []
 
 
 def test_is_signed_looks_at_the_header_section_only() -> None:
