@@ -265,6 +265,47 @@ class QueueOnClockTests(TestCase):
         assert [c for c in self.clock.getDelayedCalls() if c.active()] == []
 
     @inline
+    async def test_an_api_message_gives_the_threads_its_signature_and_fsyncs_only(self) -> None:
+        import threading
+
+        from gehirn_ts.mta import dkim
+        from gehirn_ts.threads import Workers
+
+        self._setup(Script(), "unused4.test", MailRetry(jitter=0))
+        await self.queue.stopService()  # only the submission is looked at here
+        workers = Workers(reactor, "io")
+        self.addCleanup(workers.stop)
+        jobs: list[str] = []
+        run = workers.run
+
+        def spy(fn: Any, *args: Any) -> Any:
+            def job() -> Any:
+                assert threading.current_thread() is not threading.main_thread()
+                jobs.append(fn.__name__)
+                return fn(*args)
+
+            return run(job)
+
+        workers.run = spy  # type: ignore[method-assign]
+        self.queue.threads = workers
+        private, _record = dkim.generate("ed25519")
+
+        async def keys(domain: str) -> list[dkim.SigningKey]:
+            return [dkim.SigningKey(domain, "s1", "ed25519", private)]
+
+        for lookup, expected in (
+            (None, ["_fsync_file_and_dir"]),
+            (keys, ["sign", "_fsync_file_and_dir"]),
+        ):
+            jobs.clear()
+            self.outbound._keys = lookup
+            mid = await self._submit(NewRecipient("r@unused4.test"))
+            assert jobs == expected
+            written = self.queue.path(mid).read_bytes()
+            assert written.endswith(MESSAGE)
+            assert written.startswith(b"DKIM-Signature:") == (lookup is not None)
+
+    @inline
     async def test_the_due_read_leaves_out_the_domains_asked(self) -> None:
         self._setup(Script(), "unused3.test", MailRetry(jitter=0))
         await self.queue.stopService()  # only the store is used here
