@@ -61,3 +61,45 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free port found")
+
+
+def recording_workers(testcase: Any, name: str = "io") -> tuple[Any, list[tuple[str, str]]]:
+    """Workers (gehirn_ts.threads) that record each job as it runs: (the function's
+    name, the thread's name). Stopped at the test's cleanup."""
+    import threading
+
+    from gehirn_ts.threads import Workers
+
+    workers = Workers(reactor, name)
+    testcase.addCleanup(workers.stop)
+    jobs: list[tuple[str, str]] = []
+    run = workers.run
+
+    def recorded(fn: Any, *args: Any) -> Any:
+        label = getattr(fn, "__name__", "?")
+
+        def job() -> Any:
+            jobs.append((label, threading.current_thread().name))
+            return fn(*args)
+
+        return run(job)
+
+    workers.run = recorded  # type: ignore[method-assign]
+    return workers, jobs
+
+
+def spooled_envelope(incoming: Any) -> Any:
+    """The envelope of a message being spooled, from a@x.test to b@y.test."""
+    from gehirn_ts.mta.spool import Envelope, Recipient
+
+    return Envelope(
+        incoming.queue_id,
+        "a@x.test",
+        [Recipient("b@y.test")],
+        incoming.size,
+        0.0,
+        "192.0.2.1",
+        "x.test",
+        "smtp",
+        False,
+    )

@@ -20,7 +20,7 @@ from gehirn_ts.store.queue import NewRecipient, QueuedMessage, RecipientState
 from gehirn_ts.store.schema import migrate
 from tests.dnstest import dns_server
 from tests.scripted_smtp import Script, listen
-from tests.support import inline, sleep, until
+from tests.support import inline, recording_workers, sleep, until
 
 MESSAGE = b"From: a@src.test\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n"
 
@@ -266,27 +266,11 @@ class QueueOnClockTests(TestCase):
 
     @inline
     async def test_an_api_message_gives_the_threads_its_signature_and_fsyncs_only(self) -> None:
-        import threading
-
         from gehirn_ts.mta import dkim
-        from gehirn_ts.threads import Workers
 
         self._setup(Script(), "unused4.test", MailRetry(jitter=0))
         await self.queue.stopService()  # only the submission is looked at here
-        workers = Workers(reactor, "io")
-        self.addCleanup(workers.stop)
-        jobs: list[str] = []
-        run = workers.run
-
-        def spy(fn: Any, *args: Any) -> Any:
-            def job() -> Any:
-                assert threading.current_thread() is not threading.main_thread()
-                jobs.append(fn.__name__)
-                return fn(*args)
-
-            return run(job)
-
-        workers.run = spy  # type: ignore[method-assign]
+        workers, recorded = recording_workers(self)
         self.queue.threads = workers
         private, _record = dkim.generate("ed25519")
 
@@ -297,10 +281,11 @@ class QueueOnClockTests(TestCase):
             (None, ["_fsync_file_and_dir"]),
             (keys, ["sign", "_fsync_file_and_dir"]),
         ):
-            jobs.clear()
+            recorded.clear()
             self.outbound._keys = lookup
             mid = await self._submit(NewRecipient("r@unused4.test"))
-            assert jobs == expected
+            assert [name for name, _ in recorded] == expected
+            assert all(thread == "io-0" for _, thread in recorded)
             written = self.queue.path(mid).read_bytes()
             assert written.endswith(MESSAGE)
             assert written.startswith(b"DKIM-Signature:") == (lookup is not None)

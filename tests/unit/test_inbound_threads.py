@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.trial import unittest
 
 from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.inbound import INLINE_BYTES, Inbound
-from gehirn_ts.mta.spool import Envelope, Recipient, Spool
-from gehirn_ts.threads import Workers
-from tests.support import inline
+from gehirn_ts.mta.spool import Spool
+from tests.support import inline, recording_workers, spooled_envelope
 
 
 class _Mail:
@@ -36,21 +33,7 @@ class _Publisher:
 
 class ExamineTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.workers = Workers(reactor, "io")
-        self.addCleanup(self.workers.stop)
-        self.jobs: list[tuple[str, bool]] = []
-        run = self.workers.run
-
-        def spy(fn: Any, *args: Any) -> Any:
-            name = getattr(fn, "__name__", "?")
-
-            def job() -> Any:
-                self.jobs.append((name, threading.current_thread() is threading.main_thread()))
-                return fn(*args)
-
-            return run(job)
-
-        self.workers.run = spy  # type: ignore[method-assign]
+        self.workers, self.jobs = recording_workers(self)
         root = Path(self.mktemp())
         self.spool = Spool(root / "spool", self.workers)
         self.kvs = root / "kvs"
@@ -78,17 +61,7 @@ class ExamineTests(unittest.TestCase):
     async def _receive(self, message: bytes) -> str:
         incoming = self.spool.begin()
         incoming.write(message)
-        envelope = Envelope(
-            incoming.queue_id,
-            "a@x.test",
-            [Recipient("b@y.test")],
-            incoming.size,
-            0.0,
-            "192.0.2.1",
-            "x.test",
-            "smtp",
-            False,
-        )
+        envelope = spooled_envelope(incoming)
         await incoming.commit(envelope)
         self.jobs.clear()
         await self.inbound.process(envelope)
@@ -100,7 +73,7 @@ class ExamineTests(unittest.TestCase):
         qid = await self._receive(message)
         # The KVS object's fsyncs and rename in one job, and nothing else.
         assert [name for name, _ in self.jobs] == ["_commit_object"]
-        assert not any(on_main for _, on_main in self.jobs)
+        assert all(thread.startswith("io-") for _, thread in self.jobs)
         stored = (self.kvs / f"{qid}.eml").read_bytes()
         assert stored.startswith(b"Authentication-Results: mx.test") and stored.endswith(message)
         assert self.checked == [] and [e.data["subject"] for e in self.publisher.events] == ["hi"]

@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from gehirn_ts.threads import REACTOR_THREADS, Workers
-from tests.support import inline
+from tests.support import inline, recording_workers, spooled_envelope
 
 
 class Boom(Exception):
@@ -102,40 +102,13 @@ class SpoolThreadsTests(unittest.TestCase):
 
         return Spool(Path(self.mktemp()), workers)
 
-    def _envelope(self, incoming: Any) -> Any:
-        from gehirn_ts.mta.spool import Envelope, Recipient
-
-        return Envelope(
-            incoming.queue_id,
-            "a@x.test",
-            [Recipient("b@y.test")],
-            incoming.size,
-            0.0,
-            "192.0.2.1",
-            "x.test",
-            "smtp",
-            False,
-        )
-
     @inline
     async def test_a_spool_hands_only_its_fsyncs_to_the_threads_it_was_given(self) -> None:
-        workers = Workers(reactor, "io")
-        self.addCleanup(workers.stop)
-        jobs: list[tuple[str, str]] = []
-        run = workers.run
-
-        def spy(fn: Any, *args: Any) -> Any:
-            def job() -> Any:
-                jobs.append((fn.__name__, threading.current_thread().name))
-                return fn(*args)
-
-            return run(job)
-
-        workers.run = spy  # type: ignore[method-assign]
+        workers, jobs = recording_workers(self)
         spool = self._spool(workers)
         incoming = spool.begin()
         incoming.write(b"Subject: x\r\n\r\nbody\r\n")
-        await incoming.commit(self._envelope(incoming))
+        await incoming.commit(spooled_envelope(incoming))
         # The message's and the envelope's fsync in one job, the directory's in a second.
         assert jobs == [("_fsync_files", "io-0"), ("_fsync_dir", "io-0")]
         assert [e.queue_id for e in spool.pending()] == [incoming.queue_id]
@@ -165,7 +138,7 @@ class SpoolThreadsTests(unittest.TestCase):
 
         workers.run = failing_dir_sync  # type: ignore[method-assign]
         with self.assertRaises(OSError):
-            await incoming.commit(self._envelope(incoming))
+            await incoming.commit(spooled_envelope(incoming))
         incoming.discard()  # as the session does before its 451
         assert spool.pending() == []
         assert list(spool.incoming.iterdir()) == [] and list(spool.tmp.iterdir()) == []
