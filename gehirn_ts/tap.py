@@ -146,8 +146,9 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     # busy webhook receives at once (Twisted's default is 2).
     pool.maxPersistentPerHost = config.bus.prefetch
     http = WebClient(guarded_agent(reactor, policy, pool), reactor)
-    # The file work of the mail paths (spool, KVS, queue files) and the SPF checks:
-    # as many threads as Twisted's own pool has, with a cheaper hand-off.
+    # What the mail paths must not do on the reactor (fsyncs, SPF and DKIM checks, DKIM
+    # signatures, large copies): as many threads as Twisted's own pool, a cheaper
+    # hand-off (docs/decisions.md).
     threads = Workers(reactor, "io", IO_THREADS)
     _Closer(store, pool, threads).setServiceParent(top)
 

@@ -346,9 +346,7 @@ class Inbound:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
             out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+            _commit_object(out.fileno(), tmp, target)
 
     def object_path(self, obj: str) -> Path:
         return self._kvs / obj

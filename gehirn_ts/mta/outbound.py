@@ -42,25 +42,21 @@ KeyLookup = Callable[[str], Awaitable[list[dkim.SigningKey]]]
 HEAD_BYTES = 256 * 1024
 
 
-def _write(path: Path, data: bytes | None, source: Path | None, keys: list[dkim.SigningKey]) -> int:
-    """The queue file, durable (blocking: in a thread). Unsigned spooled mail is hard-linked."""
-    if source is not None and not keys:
+def _write(path: Path, source: Path, keys: list[dkim.SigningKey]) -> int:
+    """The queue file of spooled mail, durable (blocking: in a thread). Unsigned mail is
+    hard-linked; signed mail is read, signed and written."""
+    if not keys:
         path.unlink(missing_ok=True)
         os.link(source, path)
         _fsync_dir(path.parent)
         return path.stat().st_size
-    if data is None:
-        assert source is not None
-        data = source.read_bytes()
-    signature = dkim.sign(data, keys) if keys else b""
-    # Straight to its name, no rename: the queue row, committed after this, is the commit
-    # point; a file without a row is removed at the next start.
+    data = source.read_bytes()
+    signature = dkim.sign(data, keys)
     with path.open("wb") as f:
         f.write(signature)
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(path.parent)
+        _fsync_file_and_dir(f.fileno(), path)
     return len(signature) + len(data)
 
 
@@ -69,10 +65,7 @@ def _fsync_file_and_dir(fd: int, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _read_head(data: bytes | None, source: Path | None) -> bytes:
-    if data is not None:
-        return data[:HEAD_BYTES]
-    assert source is not None
+def _read_head(source: Path) -> bytes:
     with source.open("rb") as f:
         return f.read(HEAD_BYTES)
 
@@ -146,7 +139,8 @@ class Outbound:
         system calls takes the interpreter lock back after each (docs/performance.md)."""
         threads = self._queue.threads
         signature = await threads.run(dkim.sign, data, keys) if keys else b""
-        # Straight to its name, as in _write: the queue row is the commit point.
+        # Straight to its name, no rename: the queue row, committed after this, is the
+        # commit point; a file without a row is removed at the next start.
         with path.open("wb") as f:
             f.write(signature)
             f.write(data)
@@ -174,7 +168,8 @@ class Outbound:
         if data is not None:
             head = Head(data[:HEAD_BYTES])  # in memory already: no thread needed
         else:
-            head = Head(await self._queue.threads.run(_read_head, data, source))
+            assert source is not None
+            head = Head(await self._queue.threads.run(_read_head, source))
         keys: list[dkim.SigningKey] = []
         if self._keys is not None:
             senders = head.addresses("From")
@@ -185,7 +180,7 @@ class Outbound:
         if data is not None:
             size = await self._write_here(path, data, keys)
         else:
-            size = await self._queue.threads.run(_write, path, data, source, keys)
+            size = await self._queue.threads.run(_write, path, source, keys)
         message = NewMessage(
             id=qid,
             account_id=account_id,
