@@ -47,13 +47,19 @@ async def until(
 # Below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out
 # for bind(0) is also one it may give an outgoing connection before the test's server
 # binds it (a clean-clone run once failed so: "Couldn't listen on 127.0.0.1:44343").
+# Ports are handed out in turn from a random start, so that two calls made before
+# either port is bound never return the same one (random picks did, once in a run).
 _PORTS = range(20_000, 32_000)
+_next_port = random.randrange(len(_PORTS))
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on, outside the ephemeral range."""
-    for _ in range(200):
-        port = random.choice(_PORTS)
+    """A loopback TCP port nothing listens on, outside the ephemeral range, not handed
+    out before by this process."""
+    global _next_port
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_next_port % len(_PORTS)]
+        _next_port += 1
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
