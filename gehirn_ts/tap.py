@@ -126,12 +126,14 @@ def prepare_state(config: Config, now: float) -> Path:
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        # Shown once, on the terminal only (never through the logger), like a first-run
-        # setup token; it also stays readable by root in the state directory.
-        print(
-            f"gehirn-ts: created the admin API key (also in {key_file}):\n  {token}",
-            file=sys.stderr,
-        )
+        # Shown once, and only on a terminal (make run), like a first-run setup token.
+        # Never through the logger, and not to a pipe or file either: under systemd
+        # stderr is the journal, which is a log. The file stays readable by root.
+        if sys.stderr.isatty():
+            shown = f"created the admin API key (also in {key_file}):\n  {token}"
+        else:
+            shown = f"created the admin API key; it is in {key_file}"
+        print(f"gehirn-ts: {shown}", file=sys.stderr)
     return db
 
 

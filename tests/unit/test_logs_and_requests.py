@@ -1,8 +1,12 @@
-"""The log level threshold, and the API's request class."""
+"""The log level threshold, the API's request class, and the first admin key kept out
+of logs."""
 
 from __future__ import annotations
 
+import io
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +16,7 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from gehirn_ts import logs
 from gehirn_ts.config import ConfigError, from_mapping
+from gehirn_ts.tap import prepare_state
 from gehirn_ts.web.http import request_factory
 
 
@@ -63,3 +68,28 @@ def test_the_api_request_does_not_parse_a_form_body() -> None:
     # every request); the JSON API never reads it. Query arguments stay.
     assert _form_post(Request).args == {b"q": [b"2"], b"a": [b"1"]}
     assert _form_post(request_factory(1024)).args == {b"q": [b"2"]}
+
+
+class _Stderr(io.StringIO):
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self._terminal = terminal
+
+    def isatty(self) -> bool:
+        return self._terminal
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_first_admin_key_is_shown_on_a_terminal_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, terminal: bool
+) -> None:
+    err = _Stderr(terminal)
+    monkeypatch.setattr(sys, "stderr", err)
+    config = from_mapping({"state": {"dir": str(tmp_path / "var")}})
+    prepare_state(config, 0.0)
+    token = (tmp_path / "var" / "admin.key").read_text().strip()
+    assert str(tmp_path / "var" / "admin.key") in err.getvalue()
+    # Under systemd stderr is the journal: the key never goes there.
+    assert (token in err.getvalue()) is terminal
+    prepare_state(config, 0.0)  # made once: a second start shows nothing new
+    assert err.getvalue().count("created the admin API key") == 1
