@@ -1,13 +1,15 @@
 """The send API's request: validation (naming the bad field) and the MIME message (pure).
 
-The message is built with Python's ``email`` package (policy SMTP: CRLF, encoded words
-for non-ASCII headers, quoted-printable or base64 bodies), so what leaves is 7-bit.
+The message is built as Python's ``email`` package writes it (policy SMTP: CRLF,
+encoded words for non-ASCII headers; a body as 7bit, 8bit (sent with BODY=8BITMIME),
+quoted-printable or base64, by the package's own choice).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import email.contentmanager
 import email.policy
 import re
 from dataclasses import dataclass, field
@@ -340,11 +342,41 @@ def build(req: SendRequest, *, message_id: str, now: float) -> bytes:
     head.append(_header("Message-ID", message_id))
     for name, value in req.headers:
         head.append(_header(name, value))
+    if not req.attachments and (req.text is None or req.html is None):
+        head.append(
+            _single_part(req.text, "plain") if req.html is None else _single_part(req.html, "html")
+        )
+        return b"".join(head)
     # The MIME structure (MIME-Version, Content-Type, the body encodings) is the email
     # package's, written after the fields above.
     msg = EmailMessage(policy=SMTP)
     add_content(msg, req)
     return b"".join(head) + msg.as_bytes()
+
+
+# The email package's choice of a text body's transfer encoding (7bit, 8bit,
+# quoted-printable or base64, by line length and content) and the encoding itself.
+_encode_text = getattr(email.contentmanager, "_encode_text", None)
+# Its generator writes every line ending of a body as the policy's CRLF.
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _single_part(text: str | None, subtype: str) -> bytes:
+    """A message's one text part (MIME fields and body), as ``EmailMessage.set_content``
+    and the SMTP policy's generator write it; a property test holds the two equal.
+    Through ``EmailMessage``, which parses back each field it sets, a 1 KiB message
+    took 0.41 ms to build; so, 0.04 ms (docs/performance.md)."""
+    if _encode_text is None:  # not in this Python: the email package does all of it
+        msg = EmailMessage(policy=SMTP)
+        msg.set_content(text or "", subtype=subtype)
+        return msg.as_bytes()
+    cte, payload = _encode_text(text or "", "utf-8", None, SMTP)
+    fields = (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        f"Content-Transfer-Encoding: {cte}\r\nMIME-Version: 1.0\r\n\r\n"
+    )
+    # An 8bit payload carries its bytes as surrogate escapes (the email package's way).
+    return (fields + _LINE_END.sub("\r\n", payload)).encode("ascii", "surrogateescape")
 
 
 def add_content(msg: EmailMessage, req: SendRequest) -> None:

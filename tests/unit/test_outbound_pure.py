@@ -412,3 +412,41 @@ def test_messages_are_the_same_as_the_email_packages_own(
     # The multipart boundary is random: compare with it taken out.
     boundary = re.compile(rb"={15}\d+==")
     assert boundary.sub(b"B", ours) == boundary.sub(b"B", stock)
+
+
+# Bodies that take each of the email package's transfer encodings: short ASCII lines
+# (7bit), non-ASCII (8bit), lines over 78 characters (quoted-printable or base64,
+# whichever is shorter), and every kind of line ending.
+_PIECES = ["a", "b", " ", "=", ".", "\t", "\r", "\n", "\r\n", "ä", "日本", "\x00", "x" * 90]
+_BODY = st.lists(
+    st.one_of(st.sampled_from(_PIECES), st.characters(blacklist_categories=("Cs",))),
+    max_size=200,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_BODY, st.booleans())
+def test_a_single_text_part_is_written_as_the_email_package_writes_it(
+    text: str, html: bool
+) -> None:
+    body = {"html": text} if html else {"text": text}
+    req = parse_send({"from": "a@x.test", "to": ["b@y.test"], "subject": "s", **body})
+    assert build(req, message_id="<m@x.test>", now=0) == _reference_build(req, "<m@x.test>", 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("plain words\n", b"7bit"),
+        ("Grüße\n", b"8bit"),
+        ("x" * 100, b"quoted-printable"),
+        ("日本語" * 40, b"base64"),
+    ],
+)
+def test_each_transfer_encoding_of_a_single_part(text: str, encoding: bytes) -> None:
+    req = parse_send({"from": "a@x.test", "to": ["b@y.test"], "subject": "s", "text": text})
+    ours = build(req, message_id="<m@x.test>", now=0)
+    assert b"Content-Transfer-Encoding: " + encoding + b"\r\n" in ours
+    assert ours == _reference_build(req, "<m@x.test>", 0)
+    parsed = email.message_from_bytes(ours, policy=email.policy.default)
+    assert parsed.get_content().replace("\r\n", "\n").rstrip("\n") == text.rstrip("\n")
