@@ -113,6 +113,20 @@ dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
 # integers that dkimpy only reads, so each key is parsed once.
 dkim.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkim.parse_pem_private_key)
 
+
+def _compress_whitespace(content: bytes) -> bytes:
+    """dkimpy's relaxed canonicalization step (RFC 6376 sections 3.4.2 and 3.4.4: each
+    run of WSP becomes one SP), without rewriting every single space of ordinary text
+    (50 us a 1 KiB body, 2 us so when there is nothing to change)."""
+    if b"\t" not in content and b"  " not in content:
+        return content
+    return _WSP.sub(b" ", content)
+
+
+_WSP = re.compile(rb"[\t ]+")
+# canonicalization.Relaxed calls the module's name, for signing and for verifying.
+dkim.canonicalization.compress_whitespace = _compress_whitespace
+
 ALGORITHMS = {"rsa": b"rsa-sha256", "ed25519": b"ed25519-sha256"}
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gehirn_ts.dnsresolver import make_resolver
-from gehirn_ts.mta.dkim import verify
+from gehirn_ts.mta.dkim import _compress_whitespace, verify
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.spf import SpfChecker
 from tests.dnstest import dns_server
@@ -197,3 +200,12 @@ def test_async_answers_are_kept_for_their_ttl_and_errors_are_not() -> None:
     for name in ("a.example", "b.example", "c.example"):
         resolver.lookupAddress(name).addBoth(results.append)
     assert len(resolver._entries) <= 2  # the size bound holds
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b" ", b"\t", b"  ", b"\r\n", b"\xff", b"x y"])).map(b"".join)
+)
+def test_whitespace_compression_is_the_same_as_dkimpys(content: bytes) -> None:
+    # dkimpy's own step (canonicalization.compress_whitespace) rewrites every run.
+    assert _compress_whitespace(content) == re.sub(b"[\t ]+", b" ", content)
+    assert dkim.canonicalization.compress_whitespace is _compress_whitespace
