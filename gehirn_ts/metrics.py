@@ -7,6 +7,8 @@ outcome; never an event type, an address or an account, which users choose.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -15,6 +17,8 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 class Metrics:
     def __init__(self) -> None:
+        # Gauges that take a store read are set when they are scraped, by these.
+        self.refreshers: list[Callable[[], Awaitable[None]]] = []
         r = self.registry = CollectorRegistry()
         self.mail_received = Counter(
             "gehirn_mail_received", "Messages accepted (250 after DATA).", ["listener"], registry=r
@@ -71,6 +75,10 @@ class Metrics:
         self.smtp_auth_failures = Counter(
             "gehirn_smtp_auth_failures", "Failed SMTP AUTH attempts.", ["listener"], registry=r
         )
+
+    async def refresh(self) -> None:
+        for refresh in self.refreshers:
+            await refresh()
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -299,18 +299,33 @@ class QueueStore:
 
         return self._read(tx)  # type: ignore[no-any-return]
 
-    def stats(self) -> Deferred[tuple[int, float | None, float | None]]:
+    def stats(self) -> Deferred[tuple[int, float | None]]:
         """In one read: (recipients queued, when the oldest message still queued was
-        queued, the next attempt due among those not held)."""
+        queued). Counts every queued row: for the metrics scrape, not the queue run."""
 
-        def tx(cur: Cursor) -> tuple[int, float | None, float | None]:
+        def tx(cur: Cursor) -> tuple[int, float | None]:
             cur.execute(
-                "SELECT COUNT(*), MIN(m.created_at), "
-                "MIN(CASE WHEN m.held = 0 THEN r.next_attempt_at END) FROM outbound_rcpts r "
+                "SELECT COUNT(*), MIN(m.created_at) FROM outbound_rcpts r "
                 "JOIN outbound m ON m.id = r.message_id WHERE r.status = 'queued'"
             )
-            count, oldest, due = cur.fetchone()
-            return int(count), oldest, due
+            count, oldest = cur.fetchone()
+            return int(count), oldest
+
+        return self._read(tx)  # type: ignore[no-any-return]
+
+    def next_due(self) -> Deferred[float | None]:
+        """When the next attempt is due among the queued recipients not held: one
+        step down the ``outbound_due`` index, whatever the backlog (``stats`` counts
+        every queued row, which each queue run did until it grew with the backlog)."""
+
+        def tx(cur: Cursor) -> float | None:
+            cur.execute(
+                "SELECT r.next_attempt_at FROM outbound_rcpts r "
+                "JOIN outbound m ON m.id = r.message_id "
+                "WHERE r.status = 'queued' AND m.held = 0 ORDER BY r.next_attempt_at LIMIT 1"
+            )
+            row = cur.fetchone()
+            return None if row is None else float(row[0])
 
         return self._read(tx)  # type: ignore[no-any-return]
 

@@ -181,6 +181,7 @@ class Api:
 
     async def metrics(self, call: Call) -> Response:
         """Prometheus text format; no secrets in it, so no key (as exporters are)."""
+        await self._metrics.refresh()
         return Response(200, raw=self._metrics.render(), headers={"content-type": CONTENT_TYPE})
 
     async def healthz(self, call: Call) -> Response:

@@ -78,7 +78,7 @@ class MetricsTests(TestCase):
 
         async def settled() -> object:
             m = await self._metrics(d)
-            # The queue gauges are refreshed by the queue run after the results.
+            # The queue gauges are read from the store when they are scraped.
             done = m.get(("gehirn_mail_sent_total", ())) == 2
             return m if done and m.get(("gehirn_queue_recipients", ())) == 0 else None
 

@@ -247,16 +247,16 @@ class QueueOnClockTests(TestCase):
 
         self._setup(Script(), "stop.test", MailRetry(jitter=0))
         await until(lambda: self.queue._running_tick is None)
-        # The run's last step (queue gauges, then the next timer) waits on the store ...
+        # The run's last step (when the next is due, then the timer) waits on the store ...
         gate: Deferred[None] = Deferred()
         asked: list[bool] = []
-        stats = self.qs.stats
+        next_due = self.qs.next_due
 
-        def slow_stats() -> Deferred[tuple[int, float | None, float | None]]:
+        def slow_next_due() -> Deferred[float | None]:
             asked.append(True)
-            return gate.addCallback(lambda _: stats())
+            return gate.addCallback(lambda _: next_due())
 
-        self.qs.stats = slow_stats  # type: ignore[method-assign]
+        self.qs.next_due = slow_next_due  # type: ignore[method-assign]
         self.queue.wake()
         await until(lambda: asked)
         stopped = self.queue.stopService()  # ... while the queue stops
@@ -322,6 +322,53 @@ class QueueOnClockTests(TestCase):
         assert (
             sorted(r.domain for _, r in opened) == ["b.test", "c.test", "d.test"] + ["d.test"] * 2
         )
+
+    @inline
+    async def test_queue_runs_read_the_next_due_time_and_scrapes_read_the_gauges(self) -> None:
+        from gehirn_ts.metrics import Metrics
+
+        self._setup(Script(), "unused5.test", MailRetry(jitter=0))
+        await self.queue.stopService()
+        metrics = Metrics()
+        self.queue = MailQueue(
+            store=self.qs,
+            courier=self.courier,
+            directory=self.queue.directory,
+            clock=self.clock,
+            retry=MailRetry(jitter=0),
+            metrics=metrics,
+        )
+        assert await self.qs.next_due() is None
+        assert await self.qs.stats() == (0, None)
+        first = await self._submit(NewRecipient("a@later.test"), NewRecipient("b@later.test"))
+        self.clock.advance(5)
+        await self._submit(NewRecipient("c@later.test"))
+        assert await self.qs.next_due() == 0.0
+        assert await self.qs.stats() == (3, 0.0)
+        await self.qs.hold(first, True)
+        # A held message is never due, but it is still queued (and counted).
+        assert await self.qs.next_due() == 5.0
+        assert await self.qs.stats() == (3, 0.0)
+        # The gauges are read when scraped: the queue has not run at all here.
+        self.clock.advance(10)
+        await metrics.refresh()
+        rendered = metrics.render().decode()
+        assert "gehirn_queue_recipients 3.0" in rendered
+        assert "gehirn_queue_oldest_seconds 15.0" in rendered
+        # A queue run asks only when the next attempt is due: counting the whole
+        # backlog in every run made each run cost as much as the backlog.
+        counted: list[bool] = []
+        stats = self.qs.stats
+
+        def spy() -> Any:
+            counted.append(True)
+            return stats()
+
+        self.qs.stats = spy  # type: ignore[method-assign]
+        self.queue.startService()
+        self.addCleanup(self.queue.stopService)
+        await until(lambda: self.queue._running_tick is None and self.queue._timer is not None)
+        assert counted == []
 
     @inline
     async def test_a_session_carries_the_next_messages_to_its_host_then_ends(self) -> None:
