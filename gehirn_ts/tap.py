@@ -46,6 +46,7 @@ from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import ReloadableTLS, make_self_signed, server_options
 from gehirn_ts.store.db import (
+    EXPIRE_BATCH,
     MailStore,
     RouteStore,
     Store,
@@ -492,15 +493,21 @@ class _Retention(Service):
             (self._kvs / obj).unlink(missing_ok=True)
 
     async def expire(self) -> int:
+        before = self._clock.seconds() - self._retention
+        freed = 0
         try:
-            unused = await self._routes.expire_received(self._clock.seconds() - self._retention)
-            await deferToThread(self._unlink, unused)
+            # A batch a transaction: the writes of mail and events go in between.
+            while True:
+                count, unused = await self._routes.expire_received(before, EXPIRE_BATCH)
+                await deferToThread(self._unlink, unused)
+                freed += len(unused)
+                if count < EXPIRE_BATCH:
+                    break
         except Exception:
             log.failure("expiring received mail failed")
-            return 0
-        if unused:
-            log.info("retention: deleted {n} received messages", n=len(unused))
-        return len(unused)
+        if freed:
+            log.info("retention: deleted {n} received messages", n=freed)
+        return freed
 
 
 def _tls_options(config: Config) -> Any:

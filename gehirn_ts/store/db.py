@@ -119,6 +119,9 @@ def split_token(token: str) -> tuple[str, str] | None:
     return parts[1], parts[2]
 
 
+EXPIRE_BATCH = 500  # received rows forgotten per transaction
+
+
 def _live_subscriptions(cur: Cursor, account: str | None) -> list[Subscription]:
     cur.execute(
         f"SELECT {_SUB_COLUMNS} FROM subscriptions s JOIN accounts a "  # noqa: S608
@@ -1024,18 +1027,29 @@ class RouteStore:
 
         return self._read(tx)
 
-    def expire_received(self, before: float) -> Deferred[list[str]]:
-        """Forget received mail older than ``before``; the KVS objects no longer used."""
+    def expire_received(
+        self, before: float, limit: int = EXPIRE_BATCH
+    ) -> Deferred[tuple[int, list[str]]]:
+        """Forget up to ``limit`` received rows older than ``before``, oldest first, in
+        one transaction: (how many went, the KVS objects no row uses any more). The
+        caller repeats while a whole batch went. All of them in one transaction held
+        the store's writer, and every write behind it, for as long as that took."""
 
-        def tx(cur: Cursor) -> list[str]:
-            cur.execute("SELECT DISTINCT object FROM received WHERE received_at < ?", (before,))
-            objects = [r[0] for r in cur.fetchall()]
-            cur.execute("DELETE FROM received WHERE received_at < ?", (before,))
+        def tx(cur: Cursor) -> tuple[int, list[str]]:
+            cur.execute(
+                "SELECT rowid, id, object FROM received WHERE received_at < ? "
+                "ORDER BY received_at LIMIT ?",
+                (before, limit),
+            )
+            rows = cur.fetchall()
+            cur.executemany("DELETE FROM received WHERE rowid = ?", [(r[0],) for r in rows])
             unused = []
-            for obj in objects:
-                cur.execute("SELECT 1 FROM received WHERE object = ? LIMIT 1", (obj,))
+            # One message's rows (one per account) share its object: asked by id, the
+            # primary key's first column. Asked by object, each was a scan of the table.
+            for message_id, obj in sorted({(r[1], r[2]) for r in rows}):
+                cur.execute("SELECT 1 FROM received WHERE id = ? LIMIT 1", (message_id,))
                 if cur.fetchone() is None:
                     unused.append(obj)
-            return unused
+            return len(rows), unused
 
         return self._run(tx)

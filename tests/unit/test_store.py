@@ -258,10 +258,35 @@ class RouteAndRetentionTests(unittest.TestCase):
             await mail.record_received(
                 Received(qid, account, f"{qid}.eml", "s@x.test", ["u@a.test"], 10, when, {})
             )
-        assert await routes.expire_received(500.0) == ["q1.eml"]
+        assert await routes.expire_received(500.0) == (2, ["q1.eml"])
         with pytest.raises(NotFound):
             await mail.get_received("q1", None)
         assert (await mail.get_received("q2", None)).id == "q2"
+
+    @inline
+    async def test_retention_goes_a_batch_a_transaction_oldest_first(self) -> None:
+        from gehirn_ts.store.db import MailStore, Received, RouteStore
+
+        await self.store.create_account("acme")
+        await self.store.create_account("beta")
+        mail, routes = MailStore(self.store), RouteStore(self.store)
+        # q1 is stored for two accounts (one object); the postmaster's has no account.
+        for qid, account, when in (
+            ("q1", "acme", 100.0),
+            ("q1", "beta", 101.0),
+            ("q2", None, 102.0),
+            ("q3", "acme", 103.0),
+            ("q4", "acme", 900.0),
+        ):
+            await mail.record_received(
+                Received(qid, account, f"{qid}.eml", "s@x.test", ["u@a.test"], 10, when, {})
+            )
+        # q1's object is still used by beta's row after the first batch.
+        assert await routes.expire_received(500.0, 1) == (1, [])
+        assert await routes.expire_received(500.0, 2) == (2, ["q1.eml", "q2.eml"])
+        assert await routes.expire_received(500.0, 2) == (1, ["q3.eml"])
+        assert await routes.expire_received(500.0, 2) == (0, [])
+        assert (await mail.get_received("q4", None)).id == "q4"
 
     @inline
     async def test_the_retention_service_deletes_kvs_objects(self) -> None:
@@ -280,6 +305,24 @@ class RouteAndRetentionTests(unittest.TestCase):
         retention = _Retention(RouteStore(self.store), kvs, 1000.0, self.clock)
         assert await retention.expire() == 1
         assert sorted(p.name for p in kvs.iterdir()) == ["new.eml"]
+
+    @inline
+    async def test_the_retention_service_repeats_until_a_batch_is_not_full(self) -> None:
+        from gehirn_ts import tap
+        from gehirn_ts.store.db import MailStore, Received, RouteStore
+
+        await self.store.create_account("acme")
+        kvs = Path(self.mktemp())
+        kvs.mkdir()
+        mail = MailStore(self.store)
+        for n in range(7):
+            (kvs / f"m{n}.eml").write_bytes(b"x")
+            await mail.record_received(Received(f"m{n}", "acme", f"m{n}.eml", "", [], 1, 0.0, {}))
+        self.clock.advance(10_000)
+        self.patch(tap, "EXPIRE_BATCH", 3)  # 3 + 3 + 1
+        retention = tap._Retention(RouteStore(self.store), kvs, 1000.0, self.clock)
+        assert await retention.expire() == 7
+        assert list(kvs.iterdir()) == []
 
 
 class StaticRouteTests(unittest.TestCase):
