@@ -946,9 +946,9 @@ class RouteStore:
                 raise Conflict("match", f"{domain!r} is not a domain of this account")
             try:
                 cur.execute(
-                    "INSERT INTO routes (id, account_id, match, action, forward_to, created_at) "
-                    "VALUES (?,?,?,?,?,?)",
-                    (route_id, account_id, match, action, json.dumps(forward_to), now),
+                    "INSERT INTO routes (id, account_id, match, domain, action, forward_to, "
+                    "created_at) VALUES (?,?,?,?,?,?,?)",
+                    (route_id, account_id, match, domain, action, json.dumps(forward_to), now),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict("match", f"a route for {match!r} exists already")
@@ -1015,11 +1015,9 @@ class RouteStore:
                 found = cur.fetchone()
                 if found is not None:
                     return owner, self._get(cur, found[0])
-            suffix = "@" + domain
             cur.execute(
-                "SELECT 1 FROM routes WHERE substr(match, -length(?1)) = ?1 "
-                "AND match NOT LIKE '@%' LIMIT 1",
-                (suffix,),
+                "SELECT 1 FROM routes WHERE domain = ? AND match NOT LIKE '@%' LIMIT 1",
+                (domain,),
             )
             if cur.fetchone() is not None:
                 return None  # the domain lists its addresses: this one is unknown

@@ -178,6 +178,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE subscriptions ADD COLUMN template TEXT;
     """,
+    # 6: a route's domain (what follows the last "@" of its match), so that looking up
+    # a received message's recipient reads its domain's routes only, not every route.
+    """
+    ALTER TABLE routes ADD COLUMN domain TEXT NOT NULL DEFAULT '';
+    UPDATE routes SET domain = substr(match, length(rtrim(match, replace(match, '@', ''))) + 1);
+    CREATE INDEX routes_domain ON routes(domain);
+    """,
 ]
 
 

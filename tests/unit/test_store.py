@@ -42,6 +42,33 @@ def test_newer_schema_is_refused(tmp_path):
         migrate(db)
 
 
+def test_routes_made_before_version_6_get_their_domain(tmp_path, monkeypatch):
+    from gehirn_ts.store import schema
+
+    db = tmp_path / "x.sqlite"
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS[:5])
+    assert migrate(db) == 5
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO accounts (name, created_at) VALUES ('acme', 0)")
+    for n, match in enumerate(["sales@a.test", "@a.test", '"x@y"@b.test']):
+        conn.execute(
+            "INSERT INTO routes (id, account_id, match, action, created_at) "
+            "VALUES (?, 1, ?, 'store', 0)",
+            (f"r{n}", match),
+        )
+    conn.commit()
+    monkeypatch.setattr(schema, "MIGRATIONS", MIGRATIONS)
+    assert migrate(db) == len(MIGRATIONS)
+    rows = conn.execute("SELECT match, domain FROM routes ORDER BY id").fetchall()
+    assert rows == [("sales@a.test", "a.test"), ("@a.test", "a.test"), ('"x@y"@b.test', "b.test")]
+    # A recipient's lookup reads its domain's routes through the index, not all routes.
+    plan = conn.execute(
+        "EXPLAIN QUERY PLAN SELECT 1 FROM routes WHERE domain = ? AND match NOT LIKE '@%' LIMIT 1",
+        ("a.test",),
+    ).fetchall()
+    assert "routes_domain" in str(plan)
+
+
 def test_admin_key_is_made_once_and_stored_hashed(tmp_path):
     db = tmp_path / "x.sqlite"
     migrate(db)
