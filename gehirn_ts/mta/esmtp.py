@@ -40,6 +40,7 @@ from gehirn_ts.mta.address import Mailbox, parse_path
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
 from gehirn_ts.mta.replies import Reply, SmtpError
 from gehirn_ts.mta.spool import Envelope, Incoming, Recipient, Spool
+from gehirn_ts.sendnow import write_now
 
 log = Logger()
 
@@ -111,7 +112,10 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self.tx = _Transaction()
         self._buffer = b""
         self._lines: deque[tuple[bytes, bool]] = deque()  # (line, too long)
-        self._busy = False
+        self._busy = False  # a command's answer is awaited
+        self._paused = False  # reading stopped meanwhile
+        self._out: list[bytes] = []  # replies not sent yet
+        self._batch = 0  # inside a read's (or an answer's) processing: replies wait
         self._skipping = False  # inside an over-long line, until its CRLF
         self._mode = "command"  # command | data | auth
         self._incoming: Incoming | None = None
@@ -129,10 +133,16 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self.canStartTLS = self.f.tls is not None and not self.session.tls
         if not self.f.connection_opened(self.session.client_ip):
             self._reply(replies.TOO_MANY_CONNECTIONS)
+            self._flush()
             self._transport.loseConnection()
             self._closing = True
             return
         self._counted = True
+        # Replies are single sends, at most a couple a read (see _flush): no need for
+        # Nagle to hold one back until the client acknowledges the one before.
+        set_nodelay = getattr(self._transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         self.f.metrics.smtp_sessions.labels(self.f.listener).inc()
         if self.session.tls:
             self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()
@@ -151,22 +161,54 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self._reply(replies.TIMEOUT)
         self._abort_data()
         self._closing = True
+        self._flush()
         self._transport.loseConnection()
 
     def _reply(self, reply: Reply) -> None:
-        for line in reply.lines():
-            self.sendLine(line)
+        self._write(b"".join(line + CRLF for line in reply.lines()))
+
+    def sendLine(self, line: bytes) -> None:
+        self._write(line + CRLF)
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        """What was answered goes out now, not at the reactor's next turn
+        (gehirn_ts/sendnow.py): the replies to the commands of one read together, in
+        one send, as Postfix flushes when its input is drained (RFC 2920 section 3.2)."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            write_now(self.transport, data)
 
     # --- framing (replaces LineOnlyReceiver's) ---
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        self._batch += 1
+        try:
+            self._received(data)
+        finally:
+            self._batch -= 1
+            if not self._batch:
+                self._flush()
+
+    def _received(self, data: bytes) -> None:
         self._buffer += data
         if self._mode == "data" and not self._lines and not self._busy and not self._skipping:
             self._bulk_data()
         self._split()
         self._pump()
+        if self._busy and not self._paused and (self._lines or self._buffer):
+            # More came while a command waits (pipelining, or a flood): stop reading
+            # until it is answered, so what is held stays one read's worth. Pausing
+            # for every command that waits cost two epoll calls each.
+            self._paused = True
+            self._transport.pauseProducing()
 
     def _bulk_data(self) -> None:
         """Message text taken a block of whole lines at a time (the same rules as
@@ -243,7 +285,6 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
                 result = None
             if isinstance(result, Deferred):
                 self._busy = True
-                self._transport.pauseProducing()
                 result.addErrback(self._failed)
                 result.addBoth(self._resume)
         if self._closing:
@@ -258,9 +299,18 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
 
     def _resume(self, _: object) -> None:
         self._busy = False
-        if not self._closing:
-            self._transport.resumeProducing()
+        if self._closing:
+            return
+        self._batch += 1
+        try:
+            if self._paused:
+                self._paused = False
+                self._transport.resumeProducing()
             self._pump()
+        finally:
+            self._batch -= 1
+            if not self._batch:
+                self._flush()
 
     # --- dispatch ---
 
@@ -319,8 +369,12 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self._reset_session(arg)
         self.session.esmtp = True
         lines = [self.host + b" Hello " + arg[:255], *self._extensions()]
-        for i, text in enumerate(lines):
-            self.sendLine(b"250" + (b" " if i == len(lines) - 1 else b"-") + text)
+        last = len(lines) - 1
+        self._write(
+            b"".join(
+                b"250" + (b" " if i == last else b"-") + text + CRLF for i, text in enumerate(lines)
+            )
+        )
 
     def cmd_HELO(self, arg: bytes) -> None:
         if not arg:
@@ -343,6 +397,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             self._reply(replies.TLS_UNAVAILABLE)
         else:
             self._reply(replies.READY_TLS)
+            self._flush()  # in clear, before TLS starts
             self._transport.startTLS(self.f.tls)
             self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()
             self.canStartTLS = False
@@ -636,6 +691,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
     def cmd_QUIT(self, arg: bytes) -> None:
         self._reply(replies.BYE)
         self._closing = True
+        self._flush()
         self._transport.loseConnection()
 
     def cmd_VRFY(self, arg: bytes) -> None:

@@ -29,9 +29,19 @@ class TLSStringTransport(StringTransport):
     def __init__(self) -> None:
         super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
         self.tls_started = False
+        self.nodelay = False
+        self.writes: list[bytes] = []  # each write, as the socket would get it
 
     def startTLS(self, ctx: Any) -> None:
         self.tls_started = True
+        self.writes.append(b"<TLS>")
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.nodelay = enabled
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
 
 
 class FakePolicy:
@@ -246,6 +256,35 @@ class ProtocolTests(unittest.TestCase):
             "550 5.1.1 No such user here",
             "250 2.0.0 OK",
         ]
+        assert t.producerState == "producing"
+
+    def test_the_replies_to_one_read_go_out_in_one_write(self) -> None:
+        proto, t = Harness(self).connect()
+        assert t.nodelay  # single writes, no Nagle wait for the one before's ACK
+        assert t.writes == [b"220 mx.test ESMTP gehirn-ts\r\n"]
+        # RFC 2920: a pipelined group is answered together, the EHLO lines in one piece.
+        send(proto, b"EHLO c.test", b"MAIL FROM:<a@remote.test>", b"RCPT TO:<u@local.test>")
+        assert len(t.writes) == 2
+        assert t.writes[1].startswith(b"250-mx.test Hello c.test\r\n")
+        assert t.writes[1].endswith(b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n")
+        # STARTTLS's 220 is written before TLS starts; what follows it is discarded.
+        send(proto, b"RSET", b"STARTTLS", b"NOOP")
+        assert t.writes[2:] == [b"250 2.0.0 Reset OK\r\n220 2.0.0 Ready to start TLS\r\n", b"<TLS>"]
+        # QUIT's reply is written before the connection closes.
+        send(proto, b"QUIT")
+        assert t.writes[-1].startswith(b"221 ") and t.disconnecting
+
+    @inline
+    async def test_reading_stops_only_when_more_comes_while_a_check_waits(self) -> None:
+        h = Harness(self)
+        h.policy.hold = True
+        proto, t = h.connect()
+        send(proto, b"EHLO c.test", b"MAIL FROM:<a@remote.test>", b"RCPT TO:<u@local.test>")
+        assert t.producerState == "producing"  # one command waits, nothing more came
+        send(proto, b"NOOP")
+        assert t.producerState == "paused"
+        h.policy.held[0].callback(LOCAL)
+        assert replies_of(t)[-2:] == ["250 2.1.5 Recipient OK", "250 2.0.0 OK"]
         assert t.producerState == "producing"
 
     @inline
