@@ -74,13 +74,18 @@ class RelayPolicy:
             raise SmtpError(replies.ROUTING_DENIED)
         if mailbox.domain == "":
             return LOCAL  # the bare <postmaster>
-        if await self._owner(mailbox.domain) is not None:
-            # RFC 5321 section 4.5.1: postmaster exists in every domain.
-            if self._routes is None or mailbox.is_postmaster:
-                return LOCAL
+        if self._routes is not None and not mailbox.is_postmaster:
+            # The route lookup names the domain's owner too: for a known address (most
+            # RCPTs) one store read, and the owner alone only when it finds nothing.
             found = await self._routes(f"{mailbox.local_text}@{mailbox.domain}")
-            if found is None or (found[1] is not None and found[1].action == "reject"):
-                raise SmtpError(replies.NO_SUCH_USER)
+            if found is not None:
+                if found[1] is not None and found[1].action == "reject":
+                    raise SmtpError(replies.NO_SUCH_USER)
+                return LOCAL
+            if await self._owner(mailbox.domain) is not None:
+                raise SmtpError(replies.NO_SUCH_USER)  # a served domain, an unknown address
+        elif await self._owner(mailbox.domain) is not None:
+            # RFC 5321 section 4.5.1: postmaster exists in every domain.
             return LOCAL
         if trusted:
             return RELAY

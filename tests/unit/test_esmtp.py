@@ -450,6 +450,42 @@ class RelayPolicyTests(unittest.TestCase):
         for (address, who), expected in cases.items():
             assert await self.verdict(p, address, sessions[who]) == expected, (address, who)
 
+    @inline
+    async def test_a_known_address_takes_one_store_read(self) -> None:
+        from gehirn_ts.store.db import Route
+
+        calls: list[str] = []
+
+        async def owner(domain: str) -> str | None:
+            calls.append("owner")
+            return "acme" if domain == "local.test" else None
+
+        async def auth(u: str, p: str) -> str | None:
+            return None
+
+        async def routes(address: str) -> tuple[str, Route | None] | None:
+            calls.append("routes")
+            if address == "u@local.test":
+                return "acme", None
+            if address == "no@local.test":
+                return "acme", Route("r1", "acme", address, "reject", [], 0.0)
+            return None
+
+        p = RelayPolicy(owner, auth, ("10.0.0.0/8",), routes=routes)
+        anon, legacy = Session("smtp", "198.51.100.9"), Session("smtp", "10.1.2.3")
+        cases = [
+            (b"<u@local.test>", anon, "local", ["routes"]),
+            (b"<x@local.test>", anon, "550 5.1.1 No such user here", ["routes", "owner"]),
+            (b"<no@local.test>", anon, "550 5.1.1 No such user here", ["routes"]),
+            (b"<postmaster@local.test>", anon, "local", ["owner"]),
+            (b"<u@remote.test>", anon, "554 5.7.1 Relay access denied", ["routes", "owner"]),
+            (b"<u@remote.test>", legacy, "relay", ["routes", "owner"]),
+        ]
+        for address, session, expected, lookups in cases:
+            calls.clear()
+            assert await self.verdict(p, address, session) == expected, address
+            assert calls == lookups, address
+
 
 class BulkDataTests(unittest.TestCase):
     """Message text arriving in its own reads takes the block path; it must store exactly
