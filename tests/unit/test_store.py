@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet import reactor
@@ -270,21 +271,24 @@ class RouteAndRetentionTests(unittest.TestCase):
         assert (await routes.resolve("x@a.test"))[1].action == "reject"
         assert (await routes.resolve("sales@a.test"))[1].match == "sales@a.test"
 
-    @inline
-    async def test_retention_forgets_old_mail_and_frees_unused_objects(self) -> None:
+    async def _received(self, *rows: tuple[str, str | None, float]) -> tuple[Any, Any]:
+        """Accounts acme and beta, and received mail (queue id, account, time)."""
         from gehirn_ts.store.db import MailStore, Received, RouteStore
 
         await self.store.create_account("acme")
         await self.store.create_account("beta")
         mail, routes = MailStore(self.store), RouteStore(self.store)
-        for qid, account, when in (
-            ("q1", "acme", 100.0),
-            ("q1", "beta", 100.0),
-            ("q2", "acme", 900.0),
-        ):
+        for qid, account, when in rows:
             await mail.record_received(
                 Received(qid, account, f"{qid}.eml", "s@x.test", ["u@a.test"], 10, when, {})
             )
+        return mail, routes
+
+    @inline
+    async def test_retention_forgets_old_mail_and_frees_unused_objects(self) -> None:
+        mail, routes = await self._received(
+            ("q1", "acme", 100.0), ("q1", "beta", 100.0), ("q2", "acme", 900.0)
+        )
         assert await routes.expire_received(500.0) == (2, ["q1.eml"])
         with pytest.raises(NotFound):
             await mail.get_received("q1", None)
@@ -292,22 +296,14 @@ class RouteAndRetentionTests(unittest.TestCase):
 
     @inline
     async def test_retention_goes_a_batch_a_transaction_oldest_first(self) -> None:
-        from gehirn_ts.store.db import MailStore, Received, RouteStore
-
-        await self.store.create_account("acme")
-        await self.store.create_account("beta")
-        mail, routes = MailStore(self.store), RouteStore(self.store)
         # q1 is stored for two accounts (one object); the postmaster's has no account.
-        for qid, account, when in (
+        mail, routes = await self._received(
             ("q1", "acme", 100.0),
             ("q1", "beta", 101.0),
             ("q2", None, 102.0),
             ("q3", "acme", 103.0),
             ("q4", "acme", 900.0),
-        ):
-            await mail.record_received(
-                Received(qid, account, f"{qid}.eml", "s@x.test", ["u@a.test"], 10, when, {})
-            )
+        )
         # q1's object is still used by beta's row after the first batch.
         assert await routes.expire_received(500.0, 1) == (1, [])
         assert await routes.expire_received(500.0, 2) == (2, ["q1.eml", "q2.eml"])
