@@ -39,11 +39,11 @@ SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
 INLINE_BYTES = 256 * 1024
 
 
-def _commit_object(fd: int, tmp: Path, target: Path) -> None:
+def _commit_object(fd: int, tmp: str | Path, target: str | Path) -> None:
     """In a thread: the KVS object's data, its name, then the directory, on disk."""
     os.fsync(fd)
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    _fsync_dir(os.path.dirname(target))
 
 
 OwnerLookup = Callable[[str], Awaitable[str | None]]
@@ -84,6 +84,7 @@ class Inbound:
         self._dkim_verify = dkim_verify
         self._spool = spool
         self._kvs = kvs
+        self._kvs_dir = str(kvs)  # per-message paths as strings (see Spool.tmp_dir)
         self._mail = mail
         self._publisher = publisher
         self._owner = owner
@@ -124,7 +125,6 @@ class Inbound:
 
     async def _process(self, envelope: Envelope) -> None:
         qid = envelope.queue_id
-        source = self._spool.message_path(qid)
         by_account: dict[str | None, list[dict[str, Any]]] = {}
         relayed: list[Recipient] = []
         forwarded: dict[str, list[NewRecipient]] = {}
@@ -153,13 +153,13 @@ class Inbound:
         spf_data = envelope.extra.get("spf")
         spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
         obj = f"{qid}.eml"
-        target = self._kvs / obj if by_account else None
         if envelope.size <= INLINE_BYTES:
-            summary, dkim_results = await self._examine_here(source, spf, target)
+            summary, dkim_results = await self._examine_here(qid, spf, bool(by_account))
         else:
             # One trip to a thread for the reading, the checks and the KVS copy.
+            target = self._kvs / obj if by_account else None
             summary, dkim_results = await self._spool.threads.run(
-                self._examine, source, spf, target
+                self._examine, self._spool.message_path(qid), spf, target
             )
         auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
         for account, rcpts in by_account.items():
@@ -190,7 +190,7 @@ class Inbound:
             if account is not None:
                 await self._publisher.publish(self._event(envelope, account, rcpts, meta))
         if relayed or forwarded:
-            await self._queue_onwards(envelope, source, relayed, forwarded)
+            await self._queue_onwards(envelope, self._spool.message_path(qid), relayed, forwarded)
         if envelope.size <= INLINE_BYTES:
             self._spool.remove(qid)  # two small files: metadata work, as the renames
         else:
@@ -286,7 +286,7 @@ class Inbound:
         )
 
     async def _examine_here(
-        self, source: Path, spf: SpfResult | None, target: Path | None
+        self, qid: str, spf: SpfResult | None, store: bool
     ) -> tuple[dict[str, Any], list[DkimResult]]:
         """``_examine`` for a small message: the reading, the summary and the KVS
         object's writes here, on the reactor thread (page-cache work, as the DATA lines
@@ -294,16 +294,17 @@ class Inbound:
         job of a dozen system calls takes the interpreter lock back after each one, and
         the reactor thread waits for it (docs/performance.md)."""
         threads = self._spool.threads
-        with source.open("rb") as f:
+        with open(f"{self._spool.incoming_dir}/{qid}.eml", "rb") as f:
             whole = f.read()
         dkim_results: list[DkimResult] = []
         if self._dkim_verify is not None and is_signed(whole):
             dkim_results = await threads.run(self._dkim_verify, whole)
         summary = summarize(whole[:SUMMARY_BYTES])
-        if target is not None and not target.exists():
+        target = f"{self._kvs_dir}/{qid}.eml"
+        if store and not os.path.exists(target):
             header = authentication_results(self._hostname, spf, dkim_results)
-            tmp = target.with_name("." + target.name)
-            with tmp.open("wb") as out:
+            tmp = f"{self._kvs_dir}/.{qid}.eml"
+            with open(tmp, "wb") as out:
                 out.write(header)
                 out.write(whole)
                 out.flush()
