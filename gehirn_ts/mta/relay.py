@@ -36,6 +36,7 @@ from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta.params import xtext_encode
 from gehirn_ts.netaddr import parse_ip
+from gehirn_ts.sendnow import write_now
 
 log = Logger()
 
@@ -144,6 +145,14 @@ class ClientProtocol(LineReceiver):
         self.sendLine(line)
         return self.expect()
 
+    def sendLine(self, line: bytes) -> None:
+        self.send_lines([line])
+
+    def send_lines(self, lines: list[bytes]) -> None:
+        """Commands in one write, sent at once (gehirn_ts/sendnow.py): a pipelined group
+        (RFC 2920) as one segment, not one held back by Nagle behind the one before."""
+        write_now(self.transport, b"".join(line + b"\r\n" for line in lines))
+
 
 def _esmtp_extensions(reply: ServerReply) -> dict[str, str]:
     out = {}
@@ -151,6 +160,9 @@ def _esmtp_extensions(reply: ServerReply) -> dict[str, str]:
         word, _, rest = line.partition(" ")
         out[word.upper()] = rest.strip()
     return out
+
+
+WHOLE_DATA = 256 * 1024  # messages up to this size are sent from memory, in one write
 
 
 def _dot_stuffer() -> Any:
@@ -369,6 +381,10 @@ class MxCourier:
         endpoint = endpoint_cls(self._reactor, ip, host.port, timeout=s.connect_timeout)
         proto = ClientProtocol()
         await connectProtocol(endpoint, proto)
+        # Commands go out whole and at once (send_lines): Nagle could only delay them.
+        set_nodelay = getattr(proto.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         try:
             ext = await self._open(proto, host)
         except BaseException:
@@ -488,8 +504,7 @@ class MxCourier:
             mail += f" ENVID={xtext_encode(parcel.envid)}"
         commands = [mail.encode()] + [_rcpt_command(r, dsn) for r in parcel.recipients]
         if "PIPELINING" in ext:
-            for line in commands:
-                proto.sendLine(line)
+            proto.send_lines(commands)
             replies = [await self._timed(proto.expect(), "MAIL/RCPT") for _ in commands]
         else:
             replies = []
@@ -541,6 +556,14 @@ class MxCourier:
         reply = await self._timed(proto.command(b"DATA"), "DATA")
         if reply.code != 354:
             return reply
+        if parcel.size <= WHOLE_DATA:
+            # Read and sent in one piece, at once: FileSender takes a reactor turn per
+            # chunk and one more to finish, each with its epoll calls.
+            with open(parcel.path, "rb") as f:
+                text = _dot_stuffer()(f.read())
+            tail = b"" if text[-1:] == b"\n" else b"\r\n"  # end the last line if open
+            write_now(proto.transport, text + tail + b".\r\n")
+            return await self._timed(proto.expect(), "the end of DATA")
         with Path(parcel.path).open("rb") as f:
             transform = _dot_stuffer()
             last = await FileSender().beginFileTransfer(f, proto.transport, transform)

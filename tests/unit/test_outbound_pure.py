@@ -13,13 +13,15 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
 
-from gehirn_ts.interfaces import RcptOutcome
+from gehirn_ts.interfaces import Parcel, ParcelRecipient, RcptOutcome
 from gehirn_ts.mta.compose import FieldError, add_content, build, parse_send
 from gehirn_ts.mta.dsn import FULL_RETURN_LIMIT, RecipientStatus, build_report, wants_report
 from gehirn_ts.mta.mimepolicy import SMTP
 from gehirn_ts.mta.queue import decide
-from gehirn_ts.mta.relay import ServerReply, _dot_stuffer
+from gehirn_ts.mta.relay import ClientProtocol, MxCourier, ServerReply, Settings, _dot_stuffer
 from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.store.queue import QueuedMessage, RecipientState
 
@@ -450,3 +452,50 @@ def test_each_transfer_encoding_of_a_single_part(text: str, encoding: bytes) -> 
     assert ours == _reference_build(req, "<m@x.test>", 0)
     parsed = email.message_from_bytes(ours, policy=email.policy.default)
     assert parsed.get_content().replace("\r\n", "\n").rstrip("\n") == text.rstrip("\n")
+
+
+class _Writes(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def test_a_pipelined_group_of_commands_is_one_write() -> None:
+    proto = ClientProtocol()
+    t = _Writes()
+    proto.makeConnection(t)
+    proto.send_lines([b"MAIL FROM:<a@x.test>", b"RCPT TO:<b@y.test>", b"RCPT TO:<c@y.test>"])
+    assert t.writes == [b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("text", "sent"),
+    [
+        (b"Subject: x\r\n\r\n.dot\r\nend\r\n", b"Subject: x\r\n\r\n..dot\r\nend\r\n.\r\n"),
+        (b"Subject: x\r\n\r\nno newline", b"Subject: x\r\n\r\nno newline\r\n.\r\n"),
+        (b".", b"..\r\n.\r\n"),
+    ],
+)
+def test_a_small_message_is_sent_whole_in_one_write(
+    tmp_path: Any, text: bytes, sent: bytes
+) -> None:
+    from twisted.internet.task import Clock
+
+    path = tmp_path / "m.eml"
+    path.write_bytes(text)
+    parcel = Parcel(
+        "Q", "a@x.test", "y.test", [ParcelRecipient(0, "b@y.test")], str(path), len(text)
+    )
+    courier = MxCourier(Clock(), None, Settings(helo="mta.test"))
+    proto = ClientProtocol()
+    t = _Writes()
+    proto.makeConnection(t)
+    done = Deferred.fromCoroutine(courier._data(proto, parcel, "mx.y.test"))
+    proto.dataReceived(b"354 go ahead\r\n")
+    assert t.writes == [b"DATA\r\n", sent]  # the text, its ending and the final dot at once
+    proto.dataReceived(b"250 2.0.0 queued\r\n")
+    assert done.result.code == 250
