@@ -33,7 +33,7 @@ from bench.smtp import cpu_seconds  # noqa: E402
 from gehirn_ts.bus import txamqp_compat as compat  # noqa: E402
 from gehirn_ts.bus.amqp import AmqpBus  # noqa: E402
 from gehirn_ts.interfaces import BusMessage  # noqa: E402
-from tests.rabbitmq import rabbitmq_url  # noqa: E402
+from tests.rabbitmq import rabbitmq_url, stop_if_started  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -228,7 +228,9 @@ async def bare_txamqp(url: str) -> float:
 
 
 async def main(_: Any) -> None:
-    url = rabbitmq_url()
+    # The broker only for the parts that use it; one started here is stopped at the end
+    # (make bench starts and stops its own around all three benchmarks).
+    url = rabbitmq_url() if {"rabbitmq", "bare"} & set(ONLY) else ""
     rport = free_port()
     receiver_proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "receiver.py"), str(rport)]
@@ -245,6 +247,7 @@ async def main(_: Any) -> None:
         bare = await bare_txamqp(url) if "bare" in ONLY else 0.0
     finally:
         receiver_proc.terminate()
+        stop_if_started()
     print(
         f"\nEvent delivery, {TOTAL} events, {CONCURRENCY} API requests in flight; "
         f"latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s ({os.cpu_count()} cores)"
