@@ -38,6 +38,14 @@ def _idle(transport: Any) -> bool:
         return False
 
 
+def no_delay(transport: Any) -> None:
+    """TCP_NODELAY, where the transport has it (TLS wrappers pass it on; test transports
+    have none): writes that are whole messages gain nothing from Nagle's wait."""
+    set_nodelay = getattr(transport, "setTcpNoDelay", None)
+    if set_nodelay is not None:
+        set_nodelay(True)
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, sent at once where that is safe."""
     if data and _idle(transport):

@@ -29,6 +29,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from gehirn_ts.netaddr import Networks, parse_ip
+from gehirn_ts.sendnow import no_delay
 
 Address = IPv4Address | IPv6Address
 
@@ -175,9 +176,7 @@ class GuardedEndpoint:
         protocol: IProtocol = await endpoint.connect(factory)
         # twisted.web writes a request's head and body in separate writes: with Nagle's
         # algorithm the body waits for the receiver's delayed ACK.
-        transport = getattr(protocol, "transport", None)
-        if transport is not None and hasattr(transport, "setTcpNoDelay"):
-            transport.setTcpNoDelay(True)
+        no_delay(getattr(protocol, "transport", None))
         return protocol
 
 

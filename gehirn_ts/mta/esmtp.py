@@ -40,7 +40,7 @@ from gehirn_ts.mta.address import Mailbox, parse_path
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
 from gehirn_ts.mta.replies import Reply, SmtpError
 from gehirn_ts.mta.spool import Envelope, Incoming, Recipient, Spool
-from gehirn_ts.sendnow import write_now
+from gehirn_ts.sendnow import no_delay, write_now
 
 log = Logger()
 
@@ -140,9 +140,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self._counted = True
         # Replies are single sends, at most a couple a read (see _flush): no need for
         # Nagle to hold one back until the client acknowledges the one before.
-        set_nodelay = getattr(self._transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
+        no_delay(self._transport)
         self.f.metrics.smtp_sessions.labels(self.f.listener).inc()
         if self.session.tls:
             self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()

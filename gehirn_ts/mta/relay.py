@@ -36,7 +36,7 @@ from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta.params import xtext_encode
 from gehirn_ts.netaddr import parse_ip
-from gehirn_ts.sendnow import write_now
+from gehirn_ts.sendnow import no_delay, write_now
 
 log = Logger()
 
@@ -382,9 +382,7 @@ class MxCourier:
         proto = ClientProtocol()
         await connectProtocol(endpoint, proto)
         # Commands go out whole and at once (send_lines): Nagle could only delay them.
-        set_nodelay = getattr(proto.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            set_nodelay(True)
+        no_delay(proto.transport)
         try:
             ext = await self._open(proto, host)
         except BaseException:

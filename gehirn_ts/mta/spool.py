@@ -122,7 +122,7 @@ class Spool:
         self.tmp = root / "tmp"
         self.incoming = root / "incoming"
         # The per-message paths are made as strings: pathlib's parsing and formatting
-        # were a tenth of processing a received message (docs/performance.md).
+        # were about a seventh of processing a received message (docs/performance.md).
         self.tmp_dir, self.incoming_dir = str(self.tmp), str(self.incoming)
         for d in (self.tmp, self.incoming):
             d.mkdir(parents=True, exist_ok=True)

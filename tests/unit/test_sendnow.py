@@ -9,7 +9,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from gehirn_ts.sendnow import _idle, write_now
+from gehirn_ts.sendnow import _idle, no_delay, write_now
 from tests.support import inline, until
 
 
@@ -53,6 +53,18 @@ class WriteNowTests(TestCase):
         # Sent already: the reactor was never asked to watch for room to write.
         assert transport not in reactor.getWriters()
         await until(lambda: client.received == b"250 2.0.0 OK\r\n")
+
+    @inline
+    async def test_no_delay_sets_the_option_where_there_is_one(self) -> None:
+        import socket
+
+        transport, _client = await self._pair()
+        sock = transport.getHandle()
+        assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        no_delay(transport)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        no_delay(StringTransport())  # no such option: nothing happens
+        no_delay(None)
 
     @inline
     async def test_bytes_already_waiting_keep_their_place(self) -> None:
