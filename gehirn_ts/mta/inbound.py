@@ -1,9 +1,10 @@
 """Received mail -> the KVS, the index in the store, and a ``mail.received`` event.
 
 Runs after the 250 (the message is in the spool, durable) and again at every start for
-whatever the spool still holds, so each step is idempotent: the KVS object is a file
-named by the queue id, the index row is keyed by (queue id, account), and the
-event id is derived from both, so a repeat stores and publishes nothing twice.
+whatever the spool still holds, so each step is idempotent: the KVS object is the
+spooled file under a second name (the queue id), the index row is keyed by (queue id,
+account), and the event id is derived from both, so a repeat stores and publishes
+nothing twice.
 Recipients outside the served domains (relayed mail from authenticated or trusted
 clients) and the targets of forward routes go to the outbound queue, under ids derived
 from the queue id (``QID`` and ``QID.fwd``), so a repeat queues nothing twice.
@@ -34,14 +35,37 @@ from gehirn_ts.store.queue import NewRecipient
 log = Logger()
 
 SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
-# Messages up to this size are read and copied to the KVS on the reactor thread; a
-# larger copy would hold the reactor up (256 KiB: about 0.1 ms to the page cache).
+# Messages up to this size are read on the reactor thread (for the summary and a DKIM
+# check); a larger read would hold the reactor up (256 KiB: about 0.1 ms from the page
+# cache).
 INLINE_BYTES = 256 * 1024
 
 
-def _commit_object(fd: int, tmp: str | Path, target: str | Path) -> None:
-    """In a thread: the KVS object's data, its name, then the directory, on disk."""
-    os.fsync(fd)
+def _link_object(source: str, target: str) -> bool:
+    """The spooled file under its KVS name: a second name for the same file, whose data
+    is on disk since before the 250. False where the file system has no hard links (or
+    the spool and the KVS are on two of them): the caller copies."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass  # a repeat after a crash: the same file
+    except OSError:
+        return False
+    return True
+
+
+def _copy_object(source: str, target: str) -> None:
+    """In a thread: the KVS object as a copy, its data, its name, then the directory,
+    on disk (where ``_link_object`` cannot link)."""
+    if os.path.exists(target):
+        _fsync_dir(os.path.dirname(target))
+        return
+    tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}"
+    with open(source, "rb") as src, open(tmp, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, target)
     _fsync_dir(os.path.dirname(target))
 
@@ -154,14 +178,16 @@ class Inbound:
         spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
         obj = f"{qid}.eml"
         if envelope.size <= INLINE_BYTES:
-            summary, dkim_results = await self._examine_here(qid, spf, bool(by_account))
+            summary, dkim_results = await self._examine_here(qid, bool(by_account))
         else:
-            # One trip to a thread for the reading, the checks and the KVS copy.
-            target = self._kvs / obj if by_account else None
+            # One trip to a thread for the reading, the checks and the KVS object.
             summary, dkim_results = await self._spool.threads.run(
-                self._examine, self._spool.message_path(qid), spf, target
+                self._examine, qid, bool(by_account)
             )
         auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
+        # The KVS object is the message as spooled; our Authentication-Results field
+        # (RFC 8601) is kept here and put on top when the raw message is read.
+        results_field = authentication_results(self._hostname, spf, dkim_results).decode()
         for account, rcpts in by_account.items():
             meta = {
                 **summary,
@@ -174,6 +200,7 @@ class Inbound:
                 "dsn": {"ret": envelope.ret, "envid": envelope.envid},
                 "body": envelope.body,
                 "auth": auth,
+                "authentication_results": results_field,
             }
             await self._mail.record_received(
                 Received(
@@ -285,69 +312,48 @@ class Inbound:
             },
         )
 
-    async def _examine_here(
-        self, qid: str, spf: SpfResult | None, store: bool
-    ) -> tuple[dict[str, Any], list[DkimResult]]:
-        """``_examine`` for a small message: the reading, the summary and the KVS
-        object's writes here, on the reactor thread (page-cache work, as the DATA lines
-        were); only a DKIM check (it asks DNS) and the fsyncs go to a thread. A thread
-        job of a dozen system calls takes the interpreter lock back after each one, and
-        the reactor thread waits for it (docs/performance.md)."""
+    async def _examine_here(self, qid: str, store: bool) -> tuple[dict[str, Any], list[DkimResult]]:
+        """``_examine`` for a small message: the reading and the summary here, on the
+        reactor thread (page-cache work, as the DATA lines were), and the KVS object's
+        link; only a DKIM check (it asks DNS) and the directory's fsync go to a thread.
+        A thread job of a dozen system calls takes the interpreter lock back after each
+        one, and the reactor thread waits for it (docs/performance.md)."""
         threads = self._spool.threads
-        with open(f"{self._spool.incoming_dir}/{qid}.eml", "rb") as f:
+        source = f"{self._spool.incoming_dir}/{qid}.eml"
+        with open(source, "rb") as f:
             whole = f.read()
         dkim_results: list[DkimResult] = []
         if self._dkim_verify is not None and is_signed(whole):
             dkim_results = await threads.run(self._dkim_verify, whole)
         summary = summarize(whole[:SUMMARY_BYTES])
-        target = f"{self._kvs_dir}/{qid}.eml"
-        if store and not os.path.exists(target):
-            header = authentication_results(self._hostname, spf, dkim_results)
-            tmp = f"{self._kvs_dir}/.{qid}.eml"
-            with open(tmp, "wb") as out:
-                out.write(header)
-                out.write(whole)
-                out.flush()
-                await threads.run(_commit_object, out.fileno(), tmp, target)
-        return summary, dkim_results
-
-    def _examine(
-        self, source: Path, spf: SpfResult | None, target: Path | None
-    ) -> tuple[dict[str, Any], list[DkimResult]]:
-        """Summary and DKIM results of a spooled message, and its KVS object when
-        ``target`` is given (blocking: runs in a thread)."""
-        whole: bytes | None = None
-        if self._dkim_verify is None:
-            with source.open("rb") as f:
-                head = f.read(SUMMARY_BYTES)
-            dkim_results = []
-        else:
-            # DKIM hashes the whole message (RFC 6376 section 3.7).
-            head = whole = source.read_bytes()
-            dkim_results = self._dkim_verify(whole)
-        summary = summarize(head[:SUMMARY_BYTES])
-        if target is not None:
-            header = authentication_results(self._hostname, spf, dkim_results)
-            self._store_object(source, target, header, whole)
-        return summary, dkim_results
-
-    @staticmethod
-    def _store_object(source: Path, target: Path, header: bytes, whole: bytes | None) -> None:
-        """The KVS object: our Authentication-Results field, then the message as spooled
-        (``whole``, when it was read already)."""
-        if target.exists():
-            return
-        tmp = target.with_name("." + target.name)
-        with tmp.open("wb") as out:
-            out.write(header)
-            if whole is not None:
-                out.write(whole)
+        if store:
+            target = f"{self._kvs_dir}/{qid}.eml"
+            if _link_object(source, target):
+                await threads.run(_fsync_dir, self._kvs_dir)
             else:
-                with source.open("rb") as src:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-            out.flush()
-            _commit_object(out.fileno(), tmp, target)
+                await threads.run(_copy_object, source, target)
+        return summary, dkim_results
+
+    def _examine(self, qid: str, store: bool) -> tuple[dict[str, Any], list[DkimResult]]:
+        """Summary and DKIM results of a spooled message, and its KVS object when
+        ``store`` (blocking: runs in a thread)."""
+        source = f"{self._spool.incoming_dir}/{qid}.eml"
+        with open(source, "rb") as f:
+            head = f.read(SUMMARY_BYTES)
+            dkim_results = []
+            if self._dkim_verify is not None and (is_signed(head) or b"\r\n\r\n" not in head):
+                # DKIM hashes the whole message (RFC 6376 section 3.7); a header section
+                # longer than the head is left to the checker to look through.
+                f.seek(0)
+                dkim_results = self._dkim_verify(f.read())
+        summary = summarize(head)
+        if store:
+            target = f"{self._kvs_dir}/{qid}.eml"
+            if _link_object(source, target):
+                _fsync_dir(self._kvs_dir)
+            else:
+                _copy_object(source, target)
+        return summary, dkim_results
 
     def object_path(self, obj: str) -> Path:
         return self._kvs / obj

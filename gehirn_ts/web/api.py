@@ -356,7 +356,10 @@ class Api:
         item = await self._received(call)
         path = self._inbound.object_path(item.object)
         data = await deferToThread(path.read_bytes)
-        return Response(200, raw=data, headers={"content-type": "message/rfc822"})
+        # Our Authentication-Results field on top (kept with the index row; objects
+        # stored before that have it in the file).
+        field = item.meta.get("authentication_results", "")
+        return Response(200, raw=field.encode() + data, headers={"content-type": "message/rfc822"})
 
     async def create_route(self, call: Call) -> Response:
         principal = _principal(call)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +73,63 @@ class ExamineTests(unittest.TestCase):
     async def test_a_small_unsigned_message_gives_the_threads_only_its_fsyncs(self) -> None:
         message = b"From: a@x.test\r\nSubject: hi\r\n\r\nbody\r\n"
         qid = await self._receive(message)
-        # The KVS object's fsyncs and rename in one job, and nothing else.
-        assert [name for name, _ in self.jobs] == ["_commit_object"]
+        # The KVS directory's fsync, and nothing else.
+        assert [name for name, _ in self.jobs] == ["_fsync_dir"]
         assert all(thread.startswith("io-") for _, thread in self.jobs)
-        stored = (self.kvs / f"{qid}.eml").read_bytes()
-        assert stored.startswith(b"Authentication-Results: mx.test") and stored.endswith(message)
+        assert (self.kvs / f"{qid}.eml").read_bytes() == message
+        # Our Authentication-Results field is kept with the index row.
+        [received] = self.mail.received
+        field = received.meta["authentication_results"]
+        assert field == "Authentication-Results: mx.test; dkim=none\r\n"
         assert self.checked == [] and [e.data["subject"] for e in self.publisher.events] == ["hi"]
         assert list(self.kvs.iterdir()) == [self.kvs / f"{qid}.eml"]
         assert list(self.spool.incoming.iterdir()) == []  # processed: out of the spool
 
     @inline
+    async def test_the_kvs_object_is_the_spooled_file_not_a_copy(self) -> None:
+        incoming = self.spool.begin()
+        incoming.write(b"From: a@x.test\r\n\r\nbody\r\n")
+        envelope = spooled_envelope(incoming)
+        await incoming.commit(envelope)
+        spooled = os.stat(self.spool.message_path(incoming.queue_id))
+        await self.inbound.process(envelope)
+        stored = os.stat(self.kvs / f"{incoming.queue_id}.eml")
+        assert (stored.st_dev, stored.st_ino) == (spooled.st_dev, spooled.st_ino)
+
+    @inline
+    async def test_without_hard_links_the_object_is_a_copy_on_disk(self) -> None:
+        def no_link(source: str, target: str) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        self.patch(os, "link", no_link)
+        message = b"From: a@x.test\r\nSubject: hi\r\n\r\nbody\r\n"
+        qid = await self._receive(message)
+        assert [name for name, _ in self.jobs] == ["_copy_object"]
+        assert (self.kvs / f"{qid}.eml").read_bytes() == message
+        assert list(self.kvs.iterdir()) == [self.kvs / f"{qid}.eml"]  # no temporary left
+
+    @inline
+    async def test_a_repeat_finds_the_object_there_and_keeps_it(self) -> None:
+        # A crash after the link and before the spool was emptied: the next start
+        # processes the message again.
+        incoming = self.spool.begin()
+        incoming.write(b"From: a@x.test\r\n\r\nbody\r\n")
+        envelope = spooled_envelope(incoming)
+        await incoming.commit(envelope)
+        self.kvs.mkdir(exist_ok=True)
+        target = self.kvs / f"{incoming.queue_id}.eml"
+        os.link(self.spool.message_path(incoming.queue_id), target)
+        self.jobs.clear()
+        await self.inbound.process(envelope)
+        assert [name for name, _ in self.jobs] == ["_fsync_dir"]
+        assert target.read_bytes() == b"From: a@x.test\r\n\r\nbody\r\n"
+        assert len(self.mail.received) == 1
+
+    @inline
     async def test_a_signed_message_is_checked_in_a_thread(self) -> None:
         message = b"DKIM-Signature: v=1; d=x.test\r\nFrom: a@x.test\r\n\r\nbody\r\n"
         await self._receive(message)
-        assert [name for name, _ in self.jobs] == ["dkim_verify", "_commit_object"]
+        assert [name for name, _ in self.jobs] == ["dkim_verify", "_fsync_dir"]
         assert self.checked == [message]
 
     @inline
@@ -94,8 +139,16 @@ class ExamineTests(unittest.TestCase):
         message = message * (INLINE_BYTES // len(message) + 1)
         qid = await self._receive(message)
         assert [name for name, _ in self.jobs] == ["_examine", "remove"]
-        assert (self.kvs / f"{qid}.eml").read_bytes().endswith(message)
+        assert (self.kvs / f"{qid}.eml").read_bytes() == message
         assert list(self.spool.incoming.iterdir()) == []
+        assert self.checked == []  # not signed: never read whole
+
+    @inline
+    async def test_a_large_signed_message_is_checked_whole(self) -> None:
+        message = b"DKIM-Signature: v=1; d=x.test\r\nFrom: a@x.test\r\n\r\n"
+        message += (b"y" * 998 + b"\r\n") * (INLINE_BYTES // 1000 + 1)
+        await self._receive(message)
+        assert self.checked == [message]
 
 
 def test_is_signed_looks_at_the_header_section_only() -> None:
