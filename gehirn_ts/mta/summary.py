@@ -57,10 +57,34 @@ def _display_name(name: str) -> str:
     return name
 
 
+# The common forms of a mailbox: ``addr``, ``<addr>`` and ``Plain Name <addr>``, with a
+# dot-atom local part and domain (RFC 5322 section 3.4.1). Anything else (quotes,
+# comments, encoded words, groups) goes to the email package's address reader.
+_ATOMS = r"[A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*"
+_PLAIN_MAILBOX = re.compile(
+    rf" *(?:(?P<name>[A-Za-z0-9]+(?: [A-Za-z0-9]+)*) *)?<(?P<addr>{_ATOMS}@{_ATOMS})> *"
+    rf"| *(?P<bare>{_ATOMS}@{_ATOMS}) *"
+)
+
+
+def _plain_addresses(value: str) -> list[tuple[str, str]] | None:
+    """``getaddresses([value])`` for a list of plain mailboxes only; None otherwise."""
+    pairs = []
+    for item in value.split(","):
+        m = _PLAIN_MAILBOX.fullmatch(item)
+        if m is None:
+            return None
+        bare = m["bare"]
+        pairs.append(("", bare) if bare else (m["name"] or "", m["addr"]))
+    return pairs
+
+
 def _addresses(raw: str) -> str:
     """An address field as ``Name <addr>, addr``; as written when it is no plain list."""
     unfolded = _FOLD.sub("", raw)
-    pairs = getaddresses([unfolded])
+    pairs = _plain_addresses(unfolded)
+    if pairs is None:
+        pairs = getaddresses([unfolded])
     if not pairs or any(not addr or "@" not in addr for _, addr in pairs):
         # Groups, bare names, garbage: the decoded text is more useful than a guess.
         return _text(raw)
@@ -99,6 +123,55 @@ def _content(part: Message) -> str:
     return payload.decode(charset, "replace")
 
 
+# RFC 5322 section 3.6.8 field names, as the email package's parser takes them.
+_FIELD = re.compile(r"[\041-\071\073-\176]+:")
+
+
+def header_fields(section: str) -> list[tuple[str, str]] | None:
+    """The fields of a header section (decoded as the parser decodes bytes, ending with
+    its empty line) as the email package's ``compat32`` parser stores them, for the
+    ordinary case: CRLF line ends, every line a field or its continuation. None for
+    anything else (bare CR or LF, a continuation first, an envelope ``From `` line, a
+    line that is no field), which the parser itself then reads."""
+    if not section.endswith("\r\n\r\n") or "\n" in section.replace("\r\n", ""):
+        return None
+    lines = section[:-4].split("\r\n")
+    if "\r" in section[:-4].replace("\r\n", ""):
+        return None
+    fields: list[tuple[str, str]] = []
+    name = None
+    value: list[str] = []
+    for line in lines:
+        if line[:1] in (" ", "\t"):
+            if name is None:
+                return None
+            value.append(line)
+            continue
+        m = _FIELD.match(line)
+        if m is None:
+            return None  # an empty line inside, a line without a name, ``From `` ...
+        if name is not None:
+            fields.append((name, "\r\n".join(value)))
+        name = line[: m.end() - 1]
+        # compat32's header_source_parse: blanks after the colon go, the folding stays.
+        value = [line[m.end() :].lstrip(" \t")]
+    if name is not None:
+        fields.append((name, "\r\n".join(value)))
+    return fields
+
+
+def _header_message(section: bytes) -> Message:
+    """The header section as a ``Message`` with no body (compat32, as
+    ``message_from_bytes`` makes it)."""
+    fields = header_fields(section.decode("ascii", "surrogateescape"))
+    if fields is None:
+        return message_from_bytes(section)
+    message = Message()
+    for name, value in fields:
+        message.set_raw(name, value)
+    return message
+
+
 def summarize_bytes(head: bytes) -> dict[str, Any]:
     """From, To, Cc, Subject, Message-ID, Date, a text excerpt and the loop count."""
     out: dict[str, Any] = {
@@ -115,7 +188,7 @@ def summarize_bytes(head: bytes) -> dict[str, Any]:
     if end < 0:
         end, gap = head.find(b"\n\n"), 2
     body = head[end + gap : end + gap + BODY_BYTES] if end >= 0 else b""
-    message = message_from_bytes(head[: end + gap] if end >= 0 else head)
+    message = _header_message(head[: end + gap]) if end >= 0 else message_from_bytes(head)
     if message.get_content_maintype() == "multipart":
         # The parts and their boundaries need the parser.
         message = message_from_bytes(head[: end + gap] + body)

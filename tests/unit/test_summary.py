@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import email.policy
+from email import message_from_bytes
 from email.header import Header
 from email.parser import BytesParser
-from email.utils import formataddr
+from email.utils import formataddr, getaddresses
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gehirn_ts.mta.summary import BODY_BYTES, EXCERPT_CHARS, FIELD_CHARS, summarize_bytes
+from gehirn_ts.mta.summary import (
+    BODY_BYTES,
+    EXCERPT_CHARS,
+    FIELD_CHARS,
+    _plain_addresses,
+    header_fields,
+    summarize_bytes,
+)
 
 
 def test_a_plain_message() -> None:
@@ -179,3 +187,102 @@ def test_only_the_start_of_a_large_body_is_read() -> None:
         + b"\r\n--z\r\nContent-Type: text/plain\r\n\r\nlate text\r\n--z--\r\n"
     )
     assert late["excerpt"] == ""
+
+
+# What a header section is made of: ordinary fields and folds, and now and then an odd
+# line. The quick reading of ordinary sections must be the email package's reading, or
+# step aside.
+_TEXT = st.text(st.characters(min_codepoint=1, max_codepoint=126), max_size=20)
+_FIELD_LINE = st.one_of(
+    st.builds(lambda name, value: f"{name}:{value}", st.from_regex(r"\A[!-9;-~]{1,12}\Z"), _TEXT),
+    st.sampled_from(
+        ["Subject:", "Subject:   ", "X-Empty:\t", "To: a \t", "Subject: caf\udcc3\udca9"]
+    ),
+)
+_FOLD_LINE = st.builds(lambda blank, text: blank + text, st.sampled_from([" ", "\t", "  "]), _TEXT)
+_ODD_LINE = st.one_of(
+    st.sampled_from(
+        [
+            "From a@b.test Fri Nov 27 2026",
+            ": no name",
+            "no colon here",
+            "Bad Name: value",
+            "X-\udcff: 8-bit name",
+            "To: x\ry",
+            "To: x\ny",
+            "",
+        ]
+    ),
+    _TEXT,
+)
+
+
+@st.composite
+def _header_lines(draw: st.DrawFn) -> list[str]:
+    lines = [draw(_FIELD_LINE)]
+    for _ in range(draw(st.integers(0, 8))):
+        lines.append(draw(st.one_of(_FIELD_LINE, _FOLD_LINE)))
+    if draw(st.booleans()):
+        lines.insert(draw(st.integers(0, len(lines))), draw(_ODD_LINE))
+    return lines
+
+
+@settings(max_examples=500, deadline=None)
+@given(_header_lines(), st.sampled_from(["\r\n\r\n", "\r\n\r\n", "\r\n", "\n\n"]))
+def test_header_fields_are_the_parsers_fields(lines: list[str], end: str) -> None:
+    section = "\r\n".join(lines) + end
+    fields = header_fields(section)
+    if fields is not None:
+        parsed = message_from_bytes(section.encode("ascii", "surrogateescape"))
+        assert fields == list(parsed.raw_items())
+
+
+def test_ordinary_header_sections_take_the_quick_reading() -> None:
+    section = (
+        "Received: from client.test ([127.0.0.1])\r\n\tby mx (gehirn-ts) with ESMTP id Q\r\n"
+        "From: A <a@b.test>\r\nSubject:  two\r\n  lines\r\nX-Empty:\r\n"
+        "To: caf\udcc3\udca9 <c@d.test>\r\n\r\n"
+    )
+    assert header_fields(section) == [
+        ("Received", "from client.test ([127.0.0.1])\r\n\tby mx (gehirn-ts) with ESMTP id Q"),
+        ("From", "A <a@b.test>"),
+        ("Subject", "two\r\n  lines"),
+        ("X-Empty", ""),
+        ("To", "caf\udcc3\udca9 <c@d.test>"),
+    ]
+    assert header_fields("From: a\r\n\r\nbody") is None  # the section only
+    assert header_fields("From a Fri\r\nTo: b\r\n\r\n") is None
+
+
+_MAILBOX = st.one_of(
+    _ADDR,
+    _ADDR.map(lambda a: f"<{a}>"),
+    st.builds(
+        lambda name, addr, gap: f"{name}{gap}<{addr}>",
+        st.from_regex(r"\A[A-Za-z0-9]{1,8}( {1,2}[A-Za-z0-9]{1,8}){0,2}\Z"),
+        _ADDR,
+        st.sampled_from(["", " ", "  "]),
+    ),
+    st.sampled_from(["", " ", "a..b@x.test", "a@x..test", "<a@x.test", '"A B" <a@x.test>']),
+    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=15),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_MAILBOX, min_size=1, max_size=4), st.sampled_from([",", ", ", " ,"]))
+def test_plain_mailboxes_read_as_getaddresses_reads_them(items: list[str], sep: str) -> None:
+    value = sep.join(items)
+    pairs = _plain_addresses(value)
+    if pairs is not None:
+        assert pairs == getaddresses([value])
+
+
+def test_plain_mailboxes_take_the_quick_reading() -> None:
+    value = "<a@b.test>, Jo Smith <j.s@x.test> ,c+d@e.test"
+    assert _plain_addresses(value) == [
+        ("", "a@b.test"),
+        ("Jo Smith", "j.s@x.test"),
+        ("", "c+d@e.test"),
+    ]
+    assert _plain_addresses('"Smith, Jo" <j@x.test>') is None
+    assert _plain_addresses("=?utf-8?q?J=C3=B6rg?= <j@x.test>") is None
