@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from gehirn_ts.events import Event, event_from_dict
 from gehirn_ts.store.batch import BatchedDatabase
+from gehirn_ts.store.recent import Recent
 from gehirn_ts.store.schema import configure
 
 T = TypeVar("T")
@@ -187,6 +188,9 @@ class Store:
         # failed write forgets them all, in case one was read inside a transaction
         # whose commit failed.
         self._account_ids: dict[str, int] = {}
+        # Domain owners and routes, asked twice for every received message (RCPT, then
+        # processing): kept a few seconds, dropped on any change made here (recent.py).
+        self.mail_lookups = Recent(self._now)
 
     def close(self) -> Deferred[None]:
         return defer.gatherResults([self._db.close(), self._reader.close()]).addCallback(
@@ -711,7 +715,11 @@ class MailStore:
             except sqlite3.IntegrityError:
                 raise Conflict("name", f"the domain {name!r} is served already")
 
-        return self._run(tx)
+        return self._run(tx).addCallback(self._changed)
+
+    def _changed(self, result: T) -> T:
+        self._store.mail_lookups.changed()
+        return result
 
     def remove_domain(self, name: str) -> Deferred[None]:
         def tx(cur: Cursor) -> None:
@@ -719,7 +727,7 @@ class MailStore:
             if cur.rowcount == 0:
                 raise NotFound(f"no domain {name!r}")
 
-        return self._run(tx)
+        return self._run(tx).addCallback(self._changed)
 
     def list_domains(self) -> Deferred[list[tuple[str, str]]]:
         def tx(cur: Cursor) -> list[tuple[str, str]]:
@@ -732,16 +740,18 @@ class MailStore:
         return self._read(tx)
 
     def domain_owner(self, name: str) -> Deferred[str | None]:
+        domain = name.lower()
+
         def tx(cur: Cursor) -> str | None:
             cur.execute(
                 "SELECT a.name FROM domains d JOIN accounts a ON a.id = d.account_id "
                 "WHERE d.name = ?",
-                (name.lower(),),
+                (domain,),
             )
             row = cur.fetchone()
             return row[0] if row else None
 
-        return self._read(tx)
+        return self._store.mail_lookups.lookup(("owner", domain), lambda: self._read(tx))
 
     def account_id(self, name: str) -> Deferred[int | None]:
         def tx(cur: Cursor) -> int | None:
@@ -925,6 +935,11 @@ class RouteStore:
     def set_static(self, static: Sequence[str]) -> None:
         """The config's routes (again, on SIGHUP)."""
         self._static = [parse_static_route(text) for text in static]
+        self._store.mail_lookups.changed()
+
+    def _changed(self, result: T) -> T:
+        self._store.mail_lookups.changed()
+        return result
 
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
         return self._store._run(fn, *args)
@@ -954,7 +969,7 @@ class RouteStore:
                 raise Conflict("match", f"a route for {match!r} exists already")
             return self._get(cur, route_id)
 
-        return self._run(tx)
+        return self._run(tx).addCallback(self._changed)
 
     @staticmethod
     def _get(cur: Cursor, route_id: str) -> Route:
@@ -987,7 +1002,7 @@ class RouteStore:
             if cur.rowcount == 0:
                 raise NotFound(route_id)
 
-        return self._run(tx)
+        return self._run(tx).addCallback(self._changed)
 
     def resolve(self, address: str) -> Deferred[tuple[str, Route | None] | None]:
         """For an address of a served domain: (owner, route or None for the default
@@ -1023,7 +1038,7 @@ class RouteStore:
                 return None  # the domain lists its addresses: this one is unknown
             return owner, None
 
-        return self._read(tx)
+        return self._store.mail_lookups.lookup(("route", address), lambda: self._read(tx))
 
     def expire_received(
         self, before: float, limit: int = EXPIRE_BATCH

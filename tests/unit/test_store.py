@@ -271,6 +271,61 @@ class RouteAndRetentionTests(unittest.TestCase):
         assert (await routes.resolve("x@a.test"))[1].action == "reject"
         assert (await routes.resolve("sales@a.test"))[1].match == "sales@a.test"
 
+    def _count_reads(self) -> list[int]:
+        reads = [0]
+        real = self.store._read
+
+        def counted(fn: Any, *args: Any) -> Any:
+            reads[0] += 1
+            return real(fn, *args)
+
+        self.patch(self.store, "_read", counted)
+        return reads
+
+    @inline
+    async def test_owners_and_routes_are_kept_a_few_seconds(self) -> None:
+        from gehirn_ts.store.db import MailStore, RouteStore
+        from gehirn_ts.store.recent import LOOKUP_SECONDS
+
+        await self.store.create_account("acme")
+        mail, routes = MailStore(self.store), RouteStore(self.store)
+        await mail.add_domain("a.test", "acme")
+        reads = self._count_reads()
+        for _ in range(3):
+            assert await routes.resolve("x@a.test") == ("acme", None)
+            assert await mail.domain_owner("A.test") == "acme"
+            assert await routes.resolve("y@b.test") is None  # unknown answers too
+        assert reads == [3]
+        # Another process (the CLI) removes the domain: seen once the answers are old.
+        other = Store(self.store.path, self.clock)
+        self.addCleanup(other.close)
+        await MailStore(other).remove_domain("a.test")
+        assert await routes.resolve("x@a.test") == ("acme", None)
+        self.clock.advance(LOOKUP_SECONDS)
+        assert await routes.resolve("x@a.test") is None
+        assert await mail.domain_owner("a.test") is None
+        assert reads == [5]
+
+    @inline
+    async def test_a_change_made_here_is_seen_at_once(self) -> None:
+        from gehirn_ts.store.db import MailStore, RouteStore
+
+        account, _, _ = await self.store.create_account("acme")
+        mail, routes = MailStore(self.store), RouteStore(self.store)
+        assert await routes.resolve("sales@a.test") is None
+        assert await mail.domain_owner("a.test") is None
+        await mail.add_domain("a.test", "acme")
+        assert await routes.resolve("sales@a.test") == ("acme", None)
+        assert await mail.domain_owner("a.test") == "acme"
+        route = await routes.create(account.id, "@a.test", "reject", [])
+        assert (await routes.resolve("sales@a.test"))[1].action == "reject"
+        await routes.delete(route.id, None)
+        assert await routes.resolve("sales@a.test") == ("acme", None)
+        routes.set_static(["sales@a.test forward boss@b.test"])
+        assert (await routes.resolve("sales@a.test"))[1].action == "forward"
+        await mail.remove_domain("a.test")
+        assert await routes.resolve("sales@a.test") is None
+
     async def _received(self, *rows: tuple[str, str | None, float]) -> tuple[Any, Any]:
         """Accounts acme and beta, and received mail (queue id, account, time)."""
         from gehirn_ts.store.db import MailStore, Received, RouteStore
