@@ -32,6 +32,9 @@ class BusMessage:
     message_id: str
     # 1 on first delivery; grows with each redelivery (requeue or crash).
     attempt: int
+    # The published Event itself, when the bus still holds it (the embedded bus, in
+    # the publishing process): the router takes it instead of parsing ``body`` again.
+    event: Event | None = None
 
 
 class Requeue(Exception):

@@ -97,7 +97,7 @@ class LocalBus(Service):
         self._started: Deferred[None] | None = None
         # (routing key, body) of messages stored by this process, so that dispatching
         # them needs no read; bounded, the rest is read back from the file.
-        self._bodies: dict[int, tuple[str, bytes]] = {}
+        self._bodies: dict[int, tuple[str, bytes, Event | None]] = {}
         self._acked: list[int] = []
         self._deleting: Deferred[None] | None = None
 
@@ -183,7 +183,7 @@ class LocalBus(Service):
         await pool.run(tx)
 
     def publish(self, event: Event) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._put(None, event.type, event.to_json(), 0.0))
+        return Deferred.fromCoroutine(self._put(None, event.type, event.to_json(), 0.0, event))
 
     def send(self, queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:
         return Deferred.fromCoroutine(self._put(queue, queue, body, delay))
@@ -200,7 +200,14 @@ class LocalBus(Service):
     def _queue(self, name: str) -> _Queue:
         return self._queues.setdefault(name, _Queue())
 
-    async def _put(self, queue: str | None, routing_key: str, body: bytes, delay: float) -> None:
+    async def _put(
+        self,
+        queue: str | None,
+        routing_key: str,
+        body: bytes,
+        delay: float,
+        event: Event | None = None,
+    ) -> None:
         """Store a message for ``queue``, or (None) for every queue bound to match it."""
         pool = await self._ready()  # the stored bindings are loaded by then
         queues = (
@@ -229,7 +236,7 @@ class LocalBus(Service):
 
         ids = await pool.run(tx)
         for queue, msg_id in zip(queues, ids, strict=True):
-            self._remember(msg_id, routing_key, body)
+            self._remember(msg_id, routing_key, body, event)
             heapq.heappush(self._queue(queue).ready, (ready_at, msg_id, 1))
             self._pump(queue)
 
@@ -251,9 +258,9 @@ class LocalBus(Service):
             wait = max(q.ready[0][0] - now, 0.0)
             q.timer = self._clock.callLater(wait, self._pump, name)
 
-    def _remember(self, msg_id: int, routing_key: str, body: bytes) -> None:
+    def _remember(self, msg_id: int, routing_key: str, body: bytes, event: Event | None) -> None:
         if len(self._bodies) < _BODY_CACHE:
-            self._bodies[msg_id] = (routing_key, body)
+            self._bodies[msg_id] = (routing_key, body, event)
 
     def _forget(self, result: object, d: Deferred[None]) -> None:
         self._dispatching.discard(d)
@@ -270,9 +277,9 @@ class LocalBus(Service):
                 )
                 if not row:
                     return
-                cached = (row[0][0], bytes(row[0][1]))
-            routing_key, body = cached
-            message = BusMessage(name, body, routing_key, str(msg_id), attempt)
+                cached = (row[0][0], bytes(row[0][1]), None)
+            routing_key, body, event = cached
+            message = BusMessage(name, body, routing_key, str(msg_id), attempt, event)
             try:
                 await q.handler(message)
             except Requeue as r:
@@ -289,7 +296,7 @@ class LocalBus(Service):
                     "UPDATE messages SET ready_at = ?, attempt = attempt + 1 WHERE id = ?",
                     (ready_at, msg_id),
                 )
-                self._remember(msg_id, routing_key, body)
+                self._remember(msg_id, routing_key, body, event)
                 heapq.heappush(q.ready, (ready_at, msg_id, attempt + 1))
         except Exception:
             # The store failed (disk full, pool closed at shutdown): the message stays

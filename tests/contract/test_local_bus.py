@@ -105,3 +105,50 @@ class LocalBusAckTests(unittest.TestCase):
         again.consume("q", record)
         await sleep(0.2)
         assert later == [] and again.depth("q") == 0
+
+
+class LocalBusEventTests(unittest.TestCase):
+    async def _bus(self, path: Any) -> tuple[LocalBus, list[BusMessage]]:
+        """A bus with queue q bound to t.#, consumed into the list returned."""
+        bus = LocalBus(path, reactor)
+        bus.startService()
+        self.addCleanup(lambda: bus.stopService() if bus.running else None)
+        await bus.bind("q", ["t.#"])
+        got: list[BusMessage] = []
+
+        async def record(message: BusMessage) -> None:
+            got.append(message)
+
+        bus.consume("q", record)
+        return bus, got
+
+    @inline
+    async def test_a_published_event_is_handed_over_as_it_is_while_the_bus_holds_it(
+        self,
+    ) -> None:
+        from pathlib import Path
+
+        path = Path(self.mktemp()) / "bus.sqlite"
+        bus, got = await self._bus(path)
+        event = Event(type="t.x", source="/t", data={"n": 1})
+        await bus.publish(event)
+        await bus.send("q", b"plain")
+        await until(lambda: len(got) == 2)
+        assert got[0].event is event and got[0].body == event.to_json()
+        assert got[1].event is None and got[1].body == b"plain"
+        # Published with no consumer (unbound queue p), then the process stops: the next
+        # one reads the message from the file, bytes only.
+        await bus.bind("p", ["t.y"])
+        await bus.publish(Event(type="t.y", source="/t", id="later"))
+        await bus.stopService()
+        again = LocalBus(path, reactor)
+        again.startService()
+        self.addCleanup(again.stopService)
+        later: list[BusMessage] = []
+
+        async def record(message: BusMessage) -> None:
+            later.append(message)
+
+        again.consume("p", record)
+        await until(lambda: len(later) == 1)
+        assert later[0].event is None and b'"id":"later"' in later[0].body

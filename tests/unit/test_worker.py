@@ -78,6 +78,23 @@ class WorkerClockTests(unittest.TestCase):
         assert len(self.flushLoggedErrors(OSError)) == 1
 
     @inline
+    async def test_routing_takes_the_published_event_without_parsing_it(self) -> None:
+        from gehirn_ts.edj import worker
+
+        def parse_again(body: bytes) -> Event:
+            raise AssertionError("the event was parsed again")
+
+        self.patch(worker, "event_from_json", parse_again)
+        store, _, publisher = self._worker(task.Clock())
+        receiver = Receiver(plan=[200])
+        account, _, _ = await store.create_account("acme")
+        await store.create_subscription(account.id, "#", receiver.listen(self), None)
+        event = Event(type="notice.fault", source="/t", account="acme", id="e", data={"a": 1})
+        await publisher.publish(event)
+        await until(lambda: len(receiver.hits) == 1)
+        assert receiver.hits[0].body == event.to_json()
+
+    @inline
     async def test_retries_wait_for_the_injected_clock(self) -> None:
         random.seed(0)
         clock = task.Clock()
