@@ -42,6 +42,18 @@ class Logger(_TwistedLogger):
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
         if level < _threshold:
             return
+        if format and kwargs:
+            # The text is made here by str.format_map (C); twisted.logger's formatter is
+            # string.Formatter, in Python: about half of a line's 44 us. The fields stay
+            # in the event (the JSON observer writes them); the format handed on is the
+            # text, its braces doubled. A format only twisted.logger reads (a field of
+            # the event it adds, such as {log_source}) is left to it.
+            try:
+                text = format.format_map(kwargs)
+            except (KeyError, AttributeError, IndexError, ValueError):
+                pass
+            else:
+                format = text.replace("{", "{{").replace("}", "}}")
         super().emit(level, format, **kwargs)
 
 

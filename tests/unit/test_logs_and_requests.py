@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.logger import LogPublisher
+from twisted.logger import LogPublisher, formatEvent
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
@@ -44,6 +44,30 @@ def test_events_below_the_level_never_reach_an_observer(seen: list[str]) -> None
     logs.set_level("debug")
     log.debug("d2")
     assert seen == ["i", "w", "e", "d2"]
+
+
+def test_lines_read_as_twisted_formats_them_and_keep_their_fields() -> None:
+    events: list[dict[str, Any]] = []
+    publisher = LogPublisher()
+    publisher.addObserver(events.append)
+    log = logs.Logger(observer=publisher)
+    log.info(
+        "got {qid} for {rcpts} ({size:>5} bytes, {text!r}) {{x}}",
+        qid="Q1",
+        rcpts=["a", "b"],
+        size=12,
+        text="a{b}",
+    )
+    log.info("from {log_namespace} {n}", n=1)  # a field only twisted.logger adds
+    log.info("no fields")
+    assert [formatEvent(e) for e in events] == [
+        "got Q1 for ['a', 'b'] (   12 bytes, 'a{b}') {x}",
+        f"from {__name__} 1",
+        "no fields",
+    ]
+    assert events[0]["qid"] == "Q1" and events[0]["size"] == 12
+    # Formatted once, by str.format_map: twisted.logger gets text with no fields left.
+    assert events[0]["log_format"] == "got Q1 for ['a', 'b'] (   12 bytes, 'a{{b}}') {{x}}"
 
 
 def test_the_level_is_checked_in_the_config() -> None:
