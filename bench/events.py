@@ -41,6 +41,9 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TOTAL = int(os.environ.get("BENCH_EVENTS", "3000"))
 CONCURRENCY = 32
 STEADY_RATE = 200
+# The batched phase: CloudEvents batches of BATCH events, BATCH_FLIGHT requests in flight.
+BATCH = 50
+BATCH_FLIGHT = 4
 STEADY_SECONDS = 10
 # Which parts to run (all by default): embedded, rabbitmq, bare.
 ONLY = os.environ.get("BENCH_ONLY", "embedded,rabbitmq,bare").split(",")
@@ -56,8 +59,10 @@ class Http:
         pool.maxPersistentPerHost = CONCURRENCY
         self.client = HTTPClient(Agent(reactor, pool=pool))
 
-    async def call(self, method: str, url: str, body: Any = None, token: str = "") -> Any:
-        headers = {"content-type": ["application/json"]}
+    async def call(
+        self, method: str, url: str, body: Any = None, token: str = "", ctype: str = ""
+    ) -> Any:
+        headers = {"content-type": [ctype or "application/json"]}
         if token:
             headers["authorization"] = [f"Bearer {token}"]
         data = json.dumps(body).encode() if body is not None else None
@@ -148,6 +153,34 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         done = time.monotonic() - start
         cpu_per_event = (cpu_seconds(proc.pid) - cpu_before) / TOTAL * 1000
 
+        # Throughput again, the events published in batches (one request per BATCH).
+        await http.call("POST", receiver + "/reset")
+        batches = iter(range(0, TOTAL, BATCH))
+        cpu_before = cpu_seconds(proc.pid)
+        start = time.monotonic()
+
+        async def batcher() -> None:
+            for first in batches:
+                events = [
+                    {"type": "notice.fault", "data": {"n": n}}
+                    for n in range(first, min(first + BATCH, TOTAL))
+                ]
+                status, _ = await http.call(
+                    "POST",
+                    base + "/v1/events",
+                    events,
+                    token,
+                    ctype="application/cloudevents-batch+json",
+                )
+                assert status == 202, status
+
+        await defer.gatherResults(
+            [defer.Deferred.fromCoroutine(batcher()) for _ in range(BATCH_FLIGHT)]
+        )
+        await wait_until(lambda: delivered(TOTAL), 600)
+        batched_rate = TOTAL / (time.monotonic() - start)
+        batched_cpu = (cpu_seconds(proc.pid) - cpu_before) / TOTAL * 1000
+
         # Latency at a steady rate.
         await http.call("POST", receiver + "/reset")
         count = STEADY_RATE * STEADY_SECONDS
@@ -179,6 +212,8 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             "p99": latencies[int(len(latencies) * 0.99) - 1],
             "rss_mb": rss,
             "cpu_ms": cpu_per_event,
+            "batched_rate": batched_rate,
+            "batched_cpu_ms": batched_cpu,
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -262,6 +297,9 @@ async def main(_: Any) -> None:
             f"{r['p99']:9.1f}{r['rss_mb']:13.1f}{r['cpu_ms']:14.2f}"
         )
     print(f"{'bare txamqp':16}{'':12}{bare:13.0f}   (publish+confirm, consume+ack, same broker)")
+    print(f"Published in batches of {BATCH} ({BATCH_FLIGHT} requests in flight):")
+    for name, r in results.items():
+        print(f"{name:16}{'':12}{r['batched_rate']:13.0f}{'':31}{r['batched_cpu_ms']:14.2f}")
 
 
 if __name__ == "__main__":

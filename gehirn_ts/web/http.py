@@ -47,6 +47,9 @@ class ApiError(Exception):
         return {"error": error}
 
 
+JSON_TYPES = ("application/json", "application/cloudevents+json")
+
+
 def bad_request(field: str, message: str) -> ApiError:
     return ApiError(400, "invalid", message, field)
 
@@ -71,11 +74,15 @@ class Call:
         values = self.request.args.get(name.encode())
         return values[0].decode("utf-8", "replace") if values else None
 
-    def json(self) -> Any:
+    def media_type(self) -> str:
+        """The body's media type, lowercased, without parameters (JSON when unnamed)."""
+        ctype = self.request.getHeader("content-type") or "application/json"
+        return ctype.split(";")[0].strip().lower()
+
+    def json(self, media_types: tuple[str, ...] = JSON_TYPES) -> Any:
         if getattr(self.request, "too_large", False):
             raise ApiError(413, "too_large", "the request body is larger than the limit", "body")
-        ctype = (self.request.getHeader("content-type") or "application/json").split(";")[0]
-        if ctype.strip().lower() not in ("application/json", "application/cloudevents+json"):
+        if self.media_type() not in media_types:
             raise ApiError(415, "unsupported_media_type", "send application/json", "body")
         assert self.request.content is not None
         raw = self.request.content.read()

@@ -84,6 +84,59 @@ class ApiTests(unittest.TestCase):
         assert delivery["attempt_log"][0]["status_code"] == 200
 
     @inline
+    async def test_a_batch_is_checked_whole_then_published(self) -> None:
+        d = await Daemon(self).start()
+        receiver = Receiver()
+        token = await d.account("acme")
+        await d.subscribe(token, "#", receiver.listen(self))
+
+        async def batch(events: Any) -> tuple[int, Any]:
+            return await d.call(
+                "POST",
+                "/v1/events",
+                raw=json.dumps(events).encode(),
+                token=token,
+                headers={"content-type": "application/cloudevents-batch+json"},
+            )
+
+        when = "2026-11-27T05:00:00Z"
+        first = [
+            {"type": "notice.fault", "id": "b1", "time": when},
+            {"type": "notice.info", "data": {"n": 2}},
+        ]
+        status, body = await batch(first)
+        assert status == 202 and body["ids"][0] == "b1" and len(body["ids"]) == 2
+        await until(lambda: len(receiver.hits) == 2)
+        assert sorted(json.loads(h.body)["id"] for h in receiver.hits) == sorted(body["ids"])
+        for event_id in body["ids"]:
+            got, stored = await d.call("GET", f"/v1/events/{event_id}", token=token)
+            assert got == 200 and stored["event"]["account"] == "acme"
+        refused: list[tuple[Any, int, str]] = [
+            ([{"type": "notice.fault", "id": "c1"}, {"type": "Bad"}], 400, "[1].type"),
+            ([{"type": "a.b", "id": "c2"}, {"type": "a.b", "account": "beta"}], 403, "[1].account"),
+            ([{"type": "a.b", "id": "c3"}, 7], 400, "[1]"),
+            ([{"type": "mail.received"}], 400, "[0].type"),
+            ([], 400, "body"),
+            ({"type": "a.b"}, 400, "body"),
+            ([{"type": "a.b"}] * 101, 400, "body"),
+        ]
+        for events, want, field in refused:
+            got, answer = await batch(events)
+            assert (got, answer["error"]["field"]) == (want, field), (events, answer)
+        assert count(d, "events") == 2  # nothing of a refused batch
+        # An id taken by another event: 409 naming it; a repeat of a batch publishes
+        # nothing twice.
+        got, answer = await batch([{"type": "a.b", "id": "c4"}, {"type": "a.b", "id": "b1"}])
+        assert (got, answer["error"]["field"]) == (409, "[1].id")
+        got, answer = await batch([{"type": "a.b", "id": "b1"}])
+        assert (got, answer["error"]["field"]) == (409, "[0].id")
+        status, body = await batch(first[:1])
+        assert (status, body["ids"]) == (202, ["b1"])
+        assert count(d, "events") == 3  # b1, the one without an id, c4
+        await sleep(0.3)
+        assert len(receiver.hits) == 3
+
+    @inline
     async def test_retries_503_twice_then_delivered_on_the_third_attempt(self) -> None:
         d = await Daemon(self).start()
         receiver = Receiver(plan=[503, 503])
