@@ -95,6 +95,31 @@ class WorkerClockTests(unittest.TestCase):
         assert receiver.hits[0].body == event.to_json()
 
     @inline
+    async def test_a_subscription_s_destination_is_made_once(self) -> None:
+        built: list[str] = []
+        build = registry.build
+
+        def counting(url: str, secret: str | None, ctx: registry.Context) -> object:
+            if ctx.http is not None:  # not registry.redact's, for a log line
+                built.append(url)
+            return build(url, secret, ctx)
+
+        self.patch(registry, "build", counting)
+        store, _, publisher = self._worker(task.Clock())
+        receiver = Receiver()
+        account, _, _ = await store.create_account("acme")
+        url = receiver.listen(self)
+        await store.create_subscription(account.id, "a.#", url, None)
+        await store.create_subscription(account.id, "b.#", url, "whsec_" + "QUJD" * 8)
+        for n in range(3):
+            await publisher.publish(Event(type="a.x", source="/t", account="acme", id=f"a{n}"))
+            await publisher.publish(Event(type="b.x", source="/t", account="acme", id=f"b{n}"))
+        await until(lambda: len(receiver.hits) == 6)
+        # One for the plain subscription, one for the signed one (another secret).
+        assert built == [url, url]
+        assert sum("webhook-signature" in h.headers for h in receiver.hits) == 3
+
+    @inline
     async def test_retries_wait_for_the_injected_clock(self) -> None:
         random.seed(0)
         clock = task.Clock()
