@@ -29,6 +29,8 @@ FIELD_CHARS = 998  # RFC 5322 section 2.1.1: no line is longer
 _ADDRESS_FIELDS = ("from", "to", "cc")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 _TAG = re.compile(r"<[^>]*>")
+# A byte over 127 as the parser keeps it: a surrogate escape (PEP 383).
+_EIGHT_BIT = re.compile("[\udc80-\udcff]")
 # RFC 5322 section 3.2.3 "specials": a display name holding one is written as a
 # quoted-string.
 _SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
@@ -37,7 +39,7 @@ _SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
 def _text(raw: str) -> str:
     """A header value as text: unfolded, encoded words decoded, 8-bit bytes as UTF-8."""
     value = _FOLD.sub("", raw)
-    if any("\udc80" <= c <= "\udcff" for c in value):
+    if _EIGHT_BIT.search(value):
         # Raw 8-bit bytes (the parser keeps them as surrogate escapes): UTF-8 as sent
         # by SMTPUTF8 clients (RFC 6532), anything else replaced.
         return value.encode("ascii", "surrogateescape").decode("utf-8", "replace").strip()
