@@ -59,10 +59,11 @@ class Receiver(Resource):
             request.setHeader(k, v)
         return b"ok"
 
-    def listen(self, testcase: Any) -> str:
-        port = reactor.listenTCP(0, _QuietSite(self), interface="127.0.0.1")
+    def listen(self, testcase: Any, interface: str = "127.0.0.1") -> str:
+        port = reactor.listenTCP(0, _QuietSite(self), interface=interface)
         testcase.addCleanup(port.stopListening)
-        return f"http://127.0.0.1:{port.getHost().port}"
+        host = f"[{interface}]" if ":" in interface else interface
+        return f"http://{host}:{port.getHost().port}"
 
 
 class Daemon:

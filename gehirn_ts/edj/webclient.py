@@ -18,6 +18,7 @@ from typing import Any
 from hyperlink import EncodedURL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -27,7 +28,24 @@ from zope.interface import implementer
 def request_target(url: str) -> bytes:
     """The URL as the request line wants it: an IDN host in its ASCII form (RFC 5891),
     the rest percent-encoded. Made once per destination URL."""
-    return EncodedURL.from_text(url).to_uri().to_text().encode("ascii")
+    parsed = EncodedURL.from_text(url)
+    if ":" in parsed.host:
+        # An IPv6 literal (RFC 3986 section 3.2.2) is no name for IDNA, which refuses
+        # its colons: the rest is encoded without it.
+        return parsed.replace(host="").to_uri().replace(host=parsed.host).to_text().encode()
+    return parsed.to_uri().to_text().encode("ascii")
+
+
+@lru_cache(maxsize=4096)
+def host_header(url: str) -> bytes:
+    """The Host field for a request to ``url`` (RFC 9110 section 7.2), as twisted.web's
+    Agent writes it: the port only when it is not the scheme's, an IPv6 address in
+    brackets. Made once per destination URL; the Agent makes it for every request."""
+    uri = URI.fromBytes(request_target(url))
+    host: bytes = b"[" + uri.host + b"]" if b":" in uri.host else uri.host
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    return b"%b:%d" % (host, uri.port)
 
 
 def basic_auth(user: str, password: str) -> bytes:
@@ -79,6 +97,7 @@ class WebClient:
         raw = Headers(
             {k.encode("ascii"): [v.encode("utf-8") for v in vs] for k, vs in headers.items()}
         )
+        raw.setRawHeaders(b"host", [host_header(url)])
         if auth is not None:
             raw.setRawHeaders(b"authorization", [basic_auth(*auth)])
         d = self._agent.request(b"POST", request_target(url), raw, _Body(data))

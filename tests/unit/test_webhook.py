@@ -9,12 +9,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
-from twisted.web.client import URI, HTTPConnectionPool
+from twisted.web.client import URI, Agent, HTTPConnectionPool
 
 from gehirn_ts.edj.destinations.http import WebhookDestination, classify
 from gehirn_ts.edj.httppool import DestinationPool
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
-from gehirn_ts.edj.webclient import WebClient, basic_auth, request_target
+from gehirn_ts.edj.webclient import WebClient, basic_auth, host_header, request_target
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, PermFail, TempFail
 from tests.harness import Receiver
@@ -88,6 +88,17 @@ class WebhookTests(unittest.TestCase):
         assert isinstance(results[1], PermFail) and results[1].status_code == 404
         assert isinstance(results[2], TempFail) and results[2].retry_after is None
         assert isinstance(results[3], TempFail) and results[3].retry_after == 30
+
+    @inline
+    async def test_an_ipv6_literal_url_is_delivered_to(self) -> None:
+        receiver = Receiver()
+        url = receiver.listen(self, interface="::1") + "/ä"
+        result = await self.destination(url, allow=("::1/128",)).deliver(
+            Event(type="a", source="/s"), b"{}", "d1"
+        )
+        assert isinstance(result, Delivered), result
+        [hit] = receiver.hits
+        assert hit.path == "/%C3%A4" and hit.headers["host"] == url[7:].split("/")[0]
 
     @inline
     async def test_connection_refused_is_temporary(self) -> None:
@@ -205,6 +216,23 @@ def test_request_targets_are_ascii_with_the_host_in_its_idna_form() -> None:
     assert request_target("https://bücher.example/ä?q=ö") == (
         b"https://xn--bcher-kva.example/%C3%A4?q=%C3%B6"
     )
+    # An IPv6 literal stays as it is (IDNA refused it, and the delivery failed).
+    assert request_target("http://[::1]:8080/ä") == b"http://[::1]:8080/%C3%A4"
+
+
+def test_the_host_field_is_the_agents() -> None:
+    agent = Agent(reactor)
+    for url in (
+        "http://127.0.0.1:8080/a",
+        "http://h.test/",
+        "https://h.test:443/x",
+        "https://h.test:8443/p?q=1",
+        "http://[::1]:8080/x",
+        "https://[2001:db8::1]/",
+        "http://bücher.example:80/",
+    ):
+        uri = URI.fromBytes(request_target(url))
+        assert host_header(url) == agent._computeHostValue(uri.scheme, uri.host, uri.port), url
 
 
 def test_basic_auth_is_utf8_base64_of_user_colon_password() -> None:
