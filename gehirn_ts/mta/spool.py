@@ -82,9 +82,14 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _fsync_files(*fds: int) -> None:
+def _commit_files(fds: tuple[int, ...], moves: tuple[tuple[str, str], ...], directory: str) -> None:
+    """In a thread: the files' data on disk, then their new names (in order), then the
+    directory that holds the names."""
     for fd in fds:
         os.fsync(fd)
+    for source, target in moves:
+        os.replace(source, target)
+    _fsync_dir(directory)
 
 
 class Incoming:
@@ -137,32 +142,33 @@ class Spool:
         """The message (``f``, written to ``path`` in tmp/) and its envelope, fsync'd,
         then both renamed into incoming/, the envelope last, and the directory fsync'd.
 
-        Writes, renames and closes only reach the page cache, and run here, on the
-        reactor thread, as the DATA lines did; the fsyncs, which wait for the disk, go
-        to a worker thread. A thread job that made a dozen system calls took the
-        interpreter lock back after each, and the reactor thread waited for it after
-        each of its own (docs/performance.md)."""
+        Writes and closes only reach the page cache, and run here, on the reactor
+        thread, as the DATA lines did. What waits for the disk goes to a worker thread
+        as one job (two jobs, the fsyncs and then the directory's, cost a round trip
+        more a message; a job of a dozen system calls took the interpreter lock back
+        after each, and the reactor thread waited for it: docs/performance.md)."""
         qid = envelope.queue_id
         env_tmp = f"{self.tmp_dir}/{qid}.json"
         eml, env = f"{self.incoming_dir}/{qid}.eml", f"{self.incoming_dir}/{qid}.json"
-        done: list[str] = []
         try:
             try:
                 with open(env_tmp, "xb") as e:
                     e.write(envelope.to_json())
                     e.flush()
                     f.flush()
-                    await self.threads.run(_fsync_files, f.fileno(), e.fileno())
+                    # The envelope's rename is the commit point, once the directory is
+                    # synced.
+                    await self.threads.run(
+                        _commit_files,
+                        (f.fileno(), e.fileno()),
+                        ((path, eml), (env_tmp, env)),
+                        self.incoming_dir,
+                    )
             finally:
                 f.close()
-            os.replace(path, eml)
-            done.append(eml)
-            os.replace(env_tmp, env)  # the commit point, once the directory is synced
-            done.append(env)
-            await self.threads.run(_fsync_dir, self.incoming_dir)
         except BaseException:
             # Not acknowledged: nothing of it may be processed at the next start.
-            for leftover in (env_tmp, *reversed(done)):  # the envelope first
+            for leftover in (env_tmp, env, eml):  # the envelope first
                 _unlink(leftover)
             raise
 

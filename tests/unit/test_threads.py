@@ -109,16 +109,15 @@ class SpoolThreadsTests(unittest.TestCase):
         incoming = spool.begin()
         incoming.write(b"Subject: x\r\n\r\nbody\r\n")
         await incoming.commit(spooled_envelope(incoming))
-        # The message's and the envelope's fsync in one job, the directory's in a second.
-        assert jobs == [("_fsync_files", "io-0"), ("_fsync_dir", "io-0")]
+        # The fsyncs of the message, its envelope and (after their renames) the
+        # directory: one job.
+        assert jobs == [("_commit_files", "io-0")]
         assert [e.queue_id for e in spool.pending()] == [incoming.queue_id]
         assert spool.message_path(incoming.queue_id).read_bytes().endswith(b"body\r\n")
         assert list(spool.tmp.iterdir()) == []
 
     @inline
     async def test_a_commit_that_fails_leaves_nothing_to_process(self) -> None:
-        import errno
-        import os
 
         workers = Workers(reactor, "io")
         self.addCleanup(workers.stop)
@@ -128,12 +127,13 @@ class SpoolThreadsTests(unittest.TestCase):
         run = workers.run
 
         def failing_dir_sync(fn: Any, *args: Any) -> Any:
-            if fn.__name__ == "_fsync_dir":
+            if fn.__name__ == "_commit_files":
 
-                def eio() -> None:
-                    raise OSError(errno.EIO, os.strerror(errno.EIO))
+                def eio(*args: Any) -> None:
+                    # The renames done, then the directory's fsync fails.
+                    fn(*args[:2], "/nonexistent-directory")
 
-                return run(eio)
+                return run(eio, *args)
             return run(fn, *args)
 
         workers.run = failing_dir_sync  # type: ignore[method-assign]
