@@ -187,7 +187,9 @@ class Inbound:
         auth = {"spf": spf_data, "dkim": [d.as_dict() for d in dkim_results]}
         # The KVS object is the message as spooled; our Authentication-Results field
         # (RFC 8601) is kept here and put on top when the raw message is read.
-        results_field = authentication_results(self._hostname, spf, dkim_results).decode()
+        results_field = (
+            authentication_results(self._hostname, spf, dkim_results).decode() if by_account else ""
+        )
         for account, rcpts in by_account.items():
             meta = {
                 **summary,
