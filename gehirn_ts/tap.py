@@ -253,7 +253,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         mail.domain_owner,
         mail.smtp_authenticate,
         smtp.trusted_networks,
-        spf=SpfChecker(resolver, smtp.hostname, threads),
+        spf=SpfChecker(resolver, smtp.hostname, reactor, threads),
         spf_fail=smtp.spf_fail,
         routes=routes.resolve,
     )

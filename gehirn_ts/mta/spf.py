@@ -13,7 +13,9 @@ import dns.exception
 import dns.resolver
 import spf
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
+from gehirn_ts.recent import Recent
 from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
 _resolver: dns.resolver.Resolver | None = None
@@ -57,11 +59,19 @@ class SpfResult:
         }
 
 
+# How long a verdict is kept for the same client IP, MAIL FROM and HELO: the same
+# inputs, and DNS answers that rarely change within it (SPF records' TTLs are minutes
+# to hours). It saves pyspf's evaluation and a thread round trip: a client sending one
+# message after another (a list, a notifier) is checked once a minute.
+VERDICT_SECONDS = 60.0
+
+
 class SpfChecker:
     def __init__(
         self,
         resolver: dns.resolver.Resolver,
         receiver: str,
+        clock: IReactorTime,
         threads: ThreadRunner = REACTOR_THREADS,
     ) -> None:
         self._threads = threads
@@ -69,9 +79,15 @@ class SpfChecker:
         _resolver = resolver
         spf.DNSLookup = _lookup
         self._receiver = receiver
+        self._verdicts = Recent(clock.seconds, seconds=VERDICT_SECONDS)
 
     def check(self, ip: str, sender: str, helo: str) -> Deferred[SpfResult]:
-        return self._threads.run(self._check, ip, sender, helo)
+        # A DNS failure (temperror) is not kept: the next message asks again.
+        return self._verdicts.lookup(
+            (ip, sender, helo),
+            lambda: self._threads.run(self._check, ip, sender, helo),
+            keep_if=lambda verdict: verdict.result != "temperror",
+        )
 
     def _check(self, ip: str, sender: str, helo: str) -> SpfResult:
         # RFC 7208 section 2.4: with the null reverse-path, the HELO identity is checked.

@@ -23,8 +23,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from gehirn_ts.events import Event, event_from_dict
+from gehirn_ts.recent import Recent
 from gehirn_ts.store.batch import BatchedDatabase
-from gehirn_ts.store.recent import Recent
 from gehirn_ts.store.schema import configure
 
 T = TypeVar("T")

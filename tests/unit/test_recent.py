@@ -1,11 +1,11 @@
-"""Store answers kept a few seconds (store/recent.py)."""
+"""Answers kept a few seconds (recent.py)."""
 
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from gehirn_ts.store.recent import Recent
+from gehirn_ts.recent import Recent
 
 
 def _answer(d: Deferred[str]) -> str:

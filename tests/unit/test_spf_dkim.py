@@ -11,11 +11,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 
 from gehirn_ts.dnsresolver import make_resolver
 from gehirn_ts.mta.dkim import _compress_whitespace, verify
 from gehirn_ts.mta.headers import authentication_results
-from gehirn_ts.mta.spf import SpfChecker
+from gehirn_ts.mta.spf import VERDICT_SECONDS, SpfChecker, SpfResult
 from tests.dnstest import dns_server
 
 
@@ -48,21 +50,58 @@ def resolver(dns):
     ],
 )
 def test_spf_results(resolver, sender, expected):
-    result = SpfChecker(resolver, "mx.test")._check("192.0.2.10", sender, "client.test")
+    result = SpfChecker(resolver, "mx.test", Clock())._check("192.0.2.10", sender, "client.test")
     assert result.result == expected
     assert result.identity == "mailfrom" and result.domain == sender.split("@")[1]
     assert result.header.lower().startswith(expected)
 
 
 def test_null_sender_checks_the_helo_identity(resolver):
-    result = SpfChecker(resolver, "mx.test")._check("192.0.2.10", "", "helo.example")
+    result = SpfChecker(resolver, "mx.test", Clock())._check("192.0.2.10", "", "helo.example")
     assert (result.result, result.identity, result.domain) == ("pass", "helo", "helo.example")
 
 
 def test_spf_against_an_unreachable_server_is_a_temperror():
     dead = make_resolver(["127.0.0.1"], 9, 0.5)
-    result = SpfChecker(dead, "mx.test")._check("192.0.2.10", "a@pass.example", "h.test")
+    result = SpfChecker(dead, "mx.test", Clock())._check("192.0.2.10", "a@pass.example", "h.test")
     assert result.result == "temperror"
+
+
+class _CountingThreads:
+    """Runs a job at once, counting them (a ThreadRunner)."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+
+    def run(self, fn, *args):  # type: ignore[no-untyped-def]
+        self.jobs += 1
+        return succeed(fn(*args))
+
+
+def _verdict(d: Deferred[SpfResult]) -> str:
+    out: list[SpfResult] = []
+    d.addCallback(out.append)
+    return out[0].result
+
+
+def test_a_verdict_is_kept_a_minute_and_a_temperror_not(resolver):
+    clock, threads = Clock(), _CountingThreads()
+    checker = SpfChecker(resolver, "mx.test", clock, threads)  # type: ignore[arg-type]
+    for _ in range(3):
+        assert _verdict(checker.check("192.0.2.10", "a@pass.example", "h.test")) == "pass"
+    assert threads.jobs == 1
+    # Another client, sender or HELO is another check.
+    assert _verdict(checker.check("192.0.2.11", "a@pass.example", "h.test")) == "fail"
+    assert _verdict(checker.check("192.0.2.10", "b@pass.example", "h.test")) == "pass"
+    assert _verdict(checker.check("192.0.2.10", "a@pass.example", "h2.test")) == "pass"
+    assert threads.jobs == 4
+    clock.advance(VERDICT_SECONDS)
+    assert _verdict(checker.check("192.0.2.10", "a@pass.example", "h.test")) == "pass"
+    assert threads.jobs == 5
+    dead = SpfChecker(make_resolver(["127.0.0.1"], 9, 0.2), "mx.test", clock, threads)  # type: ignore[arg-type]
+    for _ in range(2):
+        assert _verdict(dead.check("192.0.2.10", "a@pass.example", "h.test")) == "temperror"
+    assert threads.jobs == 7
 
 
 def _key(dns, domain: str, selector: str) -> bytes:
@@ -114,7 +153,7 @@ def test_dkim_key_missing_is_a_failure(dns, resolver):
 
 
 def test_authentication_results_header(resolver):
-    spf = SpfChecker(resolver, "mx.test")._check("192.0.2.10", "a@pass.example", "h.test")
+    spf = SpfChecker(resolver, "mx.test", Clock())._check("192.0.2.10", "a@pass.example", "h.test")
     header = authentication_results("mx.test", spf, [])
     assert header == (
         b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=pass.example; dkim=none\r\n"

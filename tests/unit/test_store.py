@@ -284,8 +284,8 @@ class RouteAndRetentionTests(unittest.TestCase):
 
     @inline
     async def test_owners_and_routes_are_kept_a_few_seconds(self) -> None:
+        from gehirn_ts.recent import LOOKUP_SECONDS
         from gehirn_ts.store.db import MailStore, RouteStore
-        from gehirn_ts.store.recent import LOOKUP_SECONDS
 
         await self.store.create_account("acme")
         mail, routes = MailStore(self.store), RouteStore(self.store)

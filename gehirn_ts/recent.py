@@ -1,4 +1,4 @@
-"""Answers of store reads kept for a few seconds: the mail paths' lookups.
+"""Answers kept for a few seconds: the mail paths' lookups and checks.
 
 Every received message asks who owns its recipients' domain and how their address is
 routed twice (at RCPT, and when it is processed after the 250), and each read is a
@@ -8,6 +8,7 @@ process (a route over the API, a domain through the store's methods, routes from
 config on SIGHUP) drops every kept answer at once; a change made by another process
 (the CLI adding or removing a domain) is seen within ``LOOKUP_SECONDS``, as Postfix's
 daemons pick up a changed lookup table on their next request, not in the middle of one.
+SPF verdicts are kept the same way (``mta/spf.py``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ class Recent:
         self._answers.clear()
         self._generation += 1
 
-    def lookup(self, key: Hashable, read: Callable[[], Deferred[T]]) -> Deferred[T]:
-        """The kept answer for ``key`` while it is fresh, else ``read()``'s."""
+    def lookup(
+        self,
+        key: Hashable,
+        read: Callable[[], Deferred[T]],
+        keep_if: Callable[[T], bool] | None = None,
+    ) -> Deferred[T]:
+        """The kept answer for ``key`` while it is fresh, else ``read()``'s (kept when
+        ``keep_if`` says so, or always)."""
         now = self._now()
         kept = self._answers.get(key)
         if kept is not None and kept[0] > now:
@@ -51,7 +58,9 @@ class Recent:
         generation = self._generation
 
         def keep(answer: T) -> T:
-            if generation == self._generation and self._seconds > 0:
+            if generation != self._generation or self._seconds <= 0:
+                return answer
+            if keep_if is None or keep_if(answer):
                 if len(self._answers) >= self._size:
                     self._answers.clear()
                 self._answers[key] = (now + self._seconds, answer)
