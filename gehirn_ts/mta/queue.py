@@ -33,6 +33,9 @@ from gehirn_ts.store.queue import (
 from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
 log = Logger()
+# Queue files up to this size are unlinked on the reactor thread (as the spool's
+# messages up to 256 KiB are: mta/inbound.py).
+UNLINK_HERE_BYTES = 256 * 1024
 
 Reporter = Callable[[QueuedMessage, list[RecipientState]], Awaitable[None]]
 
@@ -233,7 +236,13 @@ class MailQueue(Service):
             log.failure("reporting the status of {qid} failed; retried later", qid=msg.id)
             return
         if await self.store.clear_reports(msg.id, [r.n for r in rcpts]):
-            await self.threads.run(self.path(msg.id).unlink, True)
+            if msg.size <= UNLINK_HERE_BYTES:
+                # A small file's unlink is metadata work, as the spool's renames: a
+                # thread round trip cost more than the call.
+                self.path(msg.id).unlink(missing_ok=True)
+            else:
+                # Freeing a large file's blocks can take a while: not on the reactor.
+                await self.threads.run(self.path(msg.id).unlink, True)
 
     async def _start_due(self) -> None:
         free = self._concurrency - len(self._attempts)

@@ -291,6 +291,16 @@ class QueueOnClockTests(TestCase):
             assert written.startswith(b"DKIM-Signature:") == (lookup is not None)
 
     @inline
+    async def test_a_reported_message_s_file_goes_without_a_thread_job(self) -> None:
+        self._setup(Script(), "unused5.test", MailRetry(jitter=0))
+        await until(lambda: self.queue._sweeping.called)  # the start's sweep is done
+        workers, recorded = recording_workers(self)
+        self.queue.threads = workers
+        mid = await self._submit(NewRecipient("r@unused5.test"))
+        await until(lambda: self.reports and not self.queue.path(mid).exists())
+        assert [name for name, _ in recorded] == ["_fsync_file_and_dir"]
+
+    @inline
     async def test_the_due_read_leaves_out_the_domains_asked(self) -> None:
         self._setup(Script(), "unused3.test", MailRetry(jitter=0))
         await self.queue.stopService()  # only the store is used here
