@@ -23,6 +23,7 @@ from typing import Any
 from gehirn_ts.mta.address import parse_path
 from gehirn_ts.mta.mimepolicy import SMTP
 from gehirn_ts.mta.replies import SmtpError
+from gehirn_ts.mta.summary import header_message, plain_addresses
 
 MAX_RECIPIENTS = 1000
 MAX_TAGS = 10
@@ -114,7 +115,8 @@ def mailbox(value: Any, name: str) -> Address:
         raise FieldError(name, "must be an e-mail address")
     if not _one_line(value):
         raise FieldError(name, "must not contain line breaks")
-    display, addr = parseaddr(value)
+    plain = plain_addresses(value)
+    display, addr = plain[0] if plain is not None and len(plain) == 1 else parseaddr(value)
     checked = envelope_address(addr, name) if addr else None
     if checked is None:
         raise FieldError(name, f"{value!r} is not an e-mail address")
@@ -398,13 +400,20 @@ class Head:
     """The header section of a raw message, parsed once for all the fields asked."""
 
     def __init__(self, message: bytes) -> None:
-        self._head = BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-            message[: 256 * 1024]
-        )
+        # An ordinary header section is split here (as the parser splits it, property-
+        # tested in mta/summary.py); anything else goes to the parser.
+        start = message[: 256 * 1024]
+        self._head = header_message(start) or BytesHeaderParser(
+            policy=email.policy.compat32
+        ).parsebytes(start)
 
     def addresses(self, name: str) -> list[str]:
         """The addr-specs of one address field."""
-        return [addr for _, addr in getaddresses(self._head.get_all(name, [])) if addr]
+        values = self._head.get_all(name, [])
+        plain = [plain_addresses(str(v)) for v in values]
+        if all(p is not None for p in plain):
+            return [addr for p in plain if p is not None for _, addr in p if addr]
+        return [addr for _, addr in getaddresses(values) if addr]
 
     def value(self, name: str) -> str | None:
         value = self._head.get(name)

@@ -69,7 +69,7 @@ _PLAIN_MAILBOX = re.compile(
 )
 
 
-def _plain_addresses(value: str) -> list[tuple[str, str]] | None:
+def plain_addresses(value: str) -> list[tuple[str, str]] | None:
     """``getaddresses([value])`` for a list of plain mailboxes only; None otherwise."""
     pairs = []
     for item in value.split(","):
@@ -84,7 +84,7 @@ def _plain_addresses(value: str) -> list[tuple[str, str]] | None:
 def _addresses(raw: str) -> str:
     """An address field as ``Name <addr>, addr``; as written when it is no plain list."""
     unfolded = _FOLD.sub("", raw)
-    pairs = _plain_addresses(unfolded)
+    pairs = plain_addresses(unfolded)
     if pairs is None:
         pairs = getaddresses([unfolded])
     if not pairs or any(not addr or "@" not in addr for _, addr in pairs):
@@ -165,9 +165,19 @@ def header_fields(section: str) -> list[tuple[str, str]] | None:
 def _header_message(section: bytes) -> Message:
     """The header section as a ``Message`` with no body (compat32, as
     ``message_from_bytes`` makes it)."""
-    fields = header_fields(section.decode("ascii", "surrogateescape"))
+    return header_message(section) or message_from_bytes(section)
+
+
+def header_message(data: bytes) -> Message | None:
+    """The header section at the start of ``data`` (a message, or its start) as a
+    ``Message`` with no body, as the compat32 parser reads it; None unless it is an
+    ordinary one (``header_fields``), for the parser to read."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    fields = header_fields(data[: end + 4].decode("ascii", "surrogateescape"))
     if fields is None:
-        return message_from_bytes(section)
+        return None
     message = Message()
     for name, value in fields:
         message.set_raw(name, value)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import email.policy
 from email import message_from_bytes
 from email.header import Header
-from email.parser import BytesParser
-from email.utils import formataddr, getaddresses
+from email.parser import BytesHeaderParser, BytesParser
+from email.utils import formataddr, getaddresses, parseaddr
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,8 +15,9 @@ from gehirn_ts.mta.summary import (
     BODY_BYTES,
     EXCERPT_CHARS,
     FIELD_CHARS,
-    _plain_addresses,
     header_fields,
+    header_message,
+    plain_addresses,
     summarize_bytes,
 )
 
@@ -237,6 +238,18 @@ def test_header_fields_are_the_parsers_fields(lines: list[str], end: str) -> Non
         assert fields == list(parsed.raw_items())
 
 
+@settings(max_examples=300, deadline=None)
+@given(_header_lines(), st.sampled_from(["\r\n\r\n", "\r\n", "\n\n"]), st.binary(max_size=40))
+def test_a_header_message_is_the_header_parsers_reading(
+    lines: list[str], end: str, body: bytes
+) -> None:
+    data = ("\r\n".join(lines) + end).encode("ascii", "surrogateescape") + body
+    quick = header_message(data)
+    if quick is not None:
+        parsed = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+        assert list(quick.raw_items()) == list(parsed.raw_items())
+
+
 def test_ordinary_header_sections_take_the_quick_reading() -> None:
     section = (
         "Received: from client.test ([127.0.0.1])\r\n\tby mx (gehirn-ts) with ESMTP id Q\r\n"
@@ -272,17 +285,33 @@ _MAILBOX = st.one_of(
 @given(st.lists(_MAILBOX, min_size=1, max_size=4), st.sampled_from([",", ", ", " ,"]))
 def test_plain_mailboxes_read_as_getaddresses_reads_them(items: list[str], sep: str) -> None:
     value = sep.join(items)
-    pairs = _plain_addresses(value)
+    pairs = plain_addresses(value)
     if pairs is not None:
         assert pairs == getaddresses([value])
+        if len(pairs) == 1:  # compose.mailbox's reading of one address
+            assert pairs[0] == parseaddr(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_MAILBOX, min_size=1, max_size=3), st.lists(_MAILBOX, max_size=2))
+def test_a_heads_addresses_are_the_email_packages(to: list[str], cc: list[str]) -> None:
+    from gehirn_ts.mta.compose import Head
+
+    raw = f"To: {', '.join(to)}\r\n" + "".join(f"Cc: {c}\r\n" for c in cc) + "\r\nbody"
+    data = raw.encode()
+    head = Head(data)
+    parsed = BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
+    for name in ("To", "Cc"):
+        want = [a for _, a in getaddresses(parsed.get_all(name, [])) if a]
+        assert head.addresses(name) == want
 
 
 def test_plain_mailboxes_take_the_quick_reading() -> None:
     value = "<a@b.test>, Jo Smith <j.s@x.test> ,c+d@e.test"
-    assert _plain_addresses(value) == [
+    assert plain_addresses(value) == [
         ("", "a@b.test"),
         ("Jo Smith", "j.s@x.test"),
         ("", "c+d@e.test"),
     ]
-    assert _plain_addresses('"Smith, Jo" <j@x.test>') is None
-    assert _plain_addresses("=?utf-8?q?J=C3=B6rg?= <j@x.test>") is None
+    assert plain_addresses('"Smith, Jo" <j@x.test>') is None
+    assert plain_addresses("=?utf-8?q?J=C3=B6rg?= <j@x.test>") is None
