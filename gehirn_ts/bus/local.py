@@ -33,6 +33,9 @@ from gehirn_ts.store.batch import BatchedDatabase
 log = Logger()
 
 _BODY_CACHE = 10_000
+# Of those, how many also keep the published Event for the router (BusMessage.event): a
+# backlog of parsed events costs more memory than their bytes.
+_EVENT_CACHE = 1_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -259,8 +262,9 @@ class LocalBus(Service):
             q.timer = self._clock.callLater(wait, self._pump, name)
 
     def _remember(self, msg_id: int, routing_key: str, body: bytes, event: Event | None) -> None:
-        if len(self._bodies) < _BODY_CACHE:
-            self._bodies[msg_id] = (routing_key, body, event)
+        held = len(self._bodies)
+        if held < _BODY_CACHE:
+            self._bodies[msg_id] = (routing_key, body, event if held < _EVENT_CACHE else None)
 
     def _forget(self, result: object, d: Deferred[None]) -> None:
         self._dispatching.discard(d)

@@ -152,3 +152,27 @@ class LocalBusEventTests(unittest.TestCase):
         again.consume("p", record)
         await until(lambda: len(later) == 1)
         assert later[0].event is None and b'"id":"later"' in later[0].body
+
+    @inline
+    async def test_a_backlog_keeps_the_events_of_its_first_messages_only(self) -> None:
+        from pathlib import Path
+
+        from gehirn_ts.bus import local
+
+        self.patch(local, "_EVENT_CACHE", 2)
+        bus = LocalBus(Path(self.mktemp()) / "bus.sqlite", reactor)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await bus.bind("q", ["t.#"])
+        events = [Event(type="t.x", source="/t", id=f"e{n}") for n in range(4)]
+        for event in events:
+            await bus.publish(event)
+        got: list[BusMessage] = []
+
+        async def record(message: BusMessage) -> None:
+            got.append(message)
+
+        bus.consume("q", record)
+        await until(lambda: len(got) == 4)
+        by_body = {m.body: m.event for m in got}
+        assert [by_body[e.to_json()] for e in events] == [events[0], events[1], None, None]
