@@ -59,6 +59,7 @@ from gehirn_ts.store.db import (
 )
 from gehirn_ts.store.db import Route as MailRoute
 from gehirn_ts.store.queue import AttemptRecord, NewRecipient, QueueStore, RecipientState
+from gehirn_ts.web.accesslog import LoggingSite
 from gehirn_ts.web.http import (
     ApiError,
     Call,
@@ -665,6 +666,6 @@ def _route_match(value: Any) -> str:
 
 def make_site(api: Api, store: Store, max_body: int) -> Site:
     root = JsonApi(api.routes(), store.authenticate)
-    site = Site(root, requestFactory=request_factory(max_body))
+    site = LoggingSite(root, requestFactory=request_factory(max_body))
     site.displayTracebacks = False
     return site

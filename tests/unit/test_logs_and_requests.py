@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.logger import LogPublisher, formatEvent
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
@@ -17,6 +20,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from gehirn_ts import logs
 from gehirn_ts.config import ConfigError, from_mapping
 from gehirn_ts.tap import prepare_state
+from gehirn_ts.web import accesslog
 from gehirn_ts.web.http import request_factory
 
 
@@ -117,3 +121,36 @@ def test_the_first_admin_key_is_shown_on_a_terminal_only(
     assert (token in err.getvalue()) is terminal
     prepare_state(config, 0.0)  # made once: a second start shows nothing new
     assert err.getvalue().count("created the admin API key") == 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40) | st.text(max_size=20).map(str.encode))
+def test_access_log_fields_are_escaped_as_twisted_web_escapes_them(value: bytes) -> None:
+    from twisted.web.http import _escape
+
+    assert accesslog.escape(value) == _escape(value)
+
+
+def test_the_access_log_line_is_twisted_webs_with_its_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from twisted.web.http import combinedLogFormatter, datetimeToLogString
+
+    events: list[dict[str, Any]] = []
+    publisher = LogPublisher()
+    publisher.addObserver(events.append)
+    monkeypatch.setattr(accesslog, "log", logs.Logger(observer=publisher))
+    request = Request(DummyChannel())
+    request.method, request.uri, request.clientproto = b"POST", b'/v1/e?q="x"\xff', b"HTTP/1.1"
+    request.code, request.sentLength = 202, 47
+    request.requestHeaders.setRawHeaders(b"user-agent", [b'curl/8 "quoted"'])
+    site = accesslog.LoggingSite(None)  # type: ignore[arg-type]
+    site.log(request)
+    [event] = events
+    when = event["when"]
+    assert when in (
+        datetimeToLogString(t) for t in range(int(time.time()) - 2, int(time.time()) + 1)
+    )
+    assert formatEvent(event) == combinedLogFormatter(when, request)
+    assert (event["method"], event["status"], event["length"]) == ("POST", 202, 47)
+    assert event["ip"] == "192.168.1.1" and event["referrer"] == "-"
