@@ -214,7 +214,11 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         buf = self._buffer
         if buf.startswith(b".\r\n"):
             return  # the end of data: the line path handles it
-        end = buf.find(b"\r\n.\r\n")
+        # Without a period (a base64 attachment, most large text) there is neither an
+        # end of data nor a line to unstuff: one memchr instead of two searches for
+        # CRLF-dot, which stop at every line end (a third of this method's time).
+        dots = b"." in buf
+        end = buf.find(b"\r\n.\r\n") if dots else -1
         cut = end + 2 if end >= 0 else buf.rfind(b"\r\n") + 2
         if cut <= 1:
             return
@@ -233,9 +237,10 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             )
         else:
             # RFC 5321 section 4.5.2: the first period of a line starting with one goes.
-            if chunk.startswith(b"."):
-                chunk = chunk[1:]
-            chunk = chunk.replace(b"\r\n.", b"\r\n")
+            if dots:
+                if chunk.startswith(b"."):
+                    chunk = chunk[1:]
+                chunk = chunk.replace(b"\r\n.", b"\r\n")
             if incoming.size + len(chunk) > self.settings.max_message_size:
                 self._data_error = replies.MESSAGE_TOO_BIG
             else:

@@ -521,3 +521,36 @@ class BulkDataTests(unittest.TestCase):
         assert (
             stored[0] == stored[1] == b".two\r\none\r\nplain\r\n..three\r\n" + b"z" * 900 + b"\r\n"
         )
+
+    @inline
+    async def test_bodies_with_and_without_periods_in_any_reads(self) -> None:
+        dotless = b"".join(
+            b"%06dXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\r\n" % n for n in range(2000)
+        )
+        bodies = [
+            dotless,  # no period at all (as base64): the memchr path
+            dotless + b"..stuffed at the end\r\n",
+            b"mid.line. periods only\r\n" + dotless,
+            b"..first\r\n" + dotless + b".x\r\n",
+        ]
+        for body in bodies:
+            expected = b"\r\n".join(
+                line[1:] if line.startswith(b".") else line for line in body.split(b"\r\n")
+            )
+            for piece in (len(body) + 5, 65536, 4096, 997):
+                h = Harness(self)
+                proto, t = h.connect()
+                send(
+                    proto,
+                    b"EHLO c.test",
+                    b"MAIL FROM:<a@remote.test>",
+                    b"RCPT TO:<u@local.test>",
+                    b"DATA",
+                )
+                data = b"Subject: p\r\n\r\n" + body + b".\r\nNOOP\r\n"
+                for i in range(0, len(data), piece):
+                    proto.dataReceived(data[i : i + piece])
+                await until(lambda t=t: codes(t)[-1:] == ["250 2.0.0 OK"])
+                qid = codes(t)[-2].rsplit(" ", 1)[1]
+                raw = (h.spool.incoming / f"{qid}.eml").read_bytes()
+                assert raw.split(b"\r\n\r\n", 1)[1] == expected, (body[:20], piece)
