@@ -60,14 +60,19 @@ class ExamineTests(unittest.TestCase):
             dkim_verify=dkim_verify,
         )
 
-    async def _receive(self, message: bytes) -> str:
+    async def _spooled(self, message: bytes) -> tuple[str, Any]:
+        """(queue id, envelope) of ``message``, committed to the spool."""
         incoming = self.spool.begin()
         incoming.write(message)
         envelope = spooled_envelope(incoming)
         await incoming.commit(envelope)
+        return incoming.queue_id, envelope
+
+    async def _receive(self, message: bytes) -> str:
+        qid, envelope = await self._spooled(message)
         self.jobs.clear()
         await self.inbound.process(envelope)
-        return incoming.queue_id
+        return qid
 
     @inline
     async def test_a_small_unsigned_message_gives_the_threads_only_its_fsyncs(self) -> None:
@@ -87,13 +92,10 @@ class ExamineTests(unittest.TestCase):
 
     @inline
     async def test_the_kvs_object_is_the_spooled_file_not_a_copy(self) -> None:
-        incoming = self.spool.begin()
-        incoming.write(b"From: a@x.test\r\n\r\nbody\r\n")
-        envelope = spooled_envelope(incoming)
-        await incoming.commit(envelope)
-        spooled = os.stat(self.spool.message_path(incoming.queue_id))
+        qid, envelope = await self._spooled(b"From: a@x.test\r\n\r\nbody\r\n")
+        spooled = os.stat(self.spool.message_path(qid))
         await self.inbound.process(envelope)
-        stored = os.stat(self.kvs / f"{incoming.queue_id}.eml")
+        stored = os.stat(self.kvs / f"{qid}.eml")
         assert (stored.st_dev, stored.st_ino) == (spooled.st_dev, spooled.st_ino)
 
     @inline
@@ -112,13 +114,10 @@ class ExamineTests(unittest.TestCase):
     async def test_a_repeat_finds_the_object_there_and_keeps_it(self) -> None:
         # A crash after the link and before the spool was emptied: the next start
         # processes the message again.
-        incoming = self.spool.begin()
-        incoming.write(b"From: a@x.test\r\n\r\nbody\r\n")
-        envelope = spooled_envelope(incoming)
-        await incoming.commit(envelope)
+        qid, envelope = await self._spooled(b"From: a@x.test\r\n\r\nbody\r\n")
         self.kvs.mkdir(exist_ok=True)
-        target = self.kvs / f"{incoming.queue_id}.eml"
-        os.link(self.spool.message_path(incoming.queue_id), target)
+        target = self.kvs / f"{qid}.eml"
+        os.link(self.spool.message_path(qid), target)
         self.jobs.clear()
         await self.inbound.process(envelope)
         assert [name for name, _ in self.jobs] == ["_fsync_dir"]
