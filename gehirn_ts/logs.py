@@ -50,7 +50,7 @@ class Logger(_TwistedLogger):
             # the event it adds, such as {log_source}) is left to it.
             try:
                 text = format.format_map(kwargs)
-            except (KeyError, AttributeError, IndexError, ValueError):
+            except Exception:  # noqa: S110 - twisted.logger formats it, or says it cannot
                 pass
             else:
                 format = text.replace("{", "{{").replace("}", "}}")

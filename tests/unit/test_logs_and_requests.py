@@ -64,11 +64,15 @@ def test_lines_read_as_twisted_formats_them_and_keep_their_fields() -> None:
     )
     log.info("from {log_namespace} {n}", n=1)  # a field only twisted.logger adds
     log.info("no fields")
-    assert [formatEvent(e) for e in events] == [
+    log.info("{size:>5} bytes", size=None)  # a bad format spec: no exception here
+    assert [formatEvent(e) for e in events[:3]] == [
         "got Q1 for ['a', 'b'] (   12 bytes, 'a{b}') {x}",
         f"from {__name__} 1",
         "no fields",
     ]
+    # Left to twisted.logger, which says it cannot format it.
+    assert events[3]["log_format"] == "{size:>5} bytes"
+    assert formatEvent(events[3]).startswith("Unable to format event")
     assert events[0]["qid"] == "Q1" and events[0]["size"] == 12
     # Formatted once, by str.format_map: twisted.logger gets text with no fields left.
     assert events[0]["log_format"] == "got Q1 for ['a', 'b'] (   12 bytes, 'a{{b}}') {{x}}"
