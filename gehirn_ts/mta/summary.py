@@ -135,11 +135,10 @@ def header_fields(section: str) -> list[tuple[str, str]] | None:
     ordinary case: CRLF line ends, every line a field or its continuation. None for
     anything else (bare CR or LF, a continuation first, an envelope ``From `` line, a
     line that is no field), which the parser itself then reads."""
-    if not section.endswith("\r\n\r\n") or "\n" in section.replace("\r\n", ""):
+    bare = section.replace("\r\n", "")
+    if not section.endswith("\r\n\r\n") or "\n" in bare or "\r" in bare:
         return None
     lines = section[:-4].split("\r\n")
-    if "\r" in section[:-4].replace("\r\n", ""):
-        return None
     fields: list[tuple[str, str]] = []
     name = None
     value: list[str] = []

@@ -192,6 +192,11 @@ class Store:
         # processing): kept a few seconds, dropped on any change made here (recent.py).
         self.mail_lookups = Recent(self._now)
 
+    def lookups_changed(self, result: T) -> T:
+        """A callback after a write of domains or routes: the kept answers go."""
+        self.mail_lookups.changed()
+        return result
+
     def close(self) -> Deferred[None]:
         return defer.gatherResults([self._db.close(), self._reader.close()]).addCallback(
             lambda _: None
@@ -715,11 +720,7 @@ class MailStore:
             except sqlite3.IntegrityError:
                 raise Conflict("name", f"the domain {name!r} is served already")
 
-        return self._run(tx).addCallback(self._changed)
-
-    def _changed(self, result: T) -> T:
-        self._store.mail_lookups.changed()
-        return result
+        return self._run(tx).addCallback(self._store.lookups_changed)
 
     def remove_domain(self, name: str) -> Deferred[None]:
         def tx(cur: Cursor) -> None:
@@ -727,7 +728,7 @@ class MailStore:
             if cur.rowcount == 0:
                 raise NotFound(f"no domain {name!r}")
 
-        return self._run(tx).addCallback(self._changed)
+        return self._run(tx).addCallback(self._store.lookups_changed)
 
     def list_domains(self) -> Deferred[list[tuple[str, str]]]:
         def tx(cur: Cursor) -> list[tuple[str, str]]:
@@ -937,10 +938,6 @@ class RouteStore:
         self._static = [parse_static_route(text) for text in static]
         self._store.mail_lookups.changed()
 
-    def _changed(self, result: T) -> T:
-        self._store.mail_lookups.changed()
-        return result
-
     def _run(self, fn: Any, *args: Any) -> Deferred[Any]:
         return self._store._run(fn, *args)
 
@@ -969,7 +966,7 @@ class RouteStore:
                 raise Conflict("match", f"a route for {match!r} exists already")
             return self._get(cur, route_id)
 
-        return self._run(tx).addCallback(self._changed)
+        return self._run(tx).addCallback(self._store.lookups_changed)
 
     @staticmethod
     def _get(cur: Cursor, route_id: str) -> Route:
@@ -1002,7 +999,7 @@ class RouteStore:
             if cur.rowcount == 0:
                 raise NotFound(route_id)
 
-        return self._run(tx).addCallback(self._changed)
+        return self._run(tx).addCallback(self._store.lookups_changed)
 
     def resolve(self, address: str) -> Deferred[tuple[str, Route | None] | None]:
         """For an address of a served domain: (owner, route or None for the default
