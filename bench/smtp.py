@@ -88,7 +88,16 @@ def start_gehirn(work: Path) -> subprocess.Popen[bytes]:
     """The daemon on ``work/c.toml``, its output in ``work/twistd.log``."""
     log = (work / "twistd.log").open("wb")
     return subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
+        [
+            str(BIN / "twistd"),
+            "--logger",
+            "gehirn_ts.logs.text_observer",
+            "-n",
+            "--pidfile=",
+            "gehirn-ts",
+            "--config",
+            "c.toml",
+        ],
         cwd=work,
         env=ENV,
         stdout=log,

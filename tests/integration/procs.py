@@ -60,7 +60,7 @@ class Daemon:
         self,
         workdir: Path,
         env: dict[str, str] | None = None,
-        twistd_args: tuple[str, ...] = (),
+        twistd_args: tuple[str, ...] = ("--logger", "gehirn_ts.logs.text_observer"),
         **sections: dict[str, Any],
     ) -> None:
         self.twistd_args = twistd_args

@@ -72,7 +72,8 @@ def test_the_package_builds_installs_runs_as_its_user_and_purges(tmp_path: Path)
         unit = Path("/lib/systemd/system/gehirn-ts.service").read_text()
         for line in (
             "User=gehirn-ts",
-            "ExecStart=/opt/venvs/gehirn-ts/bin/twistd --nodaemon --pidfile= gehirn-ts "
+            "ExecStart=/opt/venvs/gehirn-ts/bin/twistd --logger gehirn_ts.logs.text_observer "
+            "--nodaemon --pidfile= gehirn-ts "
             "--config /etc/gehirn-ts/gehirn-ts.toml",
             "NoNewPrivileges=yes",
             "ProtectSystem=strict",
@@ -100,6 +101,8 @@ def test_the_package_builds_installs_runs_as_its_user_and_purges(tmp_path: Path)
                 "gehirn-ts",
                 "--",
                 str(VENV / "bin" / "twistd"),
+                "--logger",
+                "gehirn_ts.logs.text_observer",
                 "--nodaemon",
                 "--pidfile=",
                 "gehirn-ts",

@@ -158,3 +158,73 @@ def test_the_access_log_line_is_twisted_webs_with_its_fields(
     assert formatEvent(event) == combinedLogFormatter(when, request)
     assert (event["method"], event["status"], event["length"]) == ("POST", 202, 47)
     assert event["ip"] == "192.168.1.1" and event["referrer"] == "-"
+
+
+def _both_observers(events: list[dict[str, Any]]) -> tuple[str, str]:
+    """The lines twistd's text observer and ``TextLineObserver`` write for ``events``."""
+    from twisted.logger import textFileLogObserver
+
+    theirs, ours = io.StringIO(), io.StringIO()
+    stock, fast = textFileLogObserver(theirs), logs.TextLineObserver(ours)
+    for event in events:
+        stock(dict(event))
+        fast(dict(event))
+    return theirs.getvalue(), ours.getvalue()
+
+
+def _emitted(*calls: tuple[str, dict[str, Any]], system: str | None = None) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    publisher = LogPublisher()
+    publisher.addObserver(events.append)
+    log = logs.Logger(namespace="gehirn_ts.x", observer=publisher)
+    for format, fields in calls:
+        if system is not None:
+            fields = {**fields, "log_system": system}
+        log.info(format, **fields)
+    return events
+
+
+def test_the_text_observer_writes_what_twistds_writes() -> None:
+    from twisted.python.failure import Failure
+
+    events = _emitted(
+        (
+            "delivery {delivery_id} to {destination}: {outcome}",
+            dict(delivery_id="d1", destination="http://h/", outcome="delivered"),
+        ),
+        ("a {text!r} over\ntwo lines {{x}}", dict(text="a{b}")),
+        ("from {log_namespace}", {}),  # left to twisted.logger
+        ("{size:>5} bytes", dict(size=None)),  # cannot be formatted
+        ("no fields", {}),
+    )
+    events += _emitted(("with a system {n}", dict(n=1)), system="SMTP,3,127.0.0.1")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        events.append({**events[0], "log_failure": Failure(), "log_level": logs.LogLevel.error})
+    # An event from the legacy log (log.msg), and one with no time or level.
+    events.append({"log_format": "legacy {x}", "x": 2, "log_time": 1.5, "log_system": "-"})
+    events.append({"log_format": "bare", "log_text": "bare"})
+    theirs, ours = _both_observers(events)
+    assert ours == theirs
+    assert "delivery d1 to http://h/: delivered" in ours and "ZeroDivisionError" in ours
+    assert ours.count("\n") == theirs.count("\n") >= len(events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.text(max_size=30), st.floats(min_value=0, max_value=4e9)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_any_text_at_any_time_is_written_as_twistd_writes_it(
+    lines: list[tuple[str, float]],
+) -> None:
+    events = []
+    for text, when in sorted(lines, key=lambda line: line[1]):
+        [event] = _emitted(("{text}", dict(text=text)))
+        events.append({**event, "log_time": when})
+    theirs, ours = _both_observers(events)
+    assert ours == theirs
