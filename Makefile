@@ -58,8 +58,12 @@ unit: $(STAMP)
 # Benchmarks print figures side by side with a peer measured in the same run.
 # The peers measured beside gehirn-ts: Postfix (the benchmark runs its own instance) and
 # aiosmtpd.
+# h2load (nghttp2-client) loads the HTTP API, as smtp-source loads SMTP (bench/h2load.py).
+BENCH_DEBS := nghttp2-client
+
 bench: install
 	@$(MAKE) --no-print-directory test-debs
+	@scripts/apt-need $(BENCH_DEBS)
 	$(BIN)/pip install -q aiosmtpd
 	scripts/rabbitmq-node start
 	status=0; $(BIN)/python bench/events.py || status=$$?; \

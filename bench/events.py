@@ -1,8 +1,9 @@
 """Event delivery benchmark (make bench): API publish -> bus -> webhook, per bus.
 
 Figures, side by side in one run on this machine:
-- end-to-end events/s (published over the HTTP API with 32 requests in flight,
-  delivered to a local webhook receiver) on the embedded bus and on RabbitMQ;
+- end-to-end events/s (published over the HTTP API by h2load with 32 requests in
+  flight, one event a request and then batches of 50, delivered to a local webhook
+  receiver) on the embedded bus and on RabbitMQ;
 - the ceiling of the client: a bare txamqp publish (with confirms) / consume (with
   acks) loop on the same broker, through gehirn_ts.bus.txamqp_compat;
 - latency from publish to delivery, p50 and p99, at a steady 200 events/s.
@@ -23,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.web.client import Agent, HTTPConnectionPool
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.h2load import h2load as run_h2load  # noqa: E402
 from bench.smtp import cpu_seconds  # noqa: E402
 from gehirn_ts.bus import txamqp_compat as compat  # noqa: E402
 from gehirn_ts.bus.amqp import AmqpBus  # noqa: E402
@@ -71,6 +73,13 @@ class Http:
         return response.code, (json.loads(content) if content else None)
 
 
+def h2load(
+    url: str, token: str, body: Path, ctype: str, count: int, clients: int
+) -> defer.Deferred[None]:
+    """POST ``body`` ``count`` times over ``clients`` connections (nghttp2's h2load)."""
+    return threads.deferToThread(run_h2load, url, token, body, ctype, count, clients)
+
+
 async def wait_until(predicate: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not await predicate():
@@ -90,7 +99,16 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
     )
     log = (workdir / "twistd.log").open("wb")
     proc = subprocess.Popen(
-        [str(BIN / "twistd"), "-n", "--pidfile=", "gehirn-ts", "--config", "c.toml"],
+        [
+            str(BIN / "twistd"),
+            "--logger",
+            "gehirn_ts.logs.text_observer",
+            "-n",
+            "--pidfile=",
+            "gehirn-ts",
+            "--config",
+            "c.toml",
+        ],
         cwd=workdir,
         env=ENV,
         stdout=log,
@@ -132,22 +150,15 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             stats = (await http.call("GET", receiver + "/stats"))[1]
             return bool(stats["unique"] >= n)
 
-        # Throughput: TOTAL events, CONCURRENCY requests in flight.
+        # Throughput: TOTAL events, CONCURRENCY requests in flight, from h2load (C), as
+        # smtp-source loads the SMTP benchmark: a Python client cost about 0.9 ms of
+        # CPU a request on the same two cores (docs/performance.md).
         await http.call("POST", receiver + "/reset")
-        counter = iter(range(TOTAL))
+        single = workdir / "event.json"
+        single.write_text(json.dumps({"type": "notice.fault", "data": {"n": 0}}))
         cpu_before = cpu_seconds(proc.pid)
         start = time.monotonic()
-
-        async def worker() -> None:
-            for n in counter:
-                status, _ = await http.call(
-                    "POST", base + "/v1/events", {"type": "notice.fault", "data": {"n": n}}, token
-                )
-                assert status == 202, status
-
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(worker()) for _ in range(CONCURRENCY)]
-        )
+        await h2load(base + "/v1/events", token, single, "application/json", TOTAL, CONCURRENCY)
         published = time.monotonic() - start
         await wait_until(lambda: delivered(TOTAL), 600)
         done = time.monotonic() - start
@@ -155,31 +166,23 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
 
         # Throughput again, the events published in batches (one request per BATCH).
         await http.call("POST", receiver + "/reset")
-        batches = iter(range(0, TOTAL, BATCH))
+        batch = workdir / "batch.json"
+        batch.write_text(
+            json.dumps([{"type": "notice.fault", "data": {"n": n}} for n in range(BATCH)])
+        )
         cpu_before = cpu_seconds(proc.pid)
         start = time.monotonic()
-
-        async def batcher() -> None:
-            for first in batches:
-                events = [
-                    {"type": "notice.fault", "data": {"n": n}}
-                    for n in range(first, min(first + BATCH, TOTAL))
-                ]
-                status, _ = await http.call(
-                    "POST",
-                    base + "/v1/events",
-                    events,
-                    token,
-                    ctype="application/cloudevents-batch+json",
-                )
-                assert status == 202, status
-
-        await defer.gatherResults(
-            [defer.Deferred.fromCoroutine(batcher()) for _ in range(BATCH_FLIGHT)]
+        await h2load(
+            base + "/v1/events",
+            token,
+            batch,
+            "application/cloudevents-batch+json",
+            TOTAL // BATCH,
+            BATCH_FLIGHT,
         )
-        await wait_until(lambda: delivered(TOTAL), 600)
-        batched_rate = TOTAL / (time.monotonic() - start)
-        batched_cpu = (cpu_seconds(proc.pid) - cpu_before) / TOTAL * 1000
+        await wait_until(lambda: delivered(TOTAL // BATCH * BATCH), 600)
+        batched_rate = TOTAL // BATCH * BATCH / (time.monotonic() - start)
+        batched_cpu = (cpu_seconds(proc.pid) - cpu_before) / (TOTAL // BATCH * BATCH) * 1000
 
         # Latency at a steady rate.
         await http.call("POST", receiver + "/reset")
@@ -284,7 +287,7 @@ async def main(_: Any) -> None:
         receiver_proc.terminate()
         stop_if_started()
     print(
-        f"\nEvent delivery, {TOTAL} events, {CONCURRENCY} API requests in flight; "
+        f"\nEvent delivery, {TOTAL} events, {CONCURRENCY} API requests in flight (h2load); "
         f"latency at {STEADY_RATE} events/s for {STEADY_SECONDS} s ({os.cpu_count()} cores)"
     )
     print(
