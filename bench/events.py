@@ -6,6 +6,8 @@ Figures, side by side in one run on this machine:
   receiver) on the embedded bus and on RabbitMQ;
 - the ceiling of the client: a bare txamqp publish (with confirms) / consume (with
   acks) loop on the same broker, through gehirn_ts.bus.txamqp_compat;
+- the same with batches both ways: published 50 a request and delivered to a
+  subscription that takes batches of 50 (CloudEvents' batched mode);
 - latency from publish to delivery, p50 and p99, at a steady 200 events/s.
 """
 
@@ -142,7 +144,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             check=True,
         )
         token = json.loads(out.stdout)["api_key"]
-        await http.call(
+        _, sub = await http.call(
             "POST", base + "/v1/subscriptions", {"pattern": "#", "url": receiver + "/hook"}, token
         )
 
@@ -184,6 +186,33 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         batched_rate = TOTAL // BATCH * BATCH / (time.monotonic() - start)
         batched_cpu = (cpu_seconds(proc.pid) - cpu_before) / (TOTAL // BATCH * BATCH) * 1000
 
+        # Batches both ways: the same load to a subscription that takes batches too.
+        await http.call("DELETE", base + f"/v1/subscriptions/{sub['id']}", token=token)
+        _, sub = await http.call(
+            "POST",
+            base + "/v1/subscriptions",
+            {"pattern": "#", "url": receiver + "/hook", "batch": BATCH},
+            token,
+        )
+        await http.call("POST", receiver + "/reset")
+        cpu_before = cpu_seconds(proc.pid)
+        start = time.monotonic()
+        await h2load(
+            base + "/v1/events",
+            token,
+            batch,
+            "application/cloudevents-batch+json",
+            TOTAL // BATCH,
+            BATCH_FLIGHT,
+        )
+        await wait_until(lambda: delivered(TOTAL // BATCH * BATCH), 600)
+        both_rate = TOTAL // BATCH * BATCH / (time.monotonic() - start)
+        both_cpu = (cpu_seconds(proc.pid) - cpu_before) / (TOTAL // BATCH * BATCH) * 1000
+        await http.call("DELETE", base + f"/v1/subscriptions/{sub['id']}", token=token)
+        await http.call(
+            "POST", base + "/v1/subscriptions", {"pattern": "#", "url": receiver + "/hook"}, token
+        )
+
         # Latency at a steady rate.
         await http.call("POST", receiver + "/reset")
         count = STEADY_RATE * STEADY_SECONDS
@@ -217,6 +246,8 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             "cpu_ms": cpu_per_event,
             "batched_rate": batched_rate,
             "batched_cpu_ms": batched_cpu,
+            "both_rate": both_rate,
+            "both_cpu_ms": both_cpu,
         }
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -303,6 +334,9 @@ async def main(_: Any) -> None:
     print(f"Published in batches of {BATCH} ({BATCH_FLIGHT} requests in flight):")
     for name, r in results.items():
         print(f"{name:16}{'':12}{r['batched_rate']:13.0f}{'':31}{r['batched_cpu_ms']:14.2f}")
+    print(f"Published and delivered in batches of {BATCH} (a subscription with batch {BATCH}):")
+    for name, r in results.items():
+        print(f"{name:16}{'':12}{r['both_rate']:13.0f}{'':31}{r['both_cpu_ms']:14.2f}")
 
 
 if __name__ == "__main__":

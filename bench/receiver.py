@@ -1,7 +1,8 @@
 """A webhook receiver for the benchmarks: records each event's publish-to-arrival time.
 
 GET /stats answers {"count", "unique", "first", "last", "latencies_ms"}; POST /reset
-clears; any other POST is an event (CloudEvents structured mode).
+clears; any other POST is an event (CloudEvents structured mode) or an array of them
+(batched mode).
 
 It reads HTTP/1.1 itself (request line, Content-Length, keep-alive) and nothing more:
 it shares the machine's two cores with the daemon it measures, and twisted.web's server
@@ -32,9 +33,14 @@ class Stats:
         self.last = 0.0
         self.latencies: list[float] = []
 
-    def event(self, body: bytes) -> None:
+    def request(self, body: bytes) -> None:
+        """One event, or a batch of them (CloudEvents' batched mode: an array)."""
+        parsed = json.loads(body)
+        for event in parsed if isinstance(parsed, list) else [parsed]:
+            self.event(event)
+
+    def event(self, event: dict) -> None:  # type: ignore[type-arg]
         now = time.time()
-        event = json.loads(body)
         self.count += 1
         if event["id"] not in self.ids:
             self.ids.add(event["id"])
@@ -90,7 +96,7 @@ class Hook(Protocol):
             self.stats.reset()
             content = b"{}"
         else:
-            self.stats.event(body)
+            self.stats.request(body)
         return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(content), content)
 
 

@@ -166,6 +166,23 @@ def _check_email(url: str, secret: str | None, policy: AddressPolicy) -> None:
         raise DestinationError("secret", "a mailto: destination takes no secret")
 
 
+MAX_BATCH = 100  # events in one webhook request (CloudEvents' batched mode)
+
+
+def check_batch(batch: Any, url: str) -> int:
+    """A subscription's ``batch``: 1 to MAX_BATCH; above 1 only for a plain webhook (an
+    http(s) URL that is not Slack's: it is sent the CloudEvents themselves).
+    DestinationError (field ``batch``) says why not."""
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise DestinationError("batch", "must be an integer")
+    if not 1 <= batch <= MAX_BATCH:
+        raise DestinationError("batch", f"must be from 1 to {MAX_BATCH}")
+    if batch > 1:
+        if urlsplit(url).scheme.lower() not in ("http", "https") or _is_slack(url):
+            raise DestinationError("batch", "only an HTTP webhook takes events in batches")
+    return batch
+
+
 Builder = Callable[[str, str | None, Context], IDestination]
 Checker = Callable[[str, str | None, AddressPolicy], None]
 

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 
 from gehirn_ts.edj import registry
+from gehirn_ts.edj.batching import Batches
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.render import render
 from gehirn_ts.edj.retry import next_delay
@@ -86,6 +87,7 @@ class EdjService(Service):
         # First attempts made by routing, at once, in all: an event with many
         # subscriptions waits here rather than opening a connection for each.
         self._first_attempts = DeferredSemaphore(first_attempts)
+        self._batches = Batches(clock)
 
     def startService(self) -> None:
         super().startService()
@@ -180,7 +182,12 @@ class EdjService(Service):
             body = render(event, destination.kind, sub.template)
         except ValueError as e:
             return "unusable", PermFail(f"destination unusable: {e}")
-        result: Result = await destination.deliver(event, body, delivery_id)
+        send = getattr(destination, "deliver_batch", None)
+        if sub.batch > 1 and send is not None:
+            # Retries too: a receiver that asked for batches always gets an array.
+            result: Result = await self._batches.attempt(sub.id, sub.batch, send, event, body)
+        else:
+            result = await destination.deliver(event, body, delivery_id)
         return str(destination.kind), result
 
     def _destination(self, sub: Subscription) -> IDestination:

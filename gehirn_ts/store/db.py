@@ -77,6 +77,7 @@ class Subscription:
     created_at: float
     deleted_at: float | None
     template: str | None = None
+    batch: int = 1  # events a request (a webhook's CloudEvents batches); 1: one at a time
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def _new_key(cur: Cursor, account_id: int | None, now: float) -> tuple[str, str]
 
 
 _SUB_COLUMNS = (
-    "s.id, s.account_id, a.name, s.pattern, s.url, s.secret, s.created_at, s.deleted_at, s.template"
+    "s.id, s.account_id, a.name, s.pattern, s.url, s.secret, s.created_at, s.deleted_at, "
+    "s.template, s.batch"
 )
 _DLV_COLUMNS = (
     "id, event_id, subscription_id, status, attempts, failures, next_attempt_at, last_error, "
@@ -329,6 +331,7 @@ class Store:
         url: str,
         secret: str | None,
         template: str | None = None,
+        batch: int = 1,
     ) -> Deferred[Subscription]:
         now = self._now()
         sub_id = new_id("sub")
@@ -336,8 +339,8 @@ class Store:
         def tx(cur: Cursor) -> Subscription:
             cur.execute(
                 "INSERT INTO subscriptions (id, account_id, pattern, url, secret, created_at, "
-                "template) VALUES (?,?,?,?,?,?,?)",
-                (sub_id, account_id, pattern, url, secret, now, template),
+                "template, batch) VALUES (?,?,?,?,?,?,?,?)",
+                (sub_id, account_id, pattern, url, secret, now, template, batch),
             )
             return self._get_subscription(cur, sub_id)
 

@@ -185,6 +185,10 @@ MIGRATIONS: list[str] = [
     UPDATE routes SET domain = substr(match, length(rtrim(match, replace(match, '@', ''))) + 1);
     CREATE INDEX routes_domain ON routes(domain);
     """,
+    # 7: how many events a webhook subscription takes in one request (1: one at a time).
+    """
+    ALTER TABLE subscriptions ADD COLUMN batch INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 

@@ -95,6 +95,7 @@ def subscription_json(sub: Subscription) -> dict[str, Any]:
         "url": registry.redact(sub.url),
         "secret": redact_secret(sub.secret),
         "template": sub.template,
+        "batch": sub.batch,
         "created_at": iso(sub.created_at),
     }
 
@@ -305,7 +306,7 @@ class Api:
     async def create_subscription(self, call: Call) -> Response:
         principal = _principal(call)
         body = call.json_object(
-            ("pattern", "url", "secret", "account", "template"), ("pattern", "url")
+            ("pattern", "url", "secret", "account", "template", "batch"), ("pattern", "url")
         )
         account = await self._account_for(principal, body.get("account"))
         if account is None:
@@ -324,10 +325,14 @@ class Api:
                 check_template(template)
             except TemplateError as e:
                 raise bad_request("template", str(e))
+        try:
+            batch = registry.check_batch(body.get("batch", 1), body["url"])
+        except registry.DestinationError as e:
+            raise bad_request(e.field, e.message)
         acct = await self._store.account_by_name(account)
         assert acct is not None
         sub = await self._store.create_subscription(
-            acct.id, pattern, body["url"], body.get("secret"), template
+            acct.id, pattern, body["url"], body.get("secret"), template, batch
         )
         return Response(201, subscription_json(sub), {"Location": f"/v1/subscriptions/{sub.id}"})
 

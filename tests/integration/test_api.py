@@ -137,6 +137,58 @@ class ApiTests(unittest.TestCase):
         assert len(receiver.hits) == 3
 
     @inline
+    async def test_a_batch_subscription_gets_signed_arrays_and_settles_each_event(self) -> None:
+        d = await Daemon(self).start()
+        receiver = Receiver(plan=[503])
+        token = await d.account("acme")
+        sub = await d.subscribe(token, "#", receiver.listen(self), batch=10, secret=SECRET)
+        status, shown = await d.call("GET", f"/v1/subscriptions/{sub['id']}", token=token)
+        assert status == 200 and sub["batch"] == shown["batch"] == 10
+        events = [{"type": "notice.fault", "id": f"n{i}"} for i in range(25)]
+        status, _ = await d.call(
+            "POST",
+            "/v1/events",
+            raw=json.dumps(events).encode(),
+            token=token,
+            headers={"content-type": "application/cloudevents-batch+json"},
+        )
+        assert status == 202
+        logs = {}
+        for i in range(25):
+            stored = await d.wait_status(token, f"n{i}", "delivered")
+            (delivery,) = stored["deliveries"]
+            logs[f"n{i}"] = [a["status_code"] for a in delivery["attempt_log"]]
+        hits = receiver.hits
+        for hit in hits:
+            assert hit.headers["content-type"].startswith("application/cloudevents-batch+json")
+            Webhook(SECRET).verify(hit.body, hit.headers)
+        requests = [[e["id"] for e in json.loads(h.body)] for h in hits]
+        assert all(1 <= len(r) <= 10 for r in requests)
+        assert len(requests) < 25  # the events went together, not one a request
+        # The first request was refused: its events, and only they, were tried again (in
+        # an array again) and each keeps its own attempt log.
+        failed = requests[0]
+        assert {i: log for i, log in logs.items() if i in failed} == {i: [503, 200] for i in failed}
+        assert all(log == [200] for i, log in logs.items() if i not in failed)
+        assert sorted(i for r in requests[1:] for i in r) == sorted(logs)
+        # Only plain webhooks take batches, of 1 to 100.
+        for url, batch in (
+            (receiver.listen(self), 0),
+            (receiver.listen(self), 101),
+            (receiver.listen(self), "5"),
+            (receiver.listen(self), True),
+            ("https://hooks.slack.com/services/T0/B0/XYZ", 2),
+            ("mailto:ops@example.org", 2),
+        ):
+            status, answer = await d.call(
+                "POST",
+                "/v1/subscriptions",
+                {"pattern": "#", "url": url, "batch": batch},
+                token=token,
+            )
+            assert (status, answer["error"]["field"]) == (400, "batch"), (url, batch, answer)
+
+    @inline
     async def test_retries_503_twice_then_delivered_on_the_third_attempt(self) -> None:
         d = await Daemon(self).start()
         receiver = Receiver(plan=[503, 503])

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import socket
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -73,10 +76,38 @@ class Stall(Protocol):
 
 
 class WebhookTests(unittest.TestCase):
-    def destination(self, url: str, allow: tuple[str, ...] = ("127.0.0.0/8",), timeout=2.0):
+    def destination(
+        self, url: str, allow: tuple[str, ...] = ("127.0.0.0/8",), timeout=2.0, secret=None
+    ):
         pool = HTTPConnectionPool(reactor, persistent=False)
         http = WebClient(guarded_agent(reactor, AddressPolicy(allow), pool), reactor)
-        return WebhookDestination(url, None, http=http, clock=reactor, timeout=timeout)
+        return WebhookDestination(url, secret, http=http, clock=reactor, timeout=timeout)
+
+    @inline
+    async def test_a_batch_is_one_signed_array_in_cloudevents_batched_mode(self) -> None:
+        secret = "whsec_" + base64.b64encode(b"k" * 32).decode()
+        receiver = Receiver(plan=[200, 503, 200])
+        dest = self.destination(receiver.listen(self) + "/b", secret=secret)
+        events = [Event(type="a", source="/s", data={"n": n}) for n in range(3)]
+        first = await dest.deliver_batch(events, [e.to_json() for e in events])
+        again = await dest.deliver_batch(events, [e.to_json() for e in events])
+        one = await dest.deliver_batch(events[:1], [events[0].to_json()])
+        assert isinstance(first, Delivered) and isinstance(one, Delivered)
+        assert isinstance(again, TempFail) and again.status_code == 503
+        hits = receiver.hits
+        for hit in hits:
+            assert hit.headers["content-type"] == (
+                "application/cloudevents-batch+json; charset=utf-8"
+            )
+            # The signature covers the whole array (Standard Webhooks).
+            Webhook(secret).verify(hit.body, hit.headers)
+        assert [e["id"] for e in json.loads(hits[0].body)] == [e.id for e in events]
+        assert [e["data"] for e in json.loads(hits[0].body)] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        # The same events make the same webhook-id; a batch of one is the event's id.
+        assert hits[0].headers["webhook-id"] == hits[1].headers["webhook-id"]
+        assert hits[0].headers["webhook-id"].startswith("batch_")
+        assert hits[2].headers["webhook-id"] == events[0].id
+        assert json.loads(hits[2].body) == [json.loads(events[0].to_json())]
 
     @inline
     async def test_outcomes_follow_the_status_code(self) -> None:
