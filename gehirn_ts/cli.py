@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     uc.add_argument("url", help="destination URL (docs/destinations.md)")
     uc.add_argument("--secret", help="Standard Webhooks secret (whsec_...), webhooks only")
     uc.add_argument("--template", help="message body template (docs/destinations.md)")
+    uc.add_argument(
+        "--batch", type=int, default=1, help="webhooks: up to this many events a request (1-100)"
+    )
     ul = subs.add_parser("list", parents=[common], help="list subscriptions (URLs redacted)")
     ul.add_argument("--account")
     ud = subs.add_parser("delete", parents=[common], help="delete a subscription")
@@ -270,18 +273,20 @@ async def _subscriptions(args: argparse.Namespace, store: Store) -> tuple[Any, s
             registry.check(args.url, args.secret, AddressPolicy(_config.edj.allow_networks))
             if args.template is not None:
                 check_template(args.template)
+            batch = registry.check_batch(args.batch, args.url)
         except (PatternError, TemplateError) as e:
             raise CliError(str(e))
         except registry.DestinationError as e:
             raise CliError(f"{e.field}: {e.message}")
         sub = await store.create_subscription(
-            account.id, pattern, args.url, args.secret, args.template
+            account.id, pattern, args.url, args.secret, args.template, batch
         )
         shown = {
             "id": sub.id,
             "account": sub.account,
             "pattern": sub.pattern,
             "url": registry.redact(sub.url),
+            "batch": sub.batch,
         }
         return shown, f"subscription {sub.id}: {sub.pattern} -> {shown['url']}"
     if args.cmd == "list":
@@ -297,6 +302,7 @@ async def _subscriptions(args: argparse.Namespace, store: Store) -> tuple[Any, s
                 "account": s.account,
                 "pattern": s.pattern,
                 "url": registry.redact(s.url),
+                "batch": s.batch,
                 "created_at": _iso(s.created_at),
             }
             for s in await store.list_subscriptions(account_id)

@@ -116,6 +116,15 @@ def test_cli_subscriptions_publish_dead_letters_replay_and_send(
     try:
         made = daemon.cli("subscription", "create", "acme", "notice.#", receiver.url)
         assert daemon.cli("subscription", "list")[0]["id"] == made["id"]
+        assert made["batch"] == 1
+        assert "batch: must be from 1 to 100" in daemon.cli_error(
+            "subscription", "create", "acme", "notice.#", receiver.url, "--batch", "101"
+        )
+        batched = daemon.cli(
+            "subscription", "create", "acme", "other.#", receiver.url, "--batch", "5"
+        )
+        assert batched["batch"] == 5
+        daemon.cli("subscription", "delete", batched["id"])
         published = daemon.cli(
             "publish", "notice.fault", "--account", "acme", "--data", '{"disk": "98%"}'
         )
