@@ -389,21 +389,18 @@ class AmqpBus(Service):
         if conn is None:
             conn = await self._connection()
         props: dict[str, Any] = {
-            "delivery_mode": PERSISTENT,
-            "content_type": content_type,
+            "delivery-mode": PERSISTENT,
+            "content-type": content_type,
             "headers": headers,
         }
         if message_id:
-            props["message_id"] = message_id
-        message = compat.content(body, **props)
+            props["message-id"] = message_id
         confirmed: Deferred[None] = Deferred()
         tag = conn.next_tag
         conn.next_tag += 1
         conn.pending[tag] = confirmed
         try:
-            await conn.publish_ch.basic_publish(
-                exchange=exchange, routing_key=routing_key, content=message
-            )
+            conn.client.publish(conn.publish_ch, exchange, routing_key, body, props)
         except Exception as e:
             conn.pending.pop(tag, None)
             raise BusUnavailable(f"publish failed: {e}") from e
@@ -473,7 +470,7 @@ class AmqpBus(Service):
                     # acked: a crash in between repeats the message, never loses it.
                     await self._send(queue, body, redeliver, attempt + 1, failures)
             if conn.alive:
-                await conn.consume_ch.basic_ack(delivery_tag=msg.delivery_tag)
+                conn.client.ack(conn.consume_ch, msg.delivery_tag)
         except Exception as e:
             # The connection went away: the broker gives the message to a consumer again.
             log.info(

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import secrets
 import socket
+import struct
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial import unittest
 
+from gehirn_ts.bus import txamqp_compat as compat
 from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import BusUnavailable, Requeue
@@ -83,6 +85,18 @@ class AmqpMethodsSent(unittest.TestCase):
 
         AMQChannel.invoke = recording
         self.addCleanup(setattr, AMQChannel, "invoke", original)
+        # What the client packs itself (publish, ack): the ids read back from its bytes.
+        names = {(60, 40): ("basic", "publish"), (60, 80): ("basic", "ack")}
+        for packer in ("publish_frames", "ack_frame"):
+            packs = getattr(compat, packer)
+
+            def packed(*args: Any, _packs: Any = packs) -> bytes:
+                data: bytes = _packs(*args)
+                ids = struct.unpack("!HH", data[7:11])
+                sent.append((*names.get(ids, ("?", "?")), *ids))
+                return data
+
+            self.patch(compat, packer, packed)
         bus = AmqpBus(
             rabbitmq_url(),
             reactor,

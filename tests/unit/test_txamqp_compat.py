@@ -9,9 +9,12 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from txamqp.codec import Codec
-from txamqp.connection import Body, Frame, Header
+from txamqp.connection import Body, Frame, Header, Method
 from txamqp.protocol import FrameReceiver
 
 from gehirn_ts.bus import txamqp_compat as compat
@@ -266,29 +269,137 @@ def test_x_death_table_from_rabbitmq_decodes():
     }
 
 
-def test_properties_by_spec_name_survive_a_header_frame():
-    message = compat.content(
-        b"{}",
-        delivery_mode=2,
-        content_type="application/json",
-        headers={"x-gehirn-attempt": 1},
-        message_id="m1",
-    )
-    assert message.properties == {
-        "delivery-mode": 2,
-        "content-type": "application/json",
-        "headers": {"x-gehirn-attempt": 1},
-        "message-id": "m1",
-    }
+def _txamqp_publish(
+    channel: int, exchange: str, key: str, body: bytes, props: dict, frame_max: int
+) -> bytes:
+    """The frames txamqp's ``basic_publish`` and ``write_content`` send, packed by
+    txamqp's own encoder."""
     spec = compat.load_spec()
-    header = Header(spec.classes.byname["basic"], 0, 2, **message.properties)
-    frame = FrameReceiver(spec)._unpack_frame(_frame_bytes(Frame(1, header)))
-    assert frame.payload.properties == message.properties
+    basic = spec.classes.byname["basic"]
+    frames = [
+        Frame(channel, Method(basic.methods.byname["publish"], 0, exchange, key, False, False)),
+        Frame(channel, Header(basic, 0, len(body), **props)),
+    ]
+    step = frame_max - 8
+    frames += [Frame(channel, Body(body[i : i + step])) for i in range(0, len(body), step)]
+    return b"".join(_frame_bytes(f) for f in frames)
+
+
+def _properties(text: st.SearchStrategy[str]) -> st.SearchStrategy[dict]:
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "content-type": text,
+            "content-encoding": text,
+            "headers": st.dictionaries(st.text(max_size=12), FIELD_VALUES, max_size=4),
+            "delivery-mode": st.integers(0, 255),
+            "priority": st.integers(0, 255),
+            "correlation-id": text,
+            "reply-to": text,
+            "expiration": text,
+            "message-id": text,
+            "timestamp": st.integers(0, 2**63 - 1),
+            "type": text,
+            "user-id": text,
+            "app-id": text,
+        },
+    )
+
+
+# txamqp writes a short string's length in characters, not bytes: only ASCII text
+# comes out right from it (see the next test).
+ASCII = st.text(st.characters(max_codepoint=127), max_size=40)
+
+
+@given(
+    st.integers(0, 65535),
+    ASCII,
+    ASCII,
+    st.binary(max_size=3000),
+    _properties(ASCII),
+    st.sampled_from([9, 64, 1000, 4096, 131072]),
+)
+def test_published_frames_are_txamqps_byte_for_byte(channel, exchange, key, body, props, fmax):
+    ours = compat.publish_frames(channel, exchange, key, body, props, fmax)
+    assert ours == _txamqp_publish(channel, exchange, key, body, props, fmax)
+
+
+@given(st.text(max_size=40), st.text(max_size=60), _properties(st.text(max_size=30)))
+def test_any_text_is_read_back_from_the_published_frames(exchange, key, props):
+    # A short string's length is its UTF-8 bytes (AMQP 0-9-1 section 4.2.5.3); with
+    # txamqp's length in characters the broker would read past the field.
+    data = compat.publish_frames(5, exchange, key, b"body", props, 4096)
+    receiver = FrameReceiver(compat.load_spec())
+    frames = []
+    while data:
+        end = 8 + struct.unpack("!L", data[3:7])[0]
+        frames.append(receiver._unpack_frame(data[:end]))
+        data = data[end:]
+    method, header, body = frames
+    assert method.payload.args[1:3] == (exchange, key)
+    assert header.payload.properties == props
+    assert body.payload.content == b"body"
+
+
+@given(st.integers(0, 65535), st.integers(0, 2**64 - 1))
+def test_an_ack_frame_is_txamqps_byte_for_byte(channel, tag):
+    ack = compat.load_spec().classes.byname["basic"].methods.byname["ack"]
+    assert compat.ack_frame(channel, tag) == _frame_bytes(Frame(channel, Method(ack, tag, False)))
 
 
 def test_misspelt_property_is_refused():
     with pytest.raises(ValueError, match="deliverymode"):
-        compat.content(b"", deliverymode=2)
+        compat.publish_frames(1, "", "q", b"", {"deliverymode": 2}, 4096)
+
+
+HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+
+
+def _client_with_heartbeat(interval: int) -> tuple[compat.BusClient, StringTransport, Clock]:
+    clock = Clock()
+    client = compat.BusClient(compat.BusDelegate(), "/", compat.load_spec(), interval, clock)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.started.fire()  # the broker's connection.open-ok: the heartbeats start
+    transport.clear()
+    return client, transport, clock
+
+
+def test_a_heartbeat_goes_out_after_an_interval_with_nothing_sent():
+    client, transport, clock = _client_with_heartbeat(10)
+    ack = compat.load_spec().classes.byname["basic"].methods.byname["ack"]
+    for _ in range(5):  # frames every 9 s: no heartbeat is needed
+        clock.advance(9)
+        client.send_frame(Frame(1, Method(ack, 1, False)))
+    assert HEARTBEAT not in transport.value()
+    transport.clear()
+    clock.advance(9.9)
+    assert transport.value() == b""
+    clock.advance(0.2)
+    assert transport.value() == HEARTBEAT
+    clock.advance(10)  # and one every interval while nothing else goes out
+    assert transport.value() == HEARTBEAT * 2
+
+
+def test_a_silent_peer_is_given_up_after_three_intervals():
+    client, transport, clock = _client_with_heartbeat(10)
+    for _ in range(6):  # a heartbeat from the broker every 20 s keeps it
+        clock.advance(20)
+        client.dataReceived(HEARTBEAT)
+    assert not transport.disconnecting
+    clock.advance(29)
+    assert not transport.disconnecting
+    clock.advance(1.5)
+    assert transport.disconnecting
+    client.connectionLost(Failure(ConnectionDone()))
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
+
+
+def test_frames_are_written_when_sent():
+    client, transport, _ = _client_with_heartbeat(0)
+    ack = compat.load_spec().classes.byname["basic"].methods.byname["ack"]
+    client.outgoing.put(Frame(3, Method(ack, 7, False)))
+    assert transport.value() == compat.ack_frame(3, 7)
 
 
 def test_client_sends_the_0_9_1_protocol_header():
