@@ -20,7 +20,10 @@ txamqp's weak spots, each covered by tests/unit/test_txamqp_compat.py:
 7. It stops and restarts its heartbeat timers for every frame sent and received (a
    LoopingCall restarted, a delayed call cancelled and made again: about 5% of an
    event's CPU on RabbitMQ). ``BusClient`` moves its timers later instead, which
-   Twisted does without touching its timer heap.
+   Twisted does without touching its timer heap. It also finds the channel of every
+   frame received through a lock and two inlineCallbacks generators, one of them
+   ending in the deprecated ``returnValue``; ``BusClient.process_frame`` takes a
+   channel that exists from its dict.
 8. Every frame it sends goes through a DeferredQueue (a Deferred a frame) and its
    Python encoder, a Codec over BytesIO. ``BusClient`` writes frames as they are sent,
    and packs what it sends for every message itself: ``publish_frames``
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import struct
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -230,7 +234,21 @@ class BusClient(AMQClient):  # type: ignore[misc]
             self._heartbeat_call.cancel()
         super().connectionLost(reason)
 
-    # --- 7: heartbeats (AMQP 0-9-1 section 4.2.7) ---
+    # --- 7: heartbeats (AMQP 0-9-1 section 4.2.7), and frames received ---
+
+    def process_frame(self, frame: Any) -> Any:
+        """txamqp's ``process_frame`` for a frame of a channel that exists, in order;
+        the first frame of a new channel goes the way txamqp makes channels."""
+        channel = self.channels.get(frame.channel)
+        if channel is None:
+            return super().process_frame(frame)
+        if frame.payload.type == Frame.HEARTBEAT:
+            self.last_heartbeat_received = time.time()
+        else:
+            channel.dispatch(frame, self.work)
+        if self.heartbeatInterval > 0 and not self.closed:
+            self.reschedule_check_heartbeat()
+        return None
 
     def reschedule_send_heartbeat(self) -> None:
         """A frame went out: the next heartbeat is due an interval from now."""

@@ -436,3 +436,24 @@ def test_amqp_urls():
     for bad in ("http://h/", "amqp:///x"):
         with pytest.raises(ValueError):
             AmqpUrl.parse(bad)
+
+
+def test_a_delivery_on_an_open_channel_reaches_the_delegate_whole():
+    client, _, _ = _client_with_heartbeat(10)
+    got: list = []
+    client.delegate.on_deliver = lambda ch, msg: got.append((ch.id, msg))
+    client.channel(1)  # opened, as the bus opens its consume channel
+    spec = compat.load_spec()
+    basic = spec.classes.byname["basic"]
+    deliver = basic.methods.byname["deliver"]
+    body = "grüße".encode() * 3000  # three body frames at txamqp's 4096-byte frames
+    frames = [Frame(1, Method(deliver, "ctag", 7, False, "ex", "a.b"))]
+    frames.append(Frame(1, Header(basic, 0, len(body), **{"message-id": "m1"})))
+    frames += [Frame(1, Body(body[i : i + 4088])) for i in range(0, len(body), 4088)]
+    data = b"".join(_frame_bytes(f) for f in frames)
+    for i in range(0, len(data), 1000):  # in pieces, as TCP hands them over
+        client.dataReceived(data[i : i + 1000])
+    [(channel, message)] = got
+    assert channel == 1 and message.delivery_tag == 7 and message.routing_key == "a.b"
+    assert message.content.body == body
+    assert message.content.properties == {"message-id": "m1"}
