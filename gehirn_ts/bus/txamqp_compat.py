@@ -20,10 +20,14 @@ txamqp's weak spots, each covered by tests/unit/test_txamqp_compat.py:
 7. It stops and restarts its heartbeat timers for every frame sent and received (a
    LoopingCall restarted, a delayed call cancelled and made again: about 5% of an
    event's CPU on RabbitMQ). ``BusClient`` moves its timers later instead, which
-   Twisted does without touching its timer heap. It also finds the channel of every
-   frame received through a lock and two inlineCallbacks generators, one of them
-   ending in the deprecated ``returnValue``; ``BusClient.process_frame`` takes a
-   channel that exists from its dict.
+   Twisted does without touching its timer heap.
+9. It hands every frame received through a lock and three inlineCallbacks generators
+   (two ending in the deprecated ``returnValue``) and two DeferredQueues before the
+   delegate sees a message. ``BusClient.process_frame`` takes a channel that exists
+   from its dict, puts a message's content together as its frames come, and gives
+   the delegate each message in the order its frames came; answers to our own
+   requests (``queue.declare-ok``...) still go to the channel's queue, where txamqp
+   waits for them.
 8. Every frame it sends goes through a DeferredQueue (a Deferred a frame) and its
    Python encoder, a Codec over BytesIO. ``BusClient`` writes frames as they are sent,
    and packs what it sends for every message itself: ``publish_frames``
@@ -48,10 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from txamqp import codec as _codec
 from txamqp import spec as _spec
 from txamqp.client import TwistedDelegate
-from txamqp.connection import Body, Frame
+from txamqp.connection import Body, Frame, Header, Method
+from txamqp.content import Content
+from txamqp.message import Message
 from txamqp.protocol import AMQClient
 
 from gehirn_ts.logs import Logger
@@ -209,6 +216,33 @@ class BusDelegate(TwistedDelegate):  # type: ignore[misc]
         log.warn("AMQP message returned: {text}", text=msg.reply_text)
 
 
+class _Content:
+    """A message's method, content header and body frames as they come (9)."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self.header: Any = None
+        self.chunks: list[bytes] = []
+        self.read = 0
+
+    def add(self, payload: Any) -> bool:
+        """Take the next frame; True once the content is whole."""
+        if self.header is None:
+            if not isinstance(payload, Header) or payload.weight:
+                raise ValueError(f"expected a content header, got {payload!r}")
+            self.header = payload
+        elif isinstance(payload, Body):
+            self.chunks.append(payload.content)
+            self.read += len(payload.content)
+        else:
+            raise ValueError(f"expected a body frame, got {payload!r}")
+        return bool(self.read >= self.header.size)
+
+    def message(self) -> Message:
+        content = Content(b"".join(self.chunks), [], self.header.properties.copy())
+        return Message(self.method.method, self.method.args, content)
+
+
 class _WriteNow:
     """Stands for txamqp's outgoing DeferredQueue: a frame put is a frame sent."""
 
@@ -224,6 +258,7 @@ class BusClient(AMQClient):  # type: ignore[misc]
         # Channels take the client's queue when they are made, after this (8).
         self.outgoing = _WriteNow(self.send_frame)
         self._heartbeat_call: Any = None
+        self._content: dict[int, _Content] = {}
 
     def send_init_string(self) -> None:
         self.transport.write(PROTOCOL_HEADER)
@@ -237,18 +272,40 @@ class BusClient(AMQClient):  # type: ignore[misc]
     # --- 7: heartbeats (AMQP 0-9-1 section 4.2.7), and frames received ---
 
     def process_frame(self, frame: Any) -> Any:
-        """txamqp's ``process_frame`` for a frame of a channel that exists, in order;
-        the first frame of a new channel goes the way txamqp makes channels."""
+        """A frame of a channel that exists (9); the first frame of a new channel goes
+        the way txamqp makes channels."""
         channel = self.channels.get(frame.channel)
         if channel is None:
             return super().process_frame(frame)
         if frame.payload.type == Frame.HEARTBEAT:
             self.last_heartbeat_received = time.time()
         else:
-            channel.dispatch(frame, self.work)
+            try:
+                self._frame_in(channel, frame)
+            except Exception:
+                # As txamqp's worker does when a message cannot be handled.
+                self.close(Failure())
         if self.heartbeatInterval > 0 and not self.closed:
             self.reschedule_check_heartbeat()
         return None
+
+    def _frame_in(self, channel: Any, frame: Any) -> None:
+        payload = frame.payload
+        pending = self._content.get(channel.id)
+        if pending is not None:
+            # A content header, then body frames, follow their method with nothing
+            # between them on the channel (AMQP 0-9-1 section 4.2.6).
+            if pending.add(payload):
+                del self._content[channel.id]
+                self.delegate.dispatch(channel, pending.message())
+            return
+        if isinstance(payload, Method) and not payload.method.response:
+            if payload.method.content:
+                self._content[channel.id] = _Content(payload)
+            else:
+                self.delegate.dispatch(channel, Message(payload.method, payload.args))
+            return
+        channel.dispatch(frame, self.work)  # an answer that invoke waits for
 
     def reschedule_send_heartbeat(self) -> None:
         """A frame went out: the next heartbeat is due an interval from now."""

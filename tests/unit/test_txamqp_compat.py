@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -457,3 +458,50 @@ def test_a_delivery_on_an_open_channel_reaches_the_delegate_whole():
     assert channel == 1 and message.delivery_tag == 7 and message.routing_key == "a.b"
     assert message.content.body == body
     assert message.content.properties == {"message-id": "m1"}
+
+
+def _basic(name: str) -> Any:
+    return compat.load_spec().classes.byname["basic"].methods.byname[name]
+
+
+def _deliver_frames(channel: int, tag: int, body: bytes) -> list[Frame]:
+    basic = compat.load_spec().classes.byname["basic"]
+    frames = [Frame(channel, Method(_basic("deliver"), "ctag", tag, False, "ex", "k"))]
+    frames.append(Frame(channel, Header(basic, 0, len(body))))
+    return frames + [Frame(channel, Body(body[i : i + 4088])) for i in range(0, len(body), 4088)]
+
+
+def test_messages_reach_the_delegate_in_the_order_their_frames_came():
+    client, transport, _ = _client_with_heartbeat(0)
+    seen: list = []
+    client.delegate.on_deliver = lambda ch, msg: seen.append(("deliver", msg.content.body))
+    client.delegate.on_confirm = lambda ch, tag, multiple, ack: seen.append(("confirm", tag))
+    client.channel(1)
+    client.channel(2)
+    frames = _deliver_frames(2, 1, b"first")
+    frames.append(Frame(1, Method(_basic("ack"), 5, False)))  # a publish confirmed
+    frames += _deliver_frames(2, 2, b"")  # an empty body: no body frame
+    frames += _deliver_frames(2, 3, b"x" * 5000)
+    client.dataReceived(b"".join(_frame_bytes(f) for f in frames))
+    assert seen == [
+        ("deliver", b"first"),
+        ("confirm", 5),
+        ("deliver", b""),
+        ("deliver", b"x" * 5000),
+    ]
+    assert not transport.disconnecting
+
+
+def test_an_answer_goes_to_the_waiting_request_and_a_broken_sequence_closes():
+    client, transport, _ = _client_with_heartbeat(0)
+    channel = client.channel(1).result
+    queue = compat.load_spec().classes.byname["queue"]
+    waiting = channel.responses.get()
+    declare_ok = Frame(1, Method(queue.methods.byname["declare-ok"], "q", 0, 0))
+    client.dataReceived(_frame_bytes(declare_ok))
+    assert waiting.result.payload.args == ("q", 0, 0)
+    # A body frame where a content header belongs: the connection is given up, as
+    # txamqp gives it up when a message cannot be handled.
+    frames = _deliver_frames(1, 1, b"abc")
+    client.dataReceived(_frame_bytes(frames[0]) + _frame_bytes(frames[2]))
+    assert transport.disconnecting or client.closed
