@@ -5,7 +5,9 @@ Figures, side by side in one run on this machine:
   flight, one event a request and then batches of 50, delivered to a local webhook
   receiver) on the embedded bus and on RabbitMQ;
 - the ceiling of the client: a bare txamqp publish (with confirms) / consume (with
-  acks) loop on the same broker, through gehirn_ts.bus.txamqp_compat;
+  acks) loop on the same broker, through txamqp's own channel methods, and the same
+  loop through gehirn-ts's AMQP layer (bus/amqp.py on bus/txamqp_compat.py, which packs
+  and reads the frames of every message itself);
 - the same with batches both ways: published 50 a request and delivered to a
   subscription that takes batches of 50 (CloudEvents' batched mode);
 - latency from publish to delivery, p50 and p99, at a steady 200 events/s.
@@ -27,7 +29,10 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet import defer, reactor, task, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.web.client import Agent, HTTPConnectionPool
+from txamqp.content import Content
+from txamqp.protocol import AMQClient
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.h2load import h2load as run_h2load  # noqa: E402
 from bench.smtp import cpu_seconds  # noqa: E402
 from gehirn_ts.bus import txamqp_compat as compat  # noqa: E402
-from gehirn_ts.bus.amqp import AmqpBus  # noqa: E402
+from gehirn_ts.bus.amqp import AmqpBus, AmqpUrl  # noqa: E402
 from gehirn_ts.interfaces import BusMessage  # noqa: E402
 from tests.rabbitmq import rabbitmq_url, stop_if_started  # noqa: E402
 from tests.support import free_port  # noqa: E402
@@ -296,6 +301,75 @@ async def bare_txamqp(url: str) -> float:
     return rate
 
 
+class StockClient(AMQClient):  # type: ignore[misc]
+    """txamqp's own client, with only what it needs to talk to RabbitMQ: the 0-9-1
+    header (the spec file and the binary body and table decoders come with importing
+    txamqp_compat). Frames go through txamqp's queues, encoder and decoder."""
+
+    def send_init_string(self) -> None:
+        self.transport.write(compat.PROTOCOL_HEADER)
+
+
+async def bare_stock_txamqp(url: str) -> float:
+    """txamqp alone: basic_publish with confirms, basic_consume and basic_ack, each
+    through txamqp's channel methods."""
+    parsed = AmqpUrl.parse(url)
+    delegate = compat.BusDelegate()
+    client = StockClient(delegate, parsed.vhost, compat.load_spec(), heartbeat=0)
+    await connectProtocol(TCP4ClientEndpoint(reactor, parsed.host, parsed.port), client)
+    client.transport.setTcpNoDelay(True)
+    await client.start(
+        b"\0" + parsed.user.encode() + b"\0" + parsed.password.encode(), mechanism="PLAIN"
+    )
+    publish = await client.channel(1)
+    await publish.channel_open()
+    await publish.confirm_select()
+    consume = await client.channel(2)
+    await consume.channel_open()
+    await consume.basic_qos(prefetch_count=64)
+    queue = "bare-stock-" + secrets.token_hex(3)
+    await publish.queue_declare(queue=queue, durable=True, auto_delete=True)
+    pending: dict[int, defer.Deferred[None]] = {}
+    got = 0
+    finished: defer.Deferred[None] = defer.Deferred()
+
+    def confirmed(channel: int, tag: int, multiple: bool, ack: bool) -> None:
+        for t in [t for t in pending if t <= tag] if multiple else [tag]:
+            d = pending.pop(t, None)
+            if d is not None:
+                d.callback(None)
+
+    def delivered(channel: Any, msg: Any) -> None:
+        nonlocal got
+        got += 1
+        consume.basic_ack(delivery_tag=msg.delivery_tag)
+        if got == TOTAL and not finished.called:
+            finished.callback(None)
+
+    delegate.on_confirm = confirmed
+    delegate.on_deliver = delivered
+    await consume.basic_consume(queue=queue, consumer_tag="bare")
+    body = json.dumps({"type": "notice.fault", "data": {"n": 0}}).encode()
+    start = time.monotonic()
+    in_flight: list[defer.Deferred[None]] = []
+    for tag in range(1, TOTAL + 1):
+        d: defer.Deferred[None] = defer.Deferred()
+        pending[tag] = d
+        publish.basic_publish(
+            exchange="",
+            routing_key=queue,
+            content=Content(body, properties={"delivery-mode": 2}),
+        )
+        in_flight.append(d)
+        if len(in_flight) >= CONCURRENCY:
+            await in_flight.pop(0)
+    await defer.gatherResults(in_flight)
+    await finished
+    rate = TOTAL / (time.monotonic() - start)
+    client.transport.loseConnection()
+    return rate
+
+
 async def main(_: Any) -> None:
     # The broker only for the parts that use it; one started here is stopped at the end
     # (make bench starts and stops its own around all three benchmarks).
@@ -314,6 +388,7 @@ async def main(_: Any) -> None:
         if "rabbitmq" in ONLY:
             results["RabbitMQ bus"] = await run_daemon_bench(http, url, receiver)
         bare = await bare_txamqp(url) if "bare" in ONLY else 0.0
+        stock = await bare_stock_txamqp(url) if "bare" in ONLY else 0.0
     finally:
         receiver_proc.terminate()
         stop_if_started()
@@ -330,7 +405,11 @@ async def main(_: Any) -> None:
             f"{name:16}{r['publish_rate']:12.0f}{r['delivery_rate']:13.0f}{r['p50']:9.1f}"
             f"{r['p99']:9.1f}{r['rss_mb']:13.1f}{r['cpu_ms']:14.2f}"
         )
-    print(f"{'bare txamqp':16}{'':12}{bare:13.0f}   (publish+confirm, consume+ack, same broker)")
+    print(
+        f"{'bare txamqp':16}{'':12}{stock:13.0f}   (publish+confirm, consume+ack, same broker; "
+        "txamqp's own methods)"
+    )
+    print(f"{'bare bus':16}{'':12}{bare:13.0f}   (the same through gehirn-ts's AMQP layer)")
     print(f"Published in batches of {BATCH} ({BATCH_FLIGHT} requests in flight):")
     for name, r in results.items():
         print(f"{name:16}{'':12}{r['batched_rate']:13.0f}{'':31}{r['batched_cpu_ms']:14.2f}")
