@@ -27,7 +27,10 @@ txamqp's weak spots, each covered by tests/unit/test_txamqp_compat.py:
    from its dict, puts a message's content together as its frames come, and gives
    the delegate each message in the order its frames came; answers to our own
    requests (``queue.declare-ok``...) still go to the channel's queue, where txamqp
-   waits for them.
+   waits for them. ``unpack_frame`` reads the frames of every message received
+   (basic.deliver, basic.ack, content headers, bodies, heartbeats) with struct
+   instead of txamqp's Codec, into the same objects (checked against txamqp's decoder);
+   any other frame is left to txamqp.
 8. Every frame it sends goes through a DeferredQueue (a Deferred a frame) and its
    Python encoder, a Codec over BytesIO. ``BusClient`` writes frames as they are sent,
    and packs what it sends for every message itself: ``publish_frames``
@@ -43,6 +46,7 @@ gehirn-ts imports txamqp.
 from __future__ import annotations
 
 import functools
+import io
 import struct
 import time
 from collections.abc import Callable
@@ -56,7 +60,7 @@ from twisted.python.failure import Failure
 from txamqp import codec as _codec
 from txamqp import spec as _spec
 from txamqp.client import TwistedDelegate
-from txamqp.connection import Body, Frame, Header, Method
+from txamqp.connection import Body, Frame, Header, Heartbeat, Method
 from txamqp.content import Content
 from txamqp.message import Message
 from txamqp.protocol import AMQClient
@@ -271,6 +275,10 @@ class BusClient(AMQClient):  # type: ignore[misc]
 
     # --- 7: heartbeats (AMQP 0-9-1 section 4.2.7), and frames received ---
 
+    def _unpack_frame(self, data: bytes) -> Any:
+        frame = unpack_frame(data)
+        return frame if frame is not None else super()._unpack_frame(data)
+
     def process_frame(self, frame: Any) -> Any:
         """A frame of a channel that exists (9); the first frame of a new channel goes
         the way txamqp makes channels."""
@@ -444,3 +452,80 @@ def publish_frames(
 def ack_frame(channel: int, delivery_tag: int) -> bytes:
     """basic.ack of one delivery (multiple off)."""
     return _frame(_METHOD, channel, struct.pack("!HHQB", _BASIC, _BASIC_ACK, delivery_tag, 0))
+
+
+_DELIVER = 60
+_KINDS = dict(_PROPERTIES)
+
+
+def _text(data: bytes) -> str | bytes:
+    # As txamqp's dec_str: text when it is UTF-8, else the bytes.
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data
+
+
+def _shortstr_at(data: bytes, at: int) -> tuple[str | bytes, int]:
+    end = at + 1 + data[at]
+    if end > len(data):
+        raise ValueError("a short string runs past its frame")
+    return _text(data[at + 1 : end]), end
+
+
+def unpack_frame(data: bytes) -> Frame | None:
+    """The frame in ``data`` (one whole frame) as txamqp's decoder makes it, for the
+    frames every message brings; None for any other frame (txamqp reads those)."""
+    kind, channel, size = struct.unpack_from("!BHL", data)
+    if len(data) != size + 8 or data[-1:] != _FRAME_END:
+        return None  # txamqp says what is wrong with it
+    payload = data[7:-1]
+    if kind == _BODY:
+        return Frame(channel, _BinaryBody(payload))
+    if kind == 8:  # heartbeat
+        return Frame(channel, Heartbeat())
+    spec = load_spec()
+    basic = spec.classes.byid[_BASIC]
+    if kind == _METHOD and size >= 4:
+        class_id, method_id = struct.unpack_from("!HH", payload)
+        if class_id != _BASIC:
+            return None
+        if method_id == _DELIVER:
+            tag, at = _shortstr_at(payload, 4)
+            delivery_tag, bits = struct.unpack_from("!QB", payload, at)
+            exchange, at = _shortstr_at(payload, at + 9)
+            key, at = _shortstr_at(payload, at)
+            method = basic.methods.byid[_DELIVER]
+            return Frame(channel, Method(method, tag, delivery_tag, bool(bits & 1), exchange, key))
+        if method_id == _BASIC_ACK and size == 13:
+            delivery_tag, bits = struct.unpack_from("!QB", payload, 4)
+            return Frame(
+                channel, Method(basic.methods.byid[_BASIC_ACK], delivery_tag, bool(bits & 1))
+            )
+        return None
+    if kind == _HEADER and size >= 14:
+        class_id, weight, body_size, flags = struct.unpack_from("!HHQH", payload)
+        if class_id != _BASIC or flags & 1:
+            return None  # more flag words: not basic's 14 properties
+        properties: dict[str, Any] = {}
+        at = 14
+        for n, (name, kind_) in enumerate(_PROPERTIES):
+            if not flags & (1 << (15 - n)):
+                continue
+            if kind_ == "s":
+                properties[name], at = _shortstr_at(payload, at)
+            elif kind_ == "o":
+                properties[name] = payload[at]
+                at += 1
+            elif kind_ == "q":
+                properties[name] = struct.unpack_from("!Q", payload, at)[0]
+                at += 8
+            else:
+                length = struct.unpack_from("!L", payload, at)[0]
+                table = payload[at : at + 4 + length]
+                if len(table) != 4 + length:
+                    raise ValueError("a table runs past its frame")
+                properties[name] = _decode_table(_codec.Codec(io.BytesIO(table)))
+                at += 4 + length
+        return Frame(channel, Header(basic, weight, body_size, **properties))
+    return None

@@ -505,3 +505,71 @@ def test_an_answer_goes_to_the_waiting_request_and_a_broken_sequence_closes():
     frames = _deliver_frames(1, 1, b"abc")
     client.dataReceived(_frame_bytes(frames[0]) + _frame_bytes(frames[2]))
     assert transport.disconnecting or client.closed
+
+
+def _same_frame(ours: Any, theirs: Any) -> None:
+    assert ours is not None
+    assert (ours.channel, type(ours.payload)) == (theirs.channel, type(theirs.payload))
+    payload, expected = ours.payload, theirs.payload
+    if isinstance(expected, Method):
+        assert payload.method is expected.method and payload.args == expected.args
+    elif isinstance(expected, Header):
+        assert payload.klass is expected.klass
+        assert (payload.weight, payload.size) == (expected.weight, expected.size)
+        assert payload.properties == expected.properties
+    else:
+        assert getattr(payload, "content", None) == getattr(expected, "content", None)
+
+
+@given(
+    st.integers(0, 65535),
+    st.text(max_size=40),
+    st.integers(0, 2**64 - 1),
+    st.booleans(),
+    st.text(max_size=40),
+    st.text(max_size=60),
+)
+def test_a_delivery_method_frame_reads_as_txamqp_reads_it(channel, tag, n, again, exchange, key):
+    spec = compat.load_spec()
+    deliver = spec.classes.byname["basic"].methods.byname["deliver"]
+    # Packed with short strings counted in bytes (as RabbitMQ sends them).
+    method = (
+        struct.pack("!HH", 60, 60)
+        + compat._shortstr(tag)
+        + struct.pack("!QB", n, int(again))
+        + compat._shortstr(exchange)
+        + compat._shortstr(key)
+    )
+    data = compat._frame(1, channel, method)
+    ours = compat.unpack_frame(data)
+    _same_frame(ours, FrameReceiver(spec)._unpack_frame(data))
+    assert ours.payload.method is deliver and ours.payload.args[1:3] == (n, again)
+
+
+@given(
+    st.integers(0, 65535),
+    st.integers(0, 2**64 - 1),
+    st.booleans(),
+    _properties(ASCII),
+    st.binary(max_size=200),
+)
+def test_confirms_headers_and_bodies_read_as_txamqp_reads_them(channel, tag, multiple, props, body):
+    spec = compat.load_spec()
+    ack = spec.classes.byname["basic"].methods.byname["ack"]
+    frames = [
+        _frame_bytes(Frame(channel, Method(ack, tag, multiple))),
+        _frame_bytes(Frame(channel, Header(spec.classes.byname["basic"], 0, len(body), **props))),
+        _frame_bytes(Frame(channel, Body(body))),
+        HEARTBEAT,
+    ]
+    for data in frames:
+        _same_frame(compat.unpack_frame(data), FrameReceiver(spec)._unpack_frame(data))
+
+
+def test_other_frames_are_left_to_txamqp():
+    spec = compat.load_spec()
+    queue = spec.classes.byname["queue"]
+    declare_ok = _frame_bytes(Frame(1, Method(queue.methods.byname["declare-ok"], "q", 0, 0)))
+    qos_ok = _frame_bytes(Frame(1, Method(spec.classes.byname["basic"].methods.byname["qos-ok"])))
+    assert compat.unpack_frame(declare_ok) is None and compat.unpack_frame(qos_ok) is None
+    assert compat.unpack_frame(declare_ok[:-1] + b"\x00") is None  # no frame end
