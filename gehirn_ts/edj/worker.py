@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
@@ -25,7 +26,7 @@ from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.render import render
 from gehirn_ts.edj.retry import next_delay
 from gehirn_ts.edj.router import route
-from gehirn_ts.events import EDJ_DELIVERY_FAILED, Event, event_from_json
+from gehirn_ts.events import EDJ_DELIVERY_FAILED, Event, event_from_own_json
 from gehirn_ts.interfaces import (
     BusMessage,
     BusUnavailable,
@@ -88,6 +89,7 @@ class EdjService(Service):
         # subscriptions waits here rather than opening a connection for each.
         self._first_attempts = DeferredSemaphore(first_attempts)
         self._batches = Batches(clock)
+        self._children: dict[tuple[str, ...], Any] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -103,7 +105,7 @@ class EdjService(Service):
     async def route(self, message: BusMessage) -> None:
         # The embedded bus hands over the published Event (frozen; its JSON is these
         # bytes): parsing them again was about 3% of an event's CPU.
-        event = message.event if message.event is not None else event_from_json(message.body)
+        event = message.event if message.event is not None else event_from_own_json(message.body)
         # One transaction picks the subscriptions, stores the event when missing (an
         # internal publisher may have crashed between the store and the bus) and
         # creates the deliveries; all of it idempotent.
@@ -205,16 +207,26 @@ class EdjService(Service):
             outcome = "delivered"
             try:
                 sent = datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp()
-                self._metrics.delivery_latency.labels(kind).observe(
-                    max(0.0, self._clock.seconds() - sent)
-                )
+                self._metric("latency", kind).observe(max(0.0, self._clock.seconds() - sent))
             except ValueError:
                 pass
         elif isinstance(result, PermFail):
             outcome = "dead"
         else:
             outcome = "retry"
-        self._metrics.deliveries.labels(kind, outcome).inc()
+        self._metric("deliveries", kind, outcome).inc()
+
+    def _metric(self, name: str, *labels: str) -> Any:
+        """A metric's child for these labels, looked up once (prometheus_client checks
+        and locks on every ``labels`` call; the kinds and outcomes are few)."""
+        key = (name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            metric = (
+                self._metrics.delivery_latency if name == "latency" else self._metrics.deliveries
+            )
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     async def _settle(
         self,

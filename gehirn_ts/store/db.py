@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from gehirn_ts.events import Event, event_from_dict
+from gehirn_ts.events import Event, event_from_own_json
 from gehirn_ts.recent import Recent
 from gehirn_ts.store.batch import BatchedDatabase
 from gehirn_ts.store.schema import configure
@@ -422,7 +422,7 @@ class Store:
             row = cur.fetchone()
             if row is None:
                 raise NotFound(event_id)
-            return event_from_dict(json.loads(row[0]))
+            return event_from_own_json(row[0])
 
         return self._read(tx)
 
@@ -511,7 +511,7 @@ class Store:
                 raise NotFound(delivery_id)
             delivery = _delivery(row)
             cur.execute("SELECT body FROM events WHERE id = ?", (delivery.event_id,))
-            event = event_from_dict(json.loads(cur.fetchone()[0]))
+            event = event_from_own_json(cur.fetchone()[0])
             return delivery, event, self._get_subscription(cur, delivery.subscription_id)
 
         return self._read(tx)

@@ -84,7 +84,7 @@ class WorkerClockTests(unittest.TestCase):
         def parse_again(body: bytes) -> Event:
             raise AssertionError("the event was parsed again")
 
-        self.patch(worker, "event_from_json", parse_again)
+        self.patch(worker, "event_from_own_json", parse_again)
         store, _, publisher = self._worker(task.Clock())
         receiver = Receiver(plan=[200])
         account, _, _ = await store.create_account("acme")
