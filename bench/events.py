@@ -38,14 +38,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.h2load import h2load as run_h2load  # noqa: E402
-from bench.smtp import cpu_seconds  # noqa: E402
+from bench.smtp import cpu_seconds, start_gehirn  # noqa: E402
 from gehirn_ts.bus import txamqp_compat as compat  # noqa: E402
 from gehirn_ts.bus.amqp import AmqpBus, AmqpUrl  # noqa: E402
 from gehirn_ts.interfaces import BusMessage  # noqa: E402
 from tests.rabbitmq import rabbitmq_url, stop_if_started  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
-BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TOTAL = int(os.environ.get("BENCH_EVENTS", "3000"))
 CONCURRENCY = 32
@@ -104,23 +103,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         f'[bus]\nurl = "{bus_url}"\nnamespace = "{namespace}"\n'
         '[edj]\nallow_networks = ["127.0.0.0/8"]\n'
     )
-    log = (workdir / "twistd.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "twistd"),
-            "--logger",
-            "gehirn_ts.logs.text_observer",
-            "-n",
-            "--pidfile=",
-            "gehirn-ts",
-            "--config",
-            "c.toml",
-        ],
-        cwd=workdir,
-        env=ENV,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_gehirn(workdir)
     base = f"http://127.0.0.1:{port}"
     try:
 
@@ -157,40 +140,31 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             stats = (await http.call("GET", receiver + "/stats"))[1]
             return bool(stats["unique"] >= n)
 
+        async def load(events: Any, ctype: str, requests: int, clients: int) -> tuple:
+            """POST ``events`` ``requests`` times from h2load, until all are delivered:
+            the seconds to the last 202 and to the last delivery, and CPU ms an event."""
+            count = requests * (len(events) if isinstance(events, list) else 1)
+            body = workdir / "load.json"
+            body.write_text(json.dumps(events))
+            await http.call("POST", receiver + "/reset")
+            cpu_before = cpu_seconds(proc.pid)
+            start = time.monotonic()
+            await h2load(base + "/v1/events", token, body, ctype, requests, clients)
+            published = time.monotonic() - start
+            await wait_until(lambda: delivered(count), 600)
+            done = time.monotonic() - start
+            return published, done, (cpu_seconds(proc.pid) - cpu_before) / count * 1000
+
         # Throughput: TOTAL events, CONCURRENCY requests in flight, from h2load (C), as
         # smtp-source loads the SMTP benchmark: a Python client cost about 0.9 ms of
         # CPU a request on the same two cores (docs/performance.md).
-        await http.call("POST", receiver + "/reset")
-        single = workdir / "event.json"
-        single.write_text(json.dumps({"type": "notice.fault", "data": {"n": 0}}))
-        cpu_before = cpu_seconds(proc.pid)
-        start = time.monotonic()
-        await h2load(base + "/v1/events", token, single, "application/json", TOTAL, CONCURRENCY)
-        published = time.monotonic() - start
-        await wait_until(lambda: delivered(TOTAL), 600)
-        done = time.monotonic() - start
-        cpu_per_event = (cpu_seconds(proc.pid) - cpu_before) / TOTAL * 1000
-
+        one = {"type": "notice.fault", "data": {"n": 0}}
+        published, done, cpu_per_event = await load(one, "application/json", TOTAL, CONCURRENCY)
         # Throughput again, the events published in batches (one request per BATCH).
-        await http.call("POST", receiver + "/reset")
-        batch = workdir / "batch.json"
-        batch.write_text(
-            json.dumps([{"type": "notice.fault", "data": {"n": n}} for n in range(BATCH)])
-        )
-        cpu_before = cpu_seconds(proc.pid)
-        start = time.monotonic()
-        await h2load(
-            base + "/v1/events",
-            token,
-            batch,
-            "application/cloudevents-batch+json",
-            TOTAL // BATCH,
-            BATCH_FLIGHT,
-        )
-        await wait_until(lambda: delivered(TOTAL // BATCH * BATCH), 600)
-        batched_rate = TOTAL // BATCH * BATCH / (time.monotonic() - start)
-        batched_cpu = (cpu_seconds(proc.pid) - cpu_before) / (TOTAL // BATCH * BATCH) * 1000
-
+        batch = [{"type": "notice.fault", "data": {"n": n}} for n in range(BATCH)]
+        batched_type = "application/cloudevents-batch+json"
+        _, took, batched_cpu = await load(batch, batched_type, TOTAL // BATCH, BATCH_FLIGHT)
+        batched_rate = TOTAL // BATCH * BATCH / took
         # Batches both ways: the same load to a subscription that takes batches too.
         await http.call("DELETE", base + f"/v1/subscriptions/{sub['id']}", token=token)
         _, sub = await http.call(
@@ -199,20 +173,8 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             {"pattern": "#", "url": receiver + "/hook", "batch": BATCH},
             token,
         )
-        await http.call("POST", receiver + "/reset")
-        cpu_before = cpu_seconds(proc.pid)
-        start = time.monotonic()
-        await h2load(
-            base + "/v1/events",
-            token,
-            batch,
-            "application/cloudevents-batch+json",
-            TOTAL // BATCH,
-            BATCH_FLIGHT,
-        )
-        await wait_until(lambda: delivered(TOTAL // BATCH * BATCH), 600)
-        both_rate = TOTAL // BATCH * BATCH / (time.monotonic() - start)
-        both_cpu = (cpu_seconds(proc.pid) - cpu_before) / (TOTAL // BATCH * BATCH) * 1000
+        _, took, both_cpu = await load(batch, batched_type, TOTAL // BATCH, BATCH_FLIGHT)
+        both_rate = TOTAL // BATCH * BATCH / took
         await http.call("DELETE", base + f"/v1/subscriptions/{sub['id']}", token=token)
         await http.call(
             "POST", base + "/v1/subscriptions", {"pattern": "#", "url": receiver + "/hook"}, token
