@@ -263,12 +263,16 @@ class BusClient(AMQClient):  # type: ignore[misc]
         self.outgoing = _WriteNow(self.send_frame)
         self._heartbeat_call: Any = None
         self._content: dict[int, _Content] = {}
+        # txamqp never sets its own ``closed`` on the client: no timer is armed once
+        # the connection is gone, whatever sends a frame after.
+        self._lost = False
 
     def send_init_string(self) -> None:
         self.transport.write(PROTOCOL_HEADER)
 
     def connectionLost(self, reason: Any) -> None:
         log.info("AMQP connection lost: {reason}", reason=reason.getErrorMessage())
+        self._lost = True
         if self._heartbeat_call is not None and self._heartbeat_call.active():
             self._heartbeat_call.cancel()
         super().connectionLost(reason)
@@ -293,8 +297,7 @@ class BusClient(AMQClient):  # type: ignore[misc]
             except Exception:
                 # As txamqp's worker does when a message cannot be handled.
                 self.close(Failure())
-        if self.heartbeatInterval > 0 and not self.closed:
-            self.reschedule_check_heartbeat()
+        self.reschedule_check_heartbeat()
         return None
 
     def _frame_in(self, channel: Any, frame: Any) -> None:
@@ -317,7 +320,7 @@ class BusClient(AMQClient):  # type: ignore[misc]
 
     def reschedule_send_heartbeat(self) -> None:
         """A frame went out: the next heartbeat is due an interval from now."""
-        if self.heartbeatInterval <= 0:
+        if self.heartbeatInterval <= 0 or self._lost:
             return
         call = self._heartbeat_call
         if call is not None and call.active():
@@ -326,12 +329,14 @@ class BusClient(AMQClient):  # type: ignore[misc]
             self._heartbeat_call = self.clock.callLater(self.heartbeatInterval, self._beat)
 
     def _beat(self) -> None:
+        if self._lost:
+            return
         self.send_heartbeat()  # a heartbeat frame does not reschedule itself
         self._heartbeat_call = self.clock.callLater(self.heartbeatInterval, self._beat)
 
     def reschedule_check_heartbeat(self) -> None:
         """A frame came in: the peer is given up MAX_UNSEEN_HEARTBEAT intervals from now."""
-        if self.heartbeatInterval <= 0:
+        if self.heartbeatInterval <= 0 or self._lost:
             return
         limit = self.heartbeatInterval * self.MAX_UNSEEN_HEARTBEAT
         if self.checkHB.active():

@@ -394,6 +394,11 @@ def test_a_silent_peer_is_given_up_after_three_intervals():
     assert transport.disconnecting
     client.connectionLost(Failure(ConnectionDone()))
     assert [c for c in clock.getDelayedCalls() if c.active()] == []
+    # A frame sent or received after the loss arms no timer again.
+    ack = compat.load_spec().classes.byname["basic"].methods.byname["ack"]
+    client.send_frame(Frame(1, Method(ack, 1, False)))
+    client.dataReceived(HEARTBEAT)
+    assert [c for c in clock.getDelayedCalls() if c.active()] == []
 
 
 def test_frames_are_written_when_sent():
