@@ -458,18 +458,22 @@ class Store:
 
         def tx(cur: Cursor, subscription_ids: list[str]) -> list[Delivery]:
             if event is not None:
-                account_id = None if event.account is None else self._account_id(cur, event.account)
-                cur.execute(
-                    "INSERT OR IGNORE INTO events (id, account_id, type, body, received_at) "
-                    "VALUES (?,?,?,?,?)",
-                    (event.id, account_id, event.type, body, now),
-                )
-                if cur.rowcount == 0:
-                    cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
-                    stored = cur.fetchone()[0]
-                    # Most often the publisher stored these very bytes; parse only if not.
-                    if stored != body and json.loads(stored) != json.loads(body):
-                        return []  # the id belongs to another event: the publish got a 409
+                # Read first: the publisher has nearly always stored the event already
+                # (one statement then, not a refused insert and a read).
+                cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
+                row = cur.fetchone()
+                if row is None:
+                    account_id = (
+                        None if event.account is None else self._account_id(cur, event.account)
+                    )
+                    cur.execute(
+                        "INSERT INTO events (id, account_id, type, body, received_at) "
+                        "VALUES (?,?,?,?,?)",
+                        (event.id, account_id, event.type, body, now),
+                    )
+                # Most often the publisher stored these very bytes; parse only if not.
+                elif row[0] != body and json.loads(row[0]) != json.loads(body):
+                    return []  # the id belongs to another event: the publish got a 409
             for sub_id in subscription_ids:
                 cur.execute(
                     "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "

@@ -178,6 +178,29 @@ class StoreTests(unittest.TestCase):
         assert await self.store.route_event(event, lambda subs: []) == ([], [])
 
     @inline
+    async def test_routing_a_stored_event_reads_it_and_another_with_its_id_gets_nothing(
+        self,
+    ) -> None:
+        acme, _, _ = await self.store.create_account("acme")
+        sub = await self.store.create_subscription(acme.id, "#", "http://x.test/", None)
+        event = Event(type="a.x", source="/t", id="e7", account="acme")
+        await self.store.insert_event(event)
+        statements: list[str] = []
+        self.store._db._connection().set_trace_callback(statements.append)
+        new, _ = await self.store.route_event(event, lambda subs: subs)
+        assert [d.subscription_id for d in new] == [sub.id]
+        # The publisher stored it: one read of it, no insert.
+        assert [s.split()[0] for s in statements if " events " in s] == ["SELECT"]
+        # The same bytes re-encoded are the same event; another event with its id is not.
+        same = Event(type="a.x", source="/t", id="e7", account="acme", time=event.time)
+        assert [d.id for d in (await self.store.route_event(same, lambda subs: subs))[0]] == [
+            d.id for d in new
+        ]
+        other = Event(type="b.y", source="/t", id="e7", account="acme")
+        assert (await self.store.route_event(other, lambda subs: subs))[0] == []
+        assert (await self.store.get_event("e7", None)).type == "a.x"
+
+    @inline
     async def test_the_event_paths_read_an_accounts_id_once(self) -> None:
         await self.store.create_account("acme")
         statements: list[str] = []
