@@ -21,6 +21,13 @@ txamqp's weak spots, each covered by tests/unit/test_txamqp_compat.py:
    LoopingCall restarted, a delayed call cancelled and made again: about 5% of an
    event's CPU on RabbitMQ). ``BusClient`` moves its timers later instead, which
    Twisted does without touching its timer heap.
+8. Every frame it sends goes through a DeferredQueue (a Deferred a frame) and its
+   Python encoder, a Codec over BytesIO. ``BusClient`` writes frames as they are sent,
+   and packs what it sends for every message itself: ``publish_frames``
+   (basic.publish, its content header, its body) and ``ack_frame`` (basic.ack), both
+   checked byte for byte against txamqp's own encoding. They also write a short
+   string's length in bytes: txamqp counts characters, so a non-ASCII routing key or
+   message id made a frame the broker could not parse.
 9. It hands every frame received through a lock and three inlineCallbacks generators
    (two ending in the deprecated ``returnValue``) and two DeferredQueues before the
    delegate sees a message. ``BusClient.process_frame`` takes a channel that exists
@@ -31,13 +38,6 @@ txamqp's weak spots, each covered by tests/unit/test_txamqp_compat.py:
    (basic.deliver, basic.ack, content headers, bodies, heartbeats) with struct
    instead of txamqp's Codec, into the same objects (checked against txamqp's decoder);
    any other frame is left to txamqp.
-8. Every frame it sends goes through a DeferredQueue (a Deferred a frame) and its
-   Python encoder, a Codec over BytesIO. ``BusClient`` writes frames as they are sent,
-   and packs what it sends for every message itself: ``publish_frames``
-   (basic.publish, its content header, its body) and ``ack_frame`` (basic.ack), both
-   checked byte for byte against txamqp's own encoding. They also write a short
-   string's length in bytes: txamqp counts characters, so a non-ASCII routing key or
-   message id made a frame the broker could not parse.
 
 Patches 2 and 3 apply process-wide when this module is imported; nothing else in
 gehirn-ts imports txamqp.
@@ -277,7 +277,7 @@ class BusClient(AMQClient):  # type: ignore[misc]
             self._heartbeat_call.cancel()
         super().connectionLost(reason)
 
-    # --- 7: heartbeats (AMQP 0-9-1 section 4.2.7), and frames received ---
+    # --- 9: frames received ---
 
     def _unpack_frame(self, data: bytes) -> Any:
         frame = unpack_frame(data)
@@ -317,6 +317,8 @@ class BusClient(AMQClient):  # type: ignore[misc]
                 self.delegate.dispatch(channel, Message(payload.method, payload.args))
             return
         channel.dispatch(frame, self.work)  # an answer that invoke waits for
+
+    # --- 7: heartbeats (AMQP 0-9-1 section 4.2.7) ---
 
     def reschedule_send_heartbeat(self) -> None:
         """A frame went out: the next heartbeat is due an interval from now."""
@@ -460,7 +462,6 @@ def ack_frame(channel: int, delivery_tag: int) -> bytes:
 
 
 _DELIVER = 60
-_KINDS = dict(_PROPERTIES)
 
 
 def _text(data: bytes) -> str | bytes:
