@@ -89,7 +89,7 @@ class EdjService(Service):
         # subscriptions waits here rather than opening a connection for each.
         self._first_attempts = DeferredSemaphore(first_attempts)
         self._batches = Batches(clock)
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -207,24 +207,23 @@ class EdjService(Service):
             outcome = "delivered"
             try:
                 sent = datetime.fromisoformat(event.time.replace("Z", "+00:00")).timestamp()
-                self._metric("latency", kind).observe(max(0.0, self._clock.seconds() - sent))
+                self._metric(self._metrics.delivery_latency, kind).observe(
+                    max(0.0, self._clock.seconds() - sent)
+                )
             except ValueError:
                 pass
         elif isinstance(result, PermFail):
             outcome = "dead"
         else:
             outcome = "retry"
-        self._metric("deliveries", kind, outcome).inc()
+        self._metric(self._metrics.deliveries, kind, outcome).inc()
 
-    def _metric(self, name: str, *labels: str) -> Any:
-        """A metric's child for these labels, looked up once (prometheus_client checks
-        and locks on every ``labels`` call; the kinds and outcomes are few)."""
-        key = (name, *labels)
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once (prometheus_client checks and locks
+        on every ``labels`` call; the kinds and outcomes are few)."""
+        key = (metric, *labels)
         child = self._children.get(key)
         if child is None:
-            metric = (
-                self._metrics.delivery_latency if name == "latency" else self._metrics.deliveries
-            )
             child = self._children[key] = metric.labels(*labels)
         return child
 
