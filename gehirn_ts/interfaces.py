@@ -59,6 +59,9 @@ class IEventBus(Interface):
     def publish(event: Event) -> Deferred[None]:
         """Publish an event; fires once it is durable."""
 
+    def publish_many(events: Sequence[Event]) -> Deferred[None]:
+        """Publish events together; fires once all are durable."""
+
     def send(queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:
         """Put a message on a work queue; fires once it is durable."""
 

@@ -336,19 +336,36 @@ class AmqpBus(Service):
             )
 
     def publish(self, event: Event) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._publish_event(event))
+        return Deferred.fromCoroutine(self._publish_events([event]))
 
-    async def _publish_event(self, event: Event) -> None:
+    def publish_many(self, events: Sequence[Event]) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._publish_events(events))
+
+    async def _publish_events(self, events: Sequence[Event]) -> None:
         if self._binding:
             await defer.DeferredList(list(self._binding), consumeErrors=True)
-        await self._publish(
-            self.exchange,
-            event.type,
-            event.to_json(),
-            {ATTEMPT_HEADER: 1},
-            "application/cloudevents+json",
-            event.id,
-        )
+        conn = await self._connection()
+        # All published at once, then their confirms awaited: the broker confirms them
+        # in one go (multiple) when they arrive together.
+        confirms = [
+            self._publish_now(
+                conn,
+                self.exchange,
+                event.type,
+                event.to_json(),
+                {ATTEMPT_HEADER: 1},
+                "application/cloudevents+json",
+                event.id,
+            )
+            for event in events
+        ]
+        for n, confirmed in enumerate(confirms):
+            try:
+                await confirmed
+            except BaseException:
+                for later in confirms[n + 1 :]:
+                    later.addErrback(lambda _: None)  # answered for by this error
+                raise
 
     def send(self, queue: str, body: bytes, delay: float = 0.0) -> Deferred[None]:
         return Deferred.fromCoroutine(self._send(queue, body, delay, 1, 0))
@@ -388,6 +405,21 @@ class AmqpBus(Service):
     ) -> None:
         if conn is None:
             conn = await self._connection()
+        await self._publish_now(
+            conn, exchange, routing_key, body, headers, content_type, message_id
+        )
+
+    def _publish_now(
+        self,
+        conn: _Connection,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any],
+        content_type: str,
+        message_id: str | None,
+    ) -> Deferred[None]:
+        """Publish on ``conn``; the Deferred fires on the broker's confirm."""
         props: dict[str, Any] = {
             "delivery-mode": PERSISTENT,
             "content-type": content_type,
@@ -403,8 +435,8 @@ class AmqpBus(Service):
             conn.client.publish(conn.publish_ch, exchange, routing_key, body, props)
         except Exception as e:
             conn.pending.pop(tag, None)
-            raise BusUnavailable(f"publish failed: {e}") from e
-        await confirmed
+            return defer.fail(BusUnavailable(f"publish failed: {e}"))
+        return confirmed
 
     def consume(self, queue: str, handler: Handler) -> None:
         if queue in self._handlers:

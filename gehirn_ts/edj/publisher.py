@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from twisted.internet.defer import Deferred
 
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import IEventBus
 from gehirn_ts.metrics import Metrics
-from gehirn_ts.store.db import Store
+from gehirn_ts.store.db import Conflict, Store
 
 
 class Publisher:
@@ -35,3 +37,22 @@ class Publisher:
             raise
         await queued
         self._metrics.events_published.inc()
+
+    def publish_many(self, events: Sequence[Event]) -> Deferred[list[Conflict | None]]:
+        """Publish events together (one store and one bus interaction for all). For each
+        event in order: None when it is published, or the Conflict of an id taken by
+        another event (not routed, as with ``publish``). Fires when all are durable."""
+        return Deferred.fromCoroutine(self._publish_many(events))
+
+    async def _publish_many(self, events: Sequence[Event]) -> list[Conflict | None]:
+        stored = self._store.insert_events(events)
+        queued = self._bus.publish_many(events)
+        try:
+            outcomes = await stored
+        except BaseException:
+            queued.addErrback(lambda _: None)
+            raise
+        await queued
+        conflicts = [o if isinstance(o, Conflict) else None for o in outcomes]
+        self._metrics.events_published.inc(conflicts.count(None))
+        return conflicts

@@ -11,13 +11,14 @@ attempt log; the bus holds when it is next due.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
 
 from gehirn_ts.edj import registry
@@ -87,7 +88,8 @@ class EdjService(Service):
         self._active: set[str] = set()
         # First attempts made by routing, at once, in all: an event with many
         # subscriptions waits here rather than opening a connection for each.
-        self._first_attempts = DeferredSemaphore(first_attempts)
+        self._free_first = first_attempts
+        self._waiting_first: deque[Deferred[None]] = deque()
         self._batches = Batches(clock)
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -114,30 +116,43 @@ class EdjService(Service):
             return
         log.debug("event {event_id} routed to {n} deliveries", event_id=event.id, n=len(new))
         by_id = {s.id: s for s in subscriptions}
-        attempts = [
-            self._first_attempts.run(
-                lambda d: Deferred.fromCoroutine(self._first(d, event, by_id[d.subscription_id])),
-                delivery,
-            )
-            for delivery in new
-        ]
-        results = await DeferredList(attempts, consumeErrors=True)
-        for ok, failure in results:
-            if not ok and failure is not None:
-                if failure.check(BusUnavailable):
-                    # A retry could not be queued (the bus is stopping or away): the
-                    # event is routed again later, and its attempt repeated then.
-                    raise Requeue(1.0)
-                failure.raiseException()  # the route message is redelivered
+        try:
+            if len(new) == 1:
+                # The usual case, awaited as it is: a Deferred and a list of one were
+                # a twentieth of an event's CPU.
+                await self._first(new[0], event, by_id[new[0].subscription_id])
+                return
+            attempts = [
+                Deferred.fromCoroutine(self._first(d, event, by_id[d.subscription_id])) for d in new
+            ]
+            for ok, failure in await DeferredList(attempts, consumeErrors=True):
+                if not ok and failure is not None:
+                    failure.raiseException()  # the route message is redelivered
+        except BusUnavailable:
+            # A retry could not be queued (the bus is stopping or away): the event is
+            # routed again later, and its attempt repeated then.
+            raise Requeue(1.0)
 
     async def _first(self, delivery: Delivery, event: Event, sub: Subscription) -> None:
-        if delivery.id in self._active:
-            return
-        self._active.add(delivery.id)
+        if self._free_first > 0:
+            self._free_first -= 1
+        else:
+            waiter: Deferred[None] = Deferred()
+            self._waiting_first.append(waiter)
+            await waiter  # a finished attempt hands its slot over
         try:
-            await self._attempt_and_settle(delivery, event, sub, by_send=True)
+            if delivery.id in self._active:
+                return
+            self._active.add(delivery.id)
+            try:
+                await self._attempt_and_settle(delivery, event, sub, by_send=True)
+            finally:
+                self._active.discard(delivery.id)
         finally:
-            self._active.discard(delivery.id)
+            if self._waiting_first:
+                self._waiting_first.popleft().callback(None)
+            else:
+                self._free_first += 1
 
     # --- delivering ---
 

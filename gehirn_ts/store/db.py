@@ -392,24 +392,43 @@ class Store:
     def insert_event(self, event: Event) -> Deferred[bool]:
         """Store an event. False when the same event (same id, same content) exists;
         Conflict when its id is taken by a different event."""
-        now = self._now()
-        body = event.to_json()
 
-        def tx(cur: Cursor) -> bool:
-            account_id = None
-            if event.account is not None:
-                account_id = self._account_id(cur, event.account)
-            cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
-            row = cur.fetchone()
-            if row is not None:
-                if json.loads(row[0]) == json.loads(body):
-                    return False
-                raise Conflict("id", f"an event with id {event.id!r} exists with other content")
-            cur.execute(
-                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
-                (event.id, account_id, event.type, body, now),
-            )
-            return True
+        def one(outcomes: list[bool | Conflict]) -> bool:
+            if isinstance(outcomes[0], Conflict):
+                raise outcomes[0]
+            return outcomes[0]
+
+        return self.insert_events([event]).addCallback(one)
+
+    def insert_events(self, events: Sequence[Event]) -> Deferred[list[bool | Conflict]]:
+        """Store events in one interaction; for each, in order: True when stored, False
+        when the same event (same id, same content) exists, a Conflict when its id is
+        taken by a different event (that one alone is left out)."""
+        now = self._now()
+        rows = [(event, event.to_json()) for event in events]
+
+        def tx(cur: Cursor) -> list[bool | Conflict]:
+            outcomes: list[bool | Conflict] = []
+            for event, body in rows:
+                account_id = None
+                if event.account is not None:
+                    account_id = self._account_id(cur, event.account)
+                cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
+                row = cur.fetchone()
+                if row is None:
+                    cur.execute(
+                        "INSERT INTO events (id, account_id, type, body, received_at)"
+                        " VALUES (?,?,?,?,?)",
+                        (event.id, account_id, event.type, body, now),
+                    )
+                    outcomes.append(True)
+                elif json.loads(row[0]) == json.loads(body):
+                    outcomes.append(False)
+                else:
+                    outcomes.append(
+                        Conflict("id", f"an event with id {event.id!r} exists with other content")
+                    )
+            return outcomes
 
         return self._run(tx)
 

@@ -264,26 +264,21 @@ class Api:
         return event
 
     async def _publish_all(self, events: list[Event], batch: bool = False) -> None:
-        """Publish, each durable before this returns; at once, so that the store's and
-        the bus's group commits take a batch's events together."""
-        pending = [self._publisher.publish(event) for event in events]
-        for n, d in enumerate(pending):
-            where = f"[{n}]." if batch else ""
-            try:
-                await d
-            except BaseException as e:
-                for later in pending[n + 1 :]:
-                    later.addErrback(lambda _: None)  # answered for by this error
-                if isinstance(e, Conflict):
-                    raise ApiError(409, "conflict", e.message, where + e.field)
-                if isinstance(e, BusUnavailable):
-                    raise ApiError(
-                        503,
-                        "unavailable",
-                        f"the event bus is unavailable: {e}",
-                        headers={"Retry-After": "5"},
-                    )
-                raise
+        """Publish together, all durable before this returns; the first id taken by
+        another event is answered with 409 (the others are published)."""
+        try:
+            conflicts = await self._publisher.publish_many(events)
+        except BusUnavailable as e:
+            raise ApiError(
+                503,
+                "unavailable",
+                f"the event bus is unavailable: {e}",
+                headers={"Retry-After": "5"},
+            )
+        for n, conflict in enumerate(conflicts):
+            if conflict is not None:
+                where = f"[{n}]." if batch else ""
+                raise ApiError(409, "conflict", conflict.message, where + conflict.field)
 
     async def get_event(self, call: Call) -> Response:
         principal = _principal(call)

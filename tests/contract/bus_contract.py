@@ -85,6 +85,26 @@ class BusContract:
         assert len(every.messages) == 3
 
     @inline
+    async def test_publish_many_puts_each_event_on_its_queues_durably(self) -> None:
+        bus = await self.new_bus()
+        await bus.bind("m.mail", ["mail.*"])
+        await bus.bind("m.all", ["#"])
+        types = ("mail.received", "notice.fault", "mail.sent")
+        events = [Event(type=t, source="/t", id=f"m{n}") for n, t in enumerate(types)]
+        await bus.publish_many(events)
+        # Fired: every one of them is stored, and a crash loses none.
+        await self.crash(bus)
+        bus2 = await self.reopen()
+        mail, every = Recorder(), Recorder()
+        bus2.consume("m.mail", mail)
+        bus2.consume("m.all", every)
+        await until(lambda: len(every.messages) == 3 and len(mail.messages) == 2)
+        assert sorted(json.loads(b)["id"] for b in mail.bodies) == ["m0", "m2"]
+        assert sorted(every.bodies) == sorted(e.to_json() for e in events)
+        assert sorted(m.routing_key for m in every.messages) == sorted(types)
+        await bus2.publish_many([])  # nothing to publish is not an error
+
+    @inline
     async def test_a_binding_applies_to_publishes_made_right_after_it(self) -> None:
         bus = await self.new_bus()
         bound = bus.bind("fresh", ["#"])  # not awaited: startup order is enough

@@ -173,6 +173,33 @@ class AmqpBrokerRefusals(unittest.TestCase):
         assert failure is not None and "nack" in str(failure)
 
     @inline
+    async def test_a_nack_of_one_fails_a_publish_of_many(self) -> None:
+        from tests.rabbitmq import ctl
+
+        bus = await self.bus()
+        await bus.bind("full-many", ["#"])
+        name = bus.queue_name("full-many")
+        ctl(
+            "set_policy",
+            f"full-{name}",
+            f"^{name}$",
+            '{"max-length": 1, "overflow": "reject-publish"}',
+            "--apply-to",
+            "queues",
+        )
+        self.addCleanup(ctl, "clear_policy", f"full-{name}")
+        failure = None
+        for n in range(20):  # the policy takes a moment to apply
+            events = [Event(type="notice.fault", source="/t", id=f"e{n}.{k}") for k in range(3)]
+            try:
+                await bus.publish_many(events)
+            except BusUnavailable as e:
+                failure = e
+                break
+            await sleep(0.1)
+        assert failure is not None and "nack" in str(failure)
+
+    @inline
     async def test_a_message_that_keeps_failing_goes_to_the_dead_letter_queue(self) -> None:
         bus = await self.bus(default_delay=0.05, max_failures=3)
         calls: list[int] = []

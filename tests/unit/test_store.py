@@ -201,6 +201,31 @@ class StoreTests(unittest.TestCase):
         assert (await self.store.get_event("e7", None)).type == "a.x"
 
     @inline
+    async def test_events_are_stored_together_each_with_its_own_outcome(self) -> None:
+        await self.store.create_account("acme")
+        first = Event(type="a", source="/t", id="e1", account="acme")
+        await self.store.insert_event(first)
+        runs: list[Any] = []
+        run = self.store._db.run
+        self.store._db.run = lambda fn, *a: runs.append(fn) or run(fn, *a)  # type: ignore[method-assign]
+        outcomes = await self.store.insert_events(
+            [
+                Event(type="b", source="/t", id="e2", account="acme"),
+                first,  # the same again: not stored twice
+                Event(type="other", source="/t", id="e1", account="acme"),  # id taken
+                Event(type="c", source="/t", id="e3"),
+            ]
+        )
+        assert len(runs) == 1, "not one interaction"
+        assert outcomes[:2] == [True, False]
+        assert isinstance(outcomes[2], Conflict) and outcomes[2].field == "id"
+        assert outcomes[3] is True
+        # The conflict left the others stored, and the first e1 as it was.
+        assert (await self.store.get_event("e1", None)).type == "a"
+        assert (await self.store.get_event("e2", None)).type == "b"
+        assert (await self.store.get_event("e3", None)).type == "c"
+
+    @inline
     async def test_the_event_paths_read_an_accounts_id_once(self) -> None:
         await self.store.create_account("acme")
         statements: list[str] = []
@@ -215,13 +240,15 @@ class StoreTests(unittest.TestCase):
             Event(type="a", source="/t", id="e3", account="acme"), lambda subs: subs
         )
         assert lookups() == 1
-        # A failed write forgets what was read (its transaction may not have committed).
+        # A conflict fails no write: the others of its interaction are committed.
         with pytest.raises(Conflict):
             await self.store.insert_event(Event(type="b", source="/t", id="e1", account="acme"))
-        await self.store.insert_event(Event(type="a", source="/t", id="e4", account="acme"))
-        assert lookups() == 2
+        assert lookups() == 1
+        # A failed write forgets what was read (its transaction may not have committed).
         with pytest.raises(NotFound):
             await self.store.insert_event(Event(type="a", source="/t", id="e5", account="nobody"))
+        await self.store.insert_event(Event(type="a", source="/t", id="e4", account="acme"))
+        assert lookups() == 3  # "nobody" once, then "acme" again
 
     @inline
     async def test_replay_only_dead(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -16,6 +17,7 @@ from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
 from gehirn_ts.events import Event
+from gehirn_ts.interfaces import Delivered, Result
 from gehirn_ts.store.db import Store
 from gehirn_ts.store.schema import migrate
 from tests.harness import Receiver
@@ -23,7 +25,9 @@ from tests.support import inline, sleep, until
 
 
 class WorkerClockTests(unittest.TestCase):
-    def _worker(self, clock: task.Clock) -> tuple[Store, LocalBus, Publisher]:
+    def _worker(
+        self, clock: task.Clock, first_attempts: int = 64
+    ) -> tuple[Store, LocalBus, Publisher]:
         state = Path(self.mktemp())
         state.mkdir()
         migrate(state / "db.sqlite")
@@ -43,6 +47,7 @@ class WorkerClockTests(unittest.TestCase):
             context=registry.Context(http, clock, policy, 5.0),
             retry=RetryPolicy((10.0, 100.0), jitter=0.0),
             clock=clock,
+            first_attempts=first_attempts,
         )
         edj.startService()
         return store, bus, publisher
@@ -118,6 +123,40 @@ class WorkerClockTests(unittest.TestCase):
         # One for the plain subscription, one for the signed one (another secret).
         assert built == [url, url]
         assert sum("webhook-signature" in h.headers for h in receiver.hits) == 3
+
+    @inline
+    async def test_first_attempts_in_flight_are_capped(self) -> None:
+        held: list[Deferred[Result]] = []
+
+        class Held:
+            kind = "webhook"
+
+            def deliver(self, event: Event, body: bytes, delivery_id: str) -> Deferred[Result]:
+                held.append(Deferred())
+                return held[-1]
+
+        self.patch(registry, "build", lambda url, secret, ctx: Held())
+        # Let go of anything still held when an assertion failed, so the bus stops.
+        self.addCleanup(lambda: [d.callback(Delivered(200)) for d in held if not d.called])
+        store, _, publisher = self._worker(task.Clock(), first_attempts=2)
+        account, _, _ = await store.create_account("acme")
+        for n in range(3):
+            await store.create_subscription(account.id, "a.#", f"http://h{n}.test/", None)
+        # An event to three subscriptions, and one to a single subscription (the path
+        # that awaits its one attempt as it is): four attempts, never more than two on.
+        await store.create_subscription(account.id, "solo.#", "http://solo.test/", None)
+        await publisher.publish(Event(type="a.x", source="/t", account="acme", id="e1"))
+        await publisher.publish(Event(type="solo.x", source="/t", account="acme", id="e2"))
+        done = 0
+        while done < 4:
+            await until(lambda: len(held) > done)
+            await sleep(0.05)  # time for an attempt past the cap to show
+            assert len(held) - done <= 2, f"{len(held) - done} attempts at once"
+            held[done].callback(Delivered(200))
+            done += 1
+        assert len(held) == 4
+        states = [d.status for e in ("e1", "e2") for d, _ in await store.deliveries_of_event(e)]
+        assert states == ["delivered"] * 4
 
     @inline
     async def test_retries_wait_for_the_injected_clock(self) -> None:
