@@ -46,7 +46,7 @@ from tests.rabbitmq import rabbitmq_url, stop_if_started  # noqa: E402
 from tests.support import free_port  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-TOTAL = int(os.environ.get("BENCH_EVENTS", "3000"))
+TOTAL = int(os.environ.get("BENCH_EVENTS", "10000"))
 CONCURRENCY = 32
 STEADY_RATE = 200
 # The batched phase: CloudEvents batches of BATCH events, BATCH_FLIGHT requests in flight.

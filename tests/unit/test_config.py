@@ -28,6 +28,10 @@ def test_no_file_means_embedded_defaults():
     assert config.edj.retry_schedule == (5, 300, 1800, 7200, 18000, 36000, 36000)
     assert config.edj.http_timeout == 10
     assert config.edj.allow_networks == ()
+    # A batch holds at most what a consumer works on at once (docs/decisions.md).
+    from gehirn_ts.edj.registry import MAX_BATCH
+
+    assert config.bus.prefetch >= MAX_BATCH
 
 
 def test_operations_doc_lists_every_option():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
 
@@ -15,6 +17,7 @@ from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
+from gehirn_ts.edj.registry import MAX_BATCH
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, Result
@@ -26,7 +29,7 @@ from tests.support import inline, sleep, until
 
 class WorkerClockTests(unittest.TestCase):
     def _worker(
-        self, clock: task.Clock, first_attempts: int = 64
+        self, clock: IReactorTime, first_attempts: int = 64
     ) -> tuple[Store, LocalBus, Publisher]:
         state = Path(self.mktemp())
         state.mkdir()
@@ -157,6 +160,21 @@ class WorkerClockTests(unittest.TestCase):
         assert len(held) == 4
         states = [d.status for e in ("e1", "e2") for d, _ in await store.deliveries_of_event(e)]
         assert states == ["delivered"] * 4
+
+    @inline
+    async def test_a_batch_can_hold_more_than_the_old_prefetch_by_default(self) -> None:
+        # A batch holds at most the messages one consumer works on at once: with the
+        # bus's default prefetch, a subscription's batch of 100 is not cut to 32. The
+        # reactor's clock: a batch is made of a turn's attempts (callLater(0)).
+        store, _, publisher = self._worker(reactor)
+        receiver = Receiver()
+        account, _, _ = await store.create_account("acme")
+        url = receiver.listen(self)
+        await store.create_subscription(account.id, "#", url, None, batch=MAX_BATCH)
+        events = [Event(type="a.x", source="/t", account="acme", id=f"e{n}") for n in range(100)]
+        await publisher.publish_many(events)
+        await until(lambda: sum(len(json.loads(h.body)) for h in receiver.hits) == 100)
+        assert max(len(json.loads(h.body)) for h in receiver.hits) > 32
 
     @inline
     async def test_retries_wait_for_the_injected_clock(self) -> None:
