@@ -149,10 +149,16 @@ class EdjService(Service):
             finally:
                 self._active.discard(delivery.id)
         finally:
-            if self._waiting_first:
-                self._waiting_first.popleft().callback(None)
-            else:
-                self._free_first += 1
+            self._release_first()
+
+    def _release_first(self) -> None:
+        """Hand a first attempt's slot to the next waiting one, or free it."""
+        while self._waiting_first:
+            waiter = self._waiting_first.popleft()
+            if not waiter.called:  # not one cancelled while it waited (a stopping bus)
+                waiter.callback(None)
+                return
+        self._free_first += 1
 
     # --- delivering ---
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from treq.client import HTTPClient
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.trial import unittest
 from twisted.web.client import HTTPConnectionPool
@@ -21,7 +21,7 @@ from gehirn_ts.edj.registry import MAX_BATCH
 from gehirn_ts.edj.worker import EdjService, RetryPolicy
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, Result
-from gehirn_ts.store.db import Store
+from gehirn_ts.store.db import Delivery, Store
 from gehirn_ts.store.schema import migrate
 from tests.harness import Receiver
 from tests.support import inline, sleep, until
@@ -53,6 +53,7 @@ class WorkerClockTests(unittest.TestCase):
             first_attempts=first_attempts,
         )
         edj.startService()
+        self._edj = edj
         return store, bus, publisher
 
     @inline
@@ -162,6 +163,33 @@ class WorkerClockTests(unittest.TestCase):
         assert states == ["delivered"] * 4
 
     @inline
+    async def test_a_first_attempt_cancelled_while_it_waits_leaves_no_slot_taken(self) -> None:
+        store, _, _ = self._worker(task.Clock(), first_attempts=1)
+        edj = self._edj
+        held: list[Deferred[None]] = []
+
+        async def attempt(*args: object, **kwargs: object) -> None:
+            held.append(Deferred())
+            await held[-1]
+
+        edj._attempt_and_settle = attempt  # type: ignore[method-assign]
+        account, _, _ = await store.create_account("acme")
+        sub = await store.create_subscription(account.id, "#", "http://h.test/", None)
+        event = Event(type="a.x", source="/t", account="acme", id="e1")
+        one = Deferred.fromCoroutine(edj._first(_delivery("d1"), event, sub))
+        waiting = Deferred.fromCoroutine(edj._first(_delivery("d2"), event, sub))
+        waiting.addErrback(lambda f: f.trap(CancelledError))
+        assert len(held) == 1
+        waiting.cancel()  # as a stopping bus cancels the handlers it waits for
+        held[0].callback(None)
+        await one
+        # The slot went back: the next first attempt starts at once.
+        later = Deferred.fromCoroutine(edj._first(_delivery("d3"), event, sub))
+        assert len(held) == 2
+        held[1].callback(None)
+        await later
+
+    @inline
     async def test_a_batch_can_hold_more_than_the_old_prefetch_by_default(self) -> None:
         # A batch holds at most the messages one consumer works on at once: with the
         # bus's default prefetch, a subscription's batch of 100 is not cut to 32. The
@@ -211,3 +239,7 @@ class WorkerClockTests(unittest.TestCase):
     async def _done(self, store: Store):
         history = await store.deliveries_of_event("e")
         return history if history and history[0][0].status == "delivered" else None
+
+
+def _delivery(delivery_id: str) -> Delivery:
+    return Delivery(delivery_id, "e1", "sub", "pending", 0, 0, None, None, 0.0, 0.0)
