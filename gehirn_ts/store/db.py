@@ -452,12 +452,24 @@ class Store:
         stored when missing, one delivery per picked subscription (idempotent). Returns
         the deliveries not yet attempted and the picked subscriptions."""
         create = self._deliveries_tx(event.id, event)
+        now = self._now()
 
         def tx(cur: Cursor) -> tuple[list[Delivery], list[Subscription]]:
             chosen = select(_live_subscriptions(cur, event.account))
             if not chosen:
                 return [], []
-            return create(cur, [s.id for s in chosen]), chosen
+            wanted = {s.id for s in chosen}
+            deliveries = create(cur, [s.id for s in chosen])
+            # A delivery made by an earlier routing of this event (a crash, a requeue)
+            # for a subscription deleted since is cancelled, as a retry of one is.
+            stale = [(now, d.id) for d in deliveries if d.subscription_id not in wanted]
+            if stale:
+                cur.executemany(
+                    "UPDATE deliveries SET status = 'cancelled', updated_at = ? WHERE id = ?",
+                    stale,
+                )
+                deliveries = [d for d in deliveries if d.subscription_id in wanted]
+            return deliveries, chosen
 
         return self._run(tx)
 

@@ -226,6 +226,26 @@ class StoreTests(unittest.TestCase):
         assert (await self.store.get_event("e3", None)).type == "c"
 
     @inline
+    async def test_routing_again_cancels_the_deliveries_of_a_deleted_subscription(self) -> None:
+        account, _, _ = await self.store.create_account("acme")
+        kept = await self.store.create_subscription(account.id, "#", "http://a.test/", None)
+        gone = await self.store.create_subscription(account.id, "#", "http://b.test/", None)
+        event = Event(type="a.x", source="/t", id="e1", account="acme")
+        first, _ = await self.store.route_event(event, lambda subs: subs)
+        assert sorted(d.subscription_id for d in first) == sorted([kept.id, gone.id])
+        # Not attempted (a crash), and one subscription deleted before the event is
+        # routed again: its delivery is not handed out, and no longer pending.
+        await self.store.delete_subscription(gone.id, None)
+        again, subs = await self.store.route_event(event, lambda subs: subs)
+        assert [d.subscription_id for d in again] == [kept.id]
+        assert [s.id for s in subs] == [kept.id]
+        history = await self.store.deliveries_of_event("e1")
+        assert {d.subscription_id: d.status for d, _ in history} == {
+            kept.id: "pending",
+            gone.id: "cancelled",
+        }
+
+    @inline
     async def test_the_event_paths_read_an_accounts_id_once(self) -> None:
         await self.store.create_account("acme")
         statements: list[str] = []
