@@ -571,6 +571,22 @@ def test_confirms_headers_and_bodies_read_as_txamqp_reads_them(channel, tag, mul
         _same_frame(compat.unpack_frame(data), FrameReceiver(spec)._unpack_frame(data))
 
 
+def test_a_header_table_read_again_is_a_new_dict_and_nested_tables_are_not_kept():
+    spec = compat.load_spec()
+    basic = spec.classes.byname["basic"]
+
+    def headers(table: dict) -> dict:
+        data = _frame_bytes(Frame(1, Header(basic, 0, 0, headers=table)))
+        return compat.unpack_frame(data).payload.properties["headers"]
+
+    for _ in range(2):  # decoded, then kept: what one reader does with its dict stays there
+        headers({"x-attempt": 2, "x-failures": 1})["x-attempt"] = 99
+    assert headers({"x-attempt": 2, "x-failures": 1}) == {"x-attempt": 2, "x-failures": 1}
+    death = {"x-death": [{"count": 1, "queue": "q"}]}
+    one, two = headers(death), headers(death)
+    assert one == two == death and one["x-death"] is not two["x-death"]
+
+
 def test_other_frames_are_left_to_txamqp():
     spec = compat.load_spec()
     queue = spec.classes.byname["queue"]
