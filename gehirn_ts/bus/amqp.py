@@ -391,23 +391,7 @@ class AmqpBus(Service):
         else:
             target = self.queue_name(queue)
             await self._declare_queue(conn, queue)
-        await self._publish("", target, body, headers, "application/octet-stream", None, conn)
-
-    async def _publish(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        headers: dict[str, Any],
-        content_type: str,
-        message_id: str | None,
-        conn: _Connection | None = None,
-    ) -> None:
-        if conn is None:
-            conn = await self._connection()
-        await self._publish_now(
-            conn, exchange, routing_key, body, headers, content_type, message_id
-        )
+        await self._publish_now(conn, "", target, body, headers, "application/octet-stream", None)
 
     def _publish_now(
         self,
@@ -488,14 +472,14 @@ class AmqpBus(Service):
                         n=failures,
                         dead=f"{self._ns}.dead",
                     )
-                    await self._publish(
+                    await self._publish_now(
+                        conn,
                         "",
                         f"{self._ns}.dead",
                         body,
                         headers,
                         "application/octet-stream",
                         None,
-                        conn,
                     )
                 else:
                     # A copy goes to the delay queue (confirmed) before the original is

@@ -145,13 +145,12 @@ class AmqpBrokerRefusals(unittest.TestCase):
         await until(bus.connected)
         return bus
 
-    @inline
-    async def test_a_nack_fails_the_publish(self) -> None:
+    def refuse_beyond_one(self, bus: AmqpBus, queue: str) -> None:
+        """A policy that makes the broker refuse (nack) publishes to ``queue`` beyond
+        one queued message."""
         from tests.rabbitmq import ctl
 
-        bus = await self.bus()
-        # A policy makes the broker refuse (nack) publishes beyond one queued message.
-        name = bus.queue_name("full")
+        name = bus.queue_name(queue)
         ctl(
             "set_policy",
             f"full-{name}",
@@ -161,6 +160,11 @@ class AmqpBrokerRefusals(unittest.TestCase):
             "queues",
         )
         self.addCleanup(ctl, "clear_policy", f"full-{name}")
+
+    @inline
+    async def test_a_nack_fails_the_publish(self) -> None:
+        bus = await self.bus()
+        self.refuse_beyond_one(bus, "full")
         await bus.send("full", b"first")
         failure = None
         for _ in range(20):  # the policy takes a moment to apply
@@ -174,20 +178,9 @@ class AmqpBrokerRefusals(unittest.TestCase):
 
     @inline
     async def test_a_nack_of_one_fails_a_publish_of_many(self) -> None:
-        from tests.rabbitmq import ctl
-
         bus = await self.bus()
         await bus.bind("full-many", ["#"])
-        name = bus.queue_name("full-many")
-        ctl(
-            "set_policy",
-            f"full-{name}",
-            f"^{name}$",
-            '{"max-length": 1, "overflow": "reject-publish"}',
-            "--apply-to",
-            "queues",
-        )
-        self.addCleanup(ctl, "clear_policy", f"full-{name}")
+        self.refuse_beyond_one(bus, "full-many")
         failure = None
         for n in range(20):  # the policy takes a moment to apply
             events = [Event(type="notice.fault", source="/t", id=f"e{n}.{k}") for k in range(3)]
