@@ -19,32 +19,27 @@ class Publisher:
         self._metrics = metrics or Metrics()
 
     def publish(self, event: Event) -> Deferred[None]:
+        """Publish one event; Conflict when its id is taken by another event."""
         return Deferred.fromCoroutine(self._publish(event))
 
     async def _publish(self, event: Event) -> None:
+        (conflict,) = await self._publish_many([event])
+        if conflict is not None:
+            raise conflict
+
+    def publish_many(self, events: Sequence[Event]) -> Deferred[list[Conflict | None]]:
+        """Publish events together (one store and one bus interaction for all). For each
+        event in order: None when it is published, or the Conflict of an id taken by
+        another event. Fires when all are durable."""
+        return Deferred.fromCoroutine(self._publish_many(events))
+
+    async def _publish_many(self, events: Sequence[Event]) -> list[Conflict | None]:
         # The store and the bus write at once, and both are durable before this fires
         # (so GET /v1/events/{id} works as soon as the publisher has its 202). If only
         # one of them happened (a crash, a bus outage), routing stores a missing event
         # with its deliveries, and a repeated publish puts the event on the bus again:
         # routing is idempotent. An id already taken by another event (Conflict) is not
         # routed: routing compares the stored event with the message.
-        stored = self._store.insert_event(event)
-        queued = self._bus.publish(event)
-        try:
-            await stored
-        except BaseException:
-            queued.addErrback(lambda _: None)
-            raise
-        await queued
-        self._metrics.events_published.inc()
-
-    def publish_many(self, events: Sequence[Event]) -> Deferred[list[Conflict | None]]:
-        """Publish events together (one store and one bus interaction for all). For each
-        event in order: None when it is published, or the Conflict of an id taken by
-        another event (not routed, as with ``publish``). Fires when all are durable."""
-        return Deferred.fromCoroutine(self._publish_many(events))
-
-    async def _publish_many(self, events: Sequence[Event]) -> list[Conflict | None]:
         stored = self._store.insert_events(events)
         queued = self._bus.publish_many(events)
         try:
