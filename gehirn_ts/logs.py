@@ -23,6 +23,7 @@ logged), so this observer changes the shape, not the content.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -124,7 +125,10 @@ class TextLineObserver:
     def _time(self, when: float | None) -> str:
         if when is None:
             return "-"
-        second = int(when)
+        # The second twistd's stamp shows: datetime rounds to the microsecond, half to
+        # even, so a time just short of a second (x.9999995) is stamped with the next.
+        frac, whole = math.modf(when)
+        second = int(whole) + (round(frac * 1e6) >= 1_000_000)
         if second != self._second:
             # The local offset can change from one second to the next (a DST change),
             # never within one.
