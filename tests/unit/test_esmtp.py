@@ -517,6 +517,29 @@ class BulkDataTests(unittest.TestCase):
         )
 
     @inline
+    async def test_a_bare_cr_or_lf_anywhere_in_a_block_is_refused(self) -> None:
+        lines = b"".join(b"%04d line of text\r\n" % n for n in range(300))
+        for bare in (b"a\rb", b"a\nb", b"\r\r\n", b"\r\n\n", b"\n", b"\r"):
+            data = b"Subject: b\r\n\r\n" + lines + bare + b"\r\n" + lines + b".\r\nNOOP\r\n"
+            for piece in (len(data), 4096, 997):
+                h = Harness(self)
+                proto, t = h.connect()
+                send(
+                    proto,
+                    b"EHLO c.test",
+                    b"MAIL FROM:<a@remote.test>",
+                    b"RCPT TO:<u@local.test>",
+                    b"DATA",
+                )
+                for i in range(0, len(data), piece):
+                    proto.dataReceived(data[i : i + piece])
+                assert codes(t)[-2:] == [
+                    "554 5.6.0 Message contains a bare CR or LF (RFC 5321 2.3.8)",
+                    "250 2.0.0 OK",  # the NOOP after it: the session goes on
+                ], (bare, piece)
+                assert h.accepted == []
+
+    @inline
     async def test_bodies_with_and_without_periods_in_any_reads(self) -> None:
         dotless = b"".join(
             b"%06dXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\r\n" % n for n in range(2000)
