@@ -487,6 +487,15 @@ class RelayPolicyTests(unittest.TestCase):
             assert calls == lookups, address
 
 
+def _in_data(h: Harness, data: bytes, piece: int) -> tuple[Esmtp, Any]:
+    """A session taken to DATA, then ``data`` sent in reads of ``piece`` bytes."""
+    proto, t = h.connect()
+    send(proto, b"EHLO c.test", b"MAIL FROM:<a@remote.test>", b"RCPT TO:<u@local.test>", b"DATA")
+    for i in range(0, len(data), piece):
+        proto.dataReceived(data[i : i + piece])
+    return proto, t
+
+
 class BulkDataTests(unittest.TestCase):
     """Message text arriving in its own reads takes the block path; it must store exactly
     what the line-by-line path stores."""
@@ -497,12 +506,7 @@ class BulkDataTests(unittest.TestCase):
         """The body spooled for a transaction whose DATA (``data``, its end and a
         pipelined NOOP included) arrives in reads of ``piece`` bytes."""
         h = Harness(self)
-        proto, t = h.connect()
-        send(
-            proto, b"EHLO c.test", b"MAIL FROM:<a@remote.test>", b"RCPT TO:<u@local.test>", b"DATA"
-        )
-        for i in range(0, len(data), piece):
-            proto.dataReceived(data[i : i + piece])
+        _, t = _in_data(h, data, piece)
         await until(lambda: codes(t)[-1:] == ["250 2.0.0 OK"])
         qid = codes(t)[-2].rsplit(" ", 1)[1]
         return (h.spool.incoming / f"{qid}.eml").read_bytes().split(b"\r\n\r\n", 1)[1]
@@ -523,16 +527,7 @@ class BulkDataTests(unittest.TestCase):
             data = b"Subject: b\r\n\r\n" + lines + bare + b"\r\n" + lines + b".\r\nNOOP\r\n"
             for piece in (len(data), 4096, 997):
                 h = Harness(self)
-                proto, t = h.connect()
-                send(
-                    proto,
-                    b"EHLO c.test",
-                    b"MAIL FROM:<a@remote.test>",
-                    b"RCPT TO:<u@local.test>",
-                    b"DATA",
-                )
-                for i in range(0, len(data), piece):
-                    proto.dataReceived(data[i : i + piece])
+                _, t = _in_data(h, data, piece)
                 assert codes(t)[-2:] == [
                     "554 5.6.0 Message contains a bare CR or LF (RFC 5321 2.3.8)",
                     "250 2.0.0 OK",  # the NOOP after it: the session goes on
