@@ -161,19 +161,23 @@ class AmqpBrokerRefusals(unittest.TestCase):
         )
         self.addCleanup(ctl, "clear_policy", f"full-{name}")
 
+    async def first_refusal(self, publish: Any) -> BusUnavailable | None:
+        """The error of the first of up to 20 tries of ``publish(n)`` the broker refuses
+        (a policy takes a moment to apply)."""
+        for n in range(20):
+            try:
+                await publish(n)
+            except BusUnavailable as e:
+                return e
+            await sleep(0.1)
+        return None
+
     @inline
     async def test_a_nack_fails_the_publish(self) -> None:
         bus = await self.bus()
         self.refuse_beyond_one(bus, "full")
         await bus.send("full", b"first")
-        failure = None
-        for _ in range(20):  # the policy takes a moment to apply
-            try:
-                await bus.send("full", b"more")
-            except BusUnavailable as e:
-                failure = e
-                break
-            await sleep(0.1)
+        failure = await self.first_refusal(lambda n: bus.send("full", b"more"))
         assert failure is not None and "nack" in str(failure)
 
     @inline
@@ -181,15 +185,11 @@ class AmqpBrokerRefusals(unittest.TestCase):
         bus = await self.bus()
         await bus.bind("full-many", ["#"])
         self.refuse_beyond_one(bus, "full-many")
-        failure = None
-        for n in range(20):  # the policy takes a moment to apply
-            events = [Event(type="notice.fault", source="/t", id=f"e{n}.{k}") for k in range(3)]
-            try:
-                await bus.publish_many(events)
-            except BusUnavailable as e:
-                failure = e
-                break
-            await sleep(0.1)
+        failure = await self.first_refusal(
+            lambda n: bus.publish_many(
+                [Event(type="notice.fault", source="/t", id=f"e{n}.{k}") for k in range(3)]
+            )
+        )
         assert failure is not None and "nack" in str(failure)
 
     @inline
