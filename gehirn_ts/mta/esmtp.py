@@ -25,7 +25,6 @@ import binascii
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -37,6 +36,7 @@ from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox, parse_path
+from gehirn_ts.mta.headers import date_text
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
 from gehirn_ts.mta.replies import Reply, SmtpError
 from gehirn_ts.mta.spool import Envelope, Incoming, Recipient, Spool
@@ -149,9 +149,9 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         # Replies are single sends, at most a couple a read (see _flush): no need for
         # Nagle to hold one back until the client acknowledges the one before.
         no_delay(self._transport)
-        self.f.metrics.smtp_sessions.labels(self.f.listener).inc()
+        self.f.sessions_counter.inc()
         if self.session.tls:
-            self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()
+            self.f.tls_counter.inc()
         self.sendLine(b"220 " + self.host + b" ESMTP gehirn-ts")
         self.setTimeout(self.timeout)
 
@@ -171,7 +171,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self._transport.loseConnection()
 
     def _reply(self, reply: Reply) -> None:
-        self._write(b"".join(line + CRLF for line in reply.lines()))
+        self._write(reply.wire)
 
     def sendLine(self, line: bytes) -> None:
         self._write(line + CRLF)
@@ -409,7 +409,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             self._reply(replies.READY_TLS)
             self._flush()  # in clear, before TLS starts
             self._transport.startTLS(self.f.tls)
-            self.f.metrics.smtp_tls_sessions.labels(self.f.listener).inc()
+            self.f.tls_counter.inc()
             self.canStartTLS = False
             # RFC 3207 section 4.2: discard what was pipelined in clear, forget the session.
             self._lines.clear()
@@ -504,7 +504,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         account = await self.f.policy.authenticate(username, secret) if username else None
         if account is None:
             self.f.auth_failed(self.session.client_ip)
-            self.f.metrics.smtp_auth_failures.labels(self.f.listener).inc()
+            self.f.auth_failures_counter.inc()
             log.info(
                 "SMTP AUTH failed for {user!r} from {ip}",
                 user=username[:64],
@@ -604,7 +604,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         return (
             f"Received: from {helo} ([{s.client_ip}])\r\n"
             f"\tby {self.settings.hostname} (gehirn-ts) with {protocol} id {queue_id}"
-            f"{recipient};\r\n\t{formatdate(self.f.clock.seconds(), usegmt=True)}\r\n"
+            f"{recipient};\r\n\t{date_text(self.f.clock.seconds())}\r\n"
         ).encode()
 
     def _data_line(self, line: bytes, too_long: bool) -> Deferred[None] | None:
@@ -676,7 +676,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             return
         # Durable (file and directory fsync'd): now, and only now, the 250.
         self._reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
-        self.f.metrics.mail_received.labels(self.f.listener).inc()
+        self.f.received_counter.inc()
         log.info(
             "received {qid} from {ip}: {size} bytes for {n} recipients",
             qid=envelope.queue_id,
@@ -729,6 +729,12 @@ class EsmtpFactory(ServerFactory):
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        # The listener's counters, looked up once (prometheus_client's labels() takes a
+        # lock and builds a key for every call).
+        self.sessions_counter = self.metrics.smtp_sessions.labels(listener)
+        self.tls_counter = self.metrics.smtp_tls_sessions.labels(listener)
+        self.auth_failures_counter = self.metrics.smtp_auth_failures.labels(listener)
+        self.received_counter = self.metrics.mail_received.labels(listener)
         self.settings = settings
         self.listener = listener
         self.policy = policy

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import math
+from email.utils import formatdate
+
 import authres
 
 from gehirn_ts.mta.dkim import DkimResult
 from gehirn_ts.mta.spf import SpfResult
+
+_date: tuple[int, str] = (-1, "")
+
+
+def date_text(seconds: float) -> str:
+    """An RFC 5322 section 3.3 date-time in GMT, as ``email.utils.formatdate`` writes it."""
+    global _date
+    # The second formatdate shows: datetime rounds the time to the microsecond first.
+    frac, whole = math.modf(seconds)
+    second = int(whole) + (round(frac * 1e6) >= 1_000_000)
+    if second != _date[0]:
+        # Made once a second: formatdate was 1.4% of receiving's interpreter time.
+        _date = (second, formatdate(second, usegmt=True))
+    return _date[1]
 
 
 def authentication_results(

@@ -7,6 +7,7 @@ Every reply the server sends after the greeting and EHLO carries an enhanced cod
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class Reply:
             prefix = f"{self.code}{sep}{self.enhanced} " if self.enhanced else f"{self.code}{sep}"
             out.append((prefix + text).encode("utf-8", "replace"))
         return out
+
+    @cached_property
+    def wire(self) -> bytes:
+        """The reply as sent, each line CRLF-terminated (made once: most are constants)."""
+        return b"".join(line + b"\r\n" for line in self.lines())
 
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"

@@ -171,8 +171,19 @@ _DLV_COLUMNS = (
 )
 
 
+_SUBSCRIPTIONS: dict[tuple[Any, ...], Subscription] = {}
+
+
 def _subscription(row: Sequence[Any]) -> Subscription:
-    return Subscription(*row)
+    # Routing reads every live subscription for each event; the same rows come back
+    # until one changes, and a frozen dataclass costs ten object.__setattr__ to make.
+    key = tuple(row)
+    sub = _SUBSCRIPTIONS.get(key)
+    if sub is None:
+        if len(_SUBSCRIPTIONS) >= 1024:
+            _SUBSCRIPTIONS.clear()
+        sub = _SUBSCRIPTIONS[key] = Subscription(*row)
+    return sub
 
 
 def _delivery(row: Sequence[Any]) -> Delivery:

@@ -1,4 +1,7 @@
 import json
+import time
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import assume, given
@@ -11,7 +14,10 @@ from gehirn_ts.events import (
     event_from_dict,
     event_from_json,
     event_from_own_json,
+    new_event_id,
+    now_rfc3339,
     topic_matches,
+    uuid4_text,
     validate_pattern,
 )
 
@@ -179,6 +185,38 @@ def test_pattern_validation_never_crashes(text):
     except PatternError:
         return
     topic_matches(text, "a.b")
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_an_event_id_is_the_uuid4_the_uuid_module_makes_of_the_same_bytes(raw):
+    assert uuid4_text(raw) == str(uuid.UUID(bytes=raw, version=4))
+
+
+def test_event_ids_are_random_version_4_uuids():
+    ids = {new_event_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert {uuid.UUID(i).version for i in ids} == {4}
+
+
+def test_the_time_now_is_what_datetime_writes_to_the_millisecond():
+    for _ in range(3):
+        before = datetime.now(UTC)
+        stamp = now_rfc3339()
+        after = datetime.now(UTC)
+        # The second's text is kept and reused: a stamp from the next second must not
+        # carry the old one.
+        time.sleep(0.4)
+        parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= parsed <= after
+        assert stamp == parsed.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_an_event_made_without_id_or_time_gets_both_and_keeps_given_ones():
+    made = Event(type="a", source="/s")
+    assert uuid.UUID(made.id).version == 4 and made.time.endswith("Z")
+    given_ = Event(type="a", source="/s", id="", time="2026-01-02T03:04:05Z")
+    assert given_.id == "" and given_.time == "2026-01-02T03:04:05Z"
+    assert given_ == Event("a", "/s", "", "2026-01-02T03:04:05Z")
 
 
 def test_event_is_frozen():

@@ -78,6 +78,35 @@ def test_lines_read_as_twisted_formats_them_and_keep_their_fields() -> None:
     assert events[0]["log_format"] == "got Q1 for ['a', 'b'] (   12 bytes, 'a{{b}}') {{x}}"
 
 
+def test_an_event_carries_what_twisted_loggers_events_carry() -> None:
+    from twisted.logger import Logger as TwistedLogger
+    from twisted.logger import LogLevel
+
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    source = object()
+    for make, into in ((logs.Logger, ours), (TwistedLogger, theirs)):
+        log = make(namespace="n.s", source=source, observer=into.append)
+        before = time.time()
+        log.emit(LogLevel.warn, "plain", n=1)
+        log.emit(LogLevel.error, "{a} and {b}", a=1, b=[2])
+        assert before <= into[0]["log_time"] <= into[1]["log_time"] <= time.time()
+    for mine, twisted in zip(ours, theirs, strict=True):
+        assert formatEvent(mine) == formatEvent(twisted)
+        # The text is made here (log_text, and log_format without fields left).
+        for key in ("log_time", "log_logger", "log_format"):
+            del mine[key], twisted[key]
+        mine.pop("log_text", None)
+        assert mine == twisted
+    # A level twisted.logger does not know is reported, as twisted.logger reports it.
+    failed: list[dict[str, Any]] = []
+    logs.Logger(observer=failed.append).emit("loud", "x")  # type: ignore[arg-type]
+    assert (
+        failed[0]["log_level"] == LogLevel.critical
+        and "invalid log level" in (failed[0]["log_format"])
+    )
+
+
 def test_the_level_is_checked_in_the_config() -> None:
     assert from_mapping({"log": {"level": "debug"}}).log.level == "debug"
     assert from_mapping({}).log.level == "info"

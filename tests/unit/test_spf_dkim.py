@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import base64
 import re
+from email.utils import formatdate
 
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from gehirn_ts.dnsresolver import make_resolver
 from gehirn_ts.mta.dkim import _compress_whitespace, verify
-from gehirn_ts.mta.headers import authentication_results
+from gehirn_ts.mta.headers import authentication_results, date_text
 from gehirn_ts.mta.spf import VERDICT_SECONDS, SpfChecker, SpfResult
 from tests.dnstest import dns_server
 
@@ -248,3 +249,12 @@ def test_whitespace_compression_is_the_same_as_dkimpys(content: bytes) -> None:
     # dkimpy's own step (canonicalization.compress_whitespace) rewrites every run.
     assert _compress_whitespace(content) == re.sub(b"[\t ]+", b" ", content)
     assert dkim.canonicalization.compress_whitespace is _compress_whitespace
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9), min_size=1, max_size=8))
+@example([0.9999996, 0.9999994, 3999999999.9999995])
+def test_the_received_date_is_what_formatdate_writes(times: list[float]) -> None:
+    # Times asked in any order, some within one second of each other: the text kept
+    # for a second is only used for that second.
+    for t in [*times, *(x + 0.5 for x in times), *times]:
+        assert date_text(t) == formatdate(t, usegmt=True)
