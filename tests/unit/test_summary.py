@@ -15,6 +15,7 @@ from gehirn_ts.mta.summary import (
     BODY_BYTES,
     EXCERPT_CHARS,
     FIELD_CHARS,
+    excerpt,
     header_fields,
     header_message,
     plain_addresses,
@@ -315,3 +316,17 @@ def test_plain_mailboxes_take_the_quick_reading() -> None:
     ]
     assert plain_addresses('"Smith, Jo" <j@x.test>') is None
     assert plain_addresses("=?utf-8?q?J=C3=B6rg?= <j@x.test>") is None
+
+
+_WHITESPACE = st.sampled_from([" ", "  ", "\t", "\r\n", "\n\n ", "\xa0", "\u2003", "\x1c"])
+
+
+@given(
+    st.lists(
+        st.one_of(st.text(min_size=1, max_size=40), _WHITESPACE, st.just("x" * 700)),
+        max_size=120,
+    )
+)
+def test_the_excerpt_is_the_start_of_the_whole_text_made_plain(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    assert excerpt(text) == " ".join(text.split())[:EXCERPT_CHARS]
