@@ -8,6 +8,7 @@ Extension attributes (CloudEvents 1.0 section 3.1.1 naming rules): ``account``
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time as _time
@@ -152,6 +153,27 @@ def now_rfc3339() -> str:
         # event was a fifth of making one.
         _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
     return f"{_second[1]}.{rest // 1_000_000:03d}Z"
+
+
+_stamp: tuple[int, str] = (-1, "")
+
+
+def rfc3339(seconds: float) -> str:
+    """A POSIX time as ``now_rfc3339`` writes it, the same text as datetime's
+    ``fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")`` with ``Z``."""
+    global _stamp
+    # datetime rounds to the microsecond (half to even), then the milliseconds shown
+    # are cut from that.
+    frac, whole = math.modf(seconds)
+    micro = round(frac * 1e6)
+    second = int(whole)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    elif micro < 0:
+        second, micro = second - 1, micro + 1_000_000
+    if second != _stamp[0]:
+        _stamp = (second, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second)))
+    return f"{_stamp[1]}.{micro // 1000:03d}Z"
 
 
 def uuid4_text(random16: bytes) -> str:

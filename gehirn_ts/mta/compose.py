@@ -13,14 +13,14 @@ import email.contentmanager
 import email.policy
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
-from email.utils import format_datetime, getaddresses, parseaddr
+from email.utils import getaddresses, parseaddr
 from typing import Any
 
 from gehirn_ts.mta.address import parse_path
+from gehirn_ts.mta.headers import date_text
 from gehirn_ts.mta.mimepolicy import SMTP
 from gehirn_ts.mta.replies import SmtpError
 from gehirn_ts.mta.summary import header_message, plain_addresses
@@ -340,7 +340,7 @@ def build(req: SendRequest, *, message_id: str, now: float) -> bytes:
     if req.reply_to:
         head.append(_header("Reply-To", _addresses(req.reply_to)))
     head.append(_header("Subject", req.subject))
-    head.append(_header("Date", format_datetime(datetime.fromtimestamp(now, UTC))))
+    head.append(_header("Date", date_text(now, gmt=False)))
     head.append(_header("Message-ID", message_id))
     for name, value in req.headers:
         head.append(_header(name, value))

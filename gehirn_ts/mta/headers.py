@@ -3,26 +3,35 @@
 from __future__ import annotations
 
 import math
-from email.utils import formatdate
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
 
 import authres
 
 from gehirn_ts.mta.dkim import DkimResult
 from gehirn_ts.mta.spf import SpfResult
 
-_date: tuple[int, str] = (-1, "")
+_dates: dict[tuple[int, bool], str] = {}
 
 
-def date_text(seconds: float) -> str:
-    """An RFC 5322 section 3.3 date-time in GMT, as ``email.utils.formatdate`` writes it."""
-    global _date
+def date_text(seconds: float, gmt: bool = True) -> str:
+    """An RFC 5322 section 3.3 date-time in UTC as the ``email`` package writes it: zone
+    ``GMT`` (``formatdate``, for a Received field) or ``+0000`` (``format_datetime`` of
+    an aware time, for a Date field; ``-0000`` would say the zone is unknown)."""
     # The second formatdate shows: datetime rounds the time to the microsecond first.
     frac, whole = math.modf(seconds)
-    second = int(whole) + (round(frac * 1e6) >= 1_000_000)
-    if second != _date[0]:
+    key = (int(whole) + (round(frac * 1e6) >= 1_000_000), gmt)
+    text = _dates.get(key)
+    if text is None:
         # Made once a second: formatdate was 1.4% of receiving's interpreter time.
-        _date = (second, formatdate(second, usegmt=True))
-    return _date[1]
+        if len(_dates) >= 4:
+            _dates.clear()
+        text = _dates[key] = (
+            formatdate(key[0], usegmt=True)
+            if gmt
+            else format_datetime(datetime.fromtimestamp(key[0], UTC))
+        )
+    return text
 
 
 def authentication_results(

@@ -13,20 +13,19 @@ recipient, so a repeat after a crash publishes and queues nothing twice.
 
 from __future__ import annotations
 
-import email.utils
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from gehirn_ts.edj.publisher import Publisher
-from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event
+from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event, rfc3339
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta import dkim
 from gehirn_ts.mta.compose import Head
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report
-from gehirn_ts.mta.queue import MailQueue, group_by_kind
+from gehirn_ts.mta.headers import date_text
+from gehirn_ts.mta.queue import MailQueue, group_by_kind, unlink_quietly
 from gehirn_ts.mta.spool import _fsync_dir, new_queue_id
 from gehirn_ts.store.queue import (
     NewMessage,
@@ -42,17 +41,17 @@ KeyLookup = Callable[[str], Awaitable[list[dkim.SigningKey]]]
 HEAD_BYTES = 256 * 1024
 
 
-def _write(path: Path, source: Path, keys: list[dkim.SigningKey]) -> int:
+def _write(path: str, source: Path, keys: list[dkim.SigningKey]) -> int:
     """The queue file of spooled mail, durable (blocking: in a thread). Unsigned mail is
     hard-linked; signed mail is read, signed and written."""
     if not keys:
-        path.unlink(missing_ok=True)
+        unlink_quietly(path)
         os.link(source, path)
-        _fsync_dir(path.parent)
-        return path.stat().st_size
+        _fsync_dir(os.path.dirname(path))
+        return os.stat(path).st_size
     data = source.read_bytes()
     signature = dkim.sign(data, keys)
-    with path.open("wb") as f:
+    with open(path, "wb") as f:
         f.write(signature)
         f.write(data)
         f.flush()
@@ -60,9 +59,14 @@ def _write(path: Path, source: Path, keys: list[dkim.SigningKey]) -> int:
     return len(signature) + len(data)
 
 
-def _fsync_file_and_dir(fd: int, path: Path) -> None:
+def _fsync_file_and_dir(fd: int, path: str) -> None:
     os.fsync(fd)
-    _fsync_dir(path.parent)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _read_head(source: Path) -> bytes:
@@ -132,7 +136,7 @@ class Outbound:
         finally:
             self._queue.writing.discard(qid)
 
-    async def _write_here(self, path: Path, data: bytes, keys: list[dkim.SigningKey]) -> int:
+    async def _write_here(self, path: str, data: bytes, keys: list[dkim.SigningKey]) -> int:
         """``_write`` for a message in memory: the signature made in a thread (dkimpy's
         RSA runs outside the interpreter lock, so signatures overlap), the file written
         here (page-cache work) and only its fsyncs in a thread: a thread job of many
@@ -141,7 +145,7 @@ class Outbound:
         signature = await threads.run(dkim.sign, data, keys) if keys else b""
         # Straight to its name, no rename: the queue row, committed after this, is the
         # commit point; a file without a row is removed at the next start.
-        with path.open("wb") as f:
+        with open(path, "wb") as f:
             f.write(signature)
             f.write(data)
             f.flush()
@@ -201,11 +205,11 @@ class Outbound:
         try:
             mid, created = await self._store.enqueue(message, self._clock.seconds())
         except BaseException:
-            await self._queue.threads.run(path.unlink, True)
+            await self._queue.threads.run(unlink_quietly, path)
             raise
         if mid != qid:
             # The Idempotency-Key matched an earlier request: keep that message only.
-            await self._queue.threads.run(path.unlink, True)
+            await self._queue.threads.run(unlink_quietly, path)
         if created:
             self._queue.wake()
             log.info(
@@ -224,7 +228,7 @@ class Outbound:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339(ts)
 
 
 class Reporter:
@@ -299,7 +303,7 @@ class Reporter:
         )
 
     async def _report(self, msg: QueuedMessage, kind: str, rcpts: list[RecipientState]) -> None:
-        original = await self._queue.threads.run(self._queue.path(msg.id).read_bytes)
+        original = await self._queue.threads.run(_read_bytes, self._queue.path(msg.id))
         retry_until = None
         if kind == "delayed":
             retry_until = msg.created_at + self._queue._retry.lifetime
@@ -348,4 +352,4 @@ def message_id_header(qid: str, hostname: str) -> str:
 
 
 def rfc5322_date(now: float) -> str:
-    return email.utils.format_datetime(datetime.fromtimestamp(now, UTC))
+    return date_text(now, gmt=False)

@@ -11,6 +11,7 @@ row change in the shared database) is seen without a signal.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,15 @@ log = Logger()
 # Queue files up to this size are unlinked on the reactor thread (as the spool's
 # messages up to 256 KiB are: mta/inbound.py).
 UNLINK_HERE_BYTES = 256 * 1024
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove a file; one already gone is fine."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
 
 Reporter = Callable[[QueuedMessage, list[RecipientState]], Awaitable[None]]
 
@@ -97,6 +107,7 @@ class MailQueue(Service):
         self.store = store
         self._courier = courier
         self.directory = directory
+        self._dir = str(directory)
         self._clock = clock
         self._retry = retry
         self.reporter = reporter
@@ -119,8 +130,10 @@ class MailQueue(Service):
         self.writing: set[str] = set()
         directory.mkdir(parents=True, exist_ok=True)
 
-    def path(self, message_id: str) -> Path:
-        return self.directory / f"{message_id}.eml"
+    def path(self, message_id: str) -> str:
+        # A string: a pathlib.Path made and turned back into one for every open, fsync
+        # and unlink was 3% of sending's interpreter time.
+        return f"{self._dir}/{message_id}.eml"
 
     # --- lifecycle ---
 
@@ -156,7 +169,7 @@ class MailQueue(Service):
 
         def unlink() -> None:
             for n in stale:
-                self.path(n).unlink(missing_ok=True)
+                unlink_quietly(self.path(n))
 
         await self.threads.run(unlink)
         for tmp in self.directory.glob(".*.eml.tmp"):
@@ -239,10 +252,10 @@ class MailQueue(Service):
             if msg.size <= UNLINK_HERE_BYTES:
                 # A small file's unlink is metadata work, as the spool's renames: a
                 # thread round trip cost more than the call.
-                self.path(msg.id).unlink(missing_ok=True)
+                unlink_quietly(self.path(msg.id))
             else:
                 # Freeing a large file's blocks can take a while: not on the reactor.
-                await self.threads.run(self.path(msg.id).unlink, True)
+                await self.threads.run(unlink_quietly, self.path(msg.id))
 
     async def _start_due(self) -> None:
         free = self._concurrency - len(self._attempts)
@@ -309,7 +322,7 @@ class MailQueue(Service):
             sender=msg.sender,
             domain=domain,
             recipients=[ParcelRecipient(r.n, r.address, r.notify, r.orcpt) for r in rcpts],
-            path=str(self.path(msg.id)),
+            path=self.path(msg.id),
             size=msg.size,
             body=msg.body,
             ret=msg.ret,

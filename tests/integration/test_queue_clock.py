@@ -3,6 +3,7 @@ scripted SMTP server, with MX records from the tests' DNS server."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ class QueueOnClockTests(TestCase):
         # The message crossed the wire dot-stuffed and came out whole.
         assert script.messages[0] == MESSAGE
         # Done: the file goes once the report is recorded (after the reporter returns).
-        await until(lambda: not self.queue.path(mid).exists())
+        await until(lambda: not os.path.exists(self.queue.path(mid)))
 
     @inline
     async def test_delayed_at_the_threshold_then_per_interval_then_failed_at_lifetime(
@@ -286,7 +287,7 @@ class QueueOnClockTests(TestCase):
             mid = await self._submit(NewRecipient("r@unused4.test"))
             assert [name for name, _ in recorded] == expected
             assert all(thread == "io-0" for _, thread in recorded)
-            written = self.queue.path(mid).read_bytes()
+            written = Path(self.queue.path(mid)).read_bytes()
             assert written.endswith(MESSAGE)
             assert written.startswith(b"DKIM-Signature:") == (lookup is not None)
 
@@ -297,7 +298,7 @@ class QueueOnClockTests(TestCase):
         workers, recorded = recording_workers(self)
         self.queue.threads = workers
         mid = await self._submit(NewRecipient("r@unused5.test"))
-        await until(lambda: self.reports and not self.queue.path(mid).exists())
+        await until(lambda: self.reports and not os.path.exists(self.queue.path(mid)))
         assert [name for name, _ in recorded] == ["_fsync_file_and_dir"]
 
     @inline

@@ -4,7 +4,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from gehirn_ts.events import (
@@ -16,6 +16,7 @@ from gehirn_ts.events import (
     event_from_own_json,
     new_event_id,
     now_rfc3339,
+    rfc3339,
     topic_matches,
     uuid4_text,
     validate_pattern,
@@ -209,6 +210,16 @@ def test_the_time_now_is_what_datetime_writes_to_the_millisecond():
         parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
         assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= parsed <= after
         assert stamp == parsed.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@given(st.lists(st.floats(min_value=0, max_value=4e9), min_size=1, max_size=8))
+@example([0.9999996, 0.9995, 3999999999.9999995, 1.0005, 12.0004999])
+def test_a_time_is_written_as_datetime_writes_it(times: list[float]) -> None:
+    # In any order, some within a second of each other: a second's kept text is used
+    # for that second only.
+    for t in [*times, *(x + 0.5 for x in times), *times]:
+        expected = datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+        assert rfc3339(t) == expected.replace("+00:00", "Z")
 
 
 def test_an_event_made_without_id_or_time_gets_both_and_keeps_given_ones():

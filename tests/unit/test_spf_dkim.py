@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import re
-from email.utils import formatdate
+from datetime import UTC, datetime
+from email.utils import format_datetime, formatdate
 
 import dkim
 import pytest
@@ -258,3 +259,5 @@ def test_the_received_date_is_what_formatdate_writes(times: list[float]) -> None
     # for a second is only used for that second.
     for t in [*times, *(x + 0.5 for x in times), *times]:
         assert date_text(t) == formatdate(t, usegmt=True)
+        # A Date field's form, kept beside the other.
+        assert date_text(t, gmt=False) == format_datetime(datetime.fromtimestamp(t, UTC))
