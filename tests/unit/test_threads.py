@@ -83,6 +83,34 @@ class WorkersTests(unittest.TestCase):
         assert [self.successResultOf(d) for d in results] == [0, 1, 2, 3, 4]
         self.failureResultOf(failed, ZeroDivisionError)
 
+    @inline
+    async def test_results_wake_the_reactor_through_the_workers_own_descriptor(self) -> None:
+        class NoCallFromThread:
+            """The reactor's descriptors, without callFromThread."""
+
+            def addReader(self, reader: Any) -> None:
+                reactor.addReader(reader)
+
+            def removeReader(self, reader: Any) -> None:
+                reactor.removeReader(reader)
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                raise AssertionError("a wake-up through callFromThread")
+
+        from twisted.internet.interfaces import IReactorFDSet
+        from zope.interface import directlyProvides
+
+        fake = NoCallFromThread()
+        directlyProvides(fake, IReactorFDSet)
+        workers = Workers(fake, "wake", 2)
+        self.addCleanup(workers.stop)
+        before = set(reactor.getReaders())
+        results = [workers.run(lambda n=n: n * 3) for n in range(50)]
+        assert [await d for d in results] == [n * 3 for n in range(50)]
+        (added,) = [r for r in set(reactor.getReaders()) - before if r.logPrefix() == "workers"]
+        workers.stop()
+        assert added not in reactor.getReaders()  # the reactor no longer watches it
+
     def test_no_thread_starts_before_the_first_job(self) -> None:
         before = threading.active_count()
         workers = Workers(reactor, "idle", 4)
