@@ -19,7 +19,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
-from gehirn_ts import logs
+from gehirn_ts import gc_tuning, logs
 from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
@@ -522,7 +522,10 @@ def makeService(options: Options) -> IService:
 
     try:
         config = load(options["config"])
-        return build(config, reactor, options["config"])
+        service = build(config, reactor, options["config"])
     except (ConfigError, SchemaError) as e:
         print(f"gehirn-ts: {e}", file=sys.stderr)
         raise SystemExit(2)
+    # Once the services have started (their objects made), not in tests' processes.
+    reactor.callWhenRunning(gc_tuning.tune)
+    return service
