@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from sqlite3 import Cursor
 
 from twisted.internet.defer import Deferred
 
@@ -18,12 +19,24 @@ class Publisher:
         self._bus = bus
         self._metrics = metrics or Metrics()
 
-    def publish(self, event: Event) -> Deferred[None]:
-        """Publish one event; Conflict when its id is taken by another event."""
-        return Deferred.fromCoroutine(self._publish(event))
+    def publish(
+        self, event: Event, with_store: Callable[[Cursor], object] | None = None
+    ) -> Deferred[None]:
+        """Publish one event; Conflict when its id is taken by another event.
+        ``with_store`` writes what the event tells of in the transaction that stores
+        it; the event goes on the bus after that commit, so no node can route it before
+        those rows are there to read."""
+        return Deferred.fromCoroutine(self._publish(event, with_store))
 
-    async def _publish(self, event: Event) -> None:
-        (conflict,) = await self._publish_many([event])
+    async def _publish(self, event: Event, with_store: Callable[[Cursor], object] | None) -> None:
+        if with_store is None:
+            (conflict,) = await self._publish_many([event])
+        else:
+            (outcome,) = await self._store.insert_events([event], before=with_store)
+            conflict = outcome if isinstance(outcome, Conflict) else None
+            if conflict is None:
+                await self._bus.publish_many([event])
+                self._metrics.events_published.inc()
         if conflict is not None:
             raise conflict
 

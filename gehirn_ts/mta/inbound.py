@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from gehirn_ts.edj.publisher import Publisher
-from gehirn_ts.events import MAIL_RECEIVED, Event
+from gehirn_ts.events import MAIL_RECEIVED, Event, rfc3339
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.headers import authentication_results
@@ -204,20 +203,26 @@ class Inbound:
                 "auth": auth,
                 "authentication_results": results_field,
             }
-            await self._mail.record_received(
-                Received(
-                    id=qid,
-                    account=account,
-                    object=obj,
-                    sender=envelope.sender,
-                    recipients=[r["address"] for r in rcpts],
-                    size=envelope.size,
-                    received_at=envelope.received_at,
-                    meta=meta,
-                )
+            received = Received(
+                id=qid,
+                account=account,
+                object=obj,
+                sender=envelope.sender,
+                recipients=[r["address"] for r in rcpts],
+                size=envelope.size,
+                received_at=envelope.received_at,
+                meta=meta,
             )
-            if account is not None:
-                await self._publisher.publish(self._event(envelope, account, rcpts, meta))
+            if account is None:
+                await self._mail.record_received(received)
+            else:
+                # The index row and the event in one transaction: a received message
+                # is listed exactly when its event is stored (and one store round trip
+                # a message fewer).
+                await self._publisher.publish(
+                    self._event(envelope, account, rcpts, meta),
+                    with_store=self._mail.received_tx(received),
+                )
         if relayed or forwarded:
             await self._queue_onwards(envelope, self._spool.message_path(qid), relayed, forwarded)
         if envelope.size <= INLINE_BYTES:
@@ -282,12 +287,11 @@ class Inbound:
     ) -> Event:
         # Everything, the time included, derives from the spooled envelope: a repeat after
         # a crash builds the very same event, which the store then keeps once.
-        when = datetime.fromtimestamp(envelope.received_at, UTC)
         return Event(
             type=MAIL_RECEIVED,
             source=f"/gehirn-ts/mta/{self._hostname}",
             id=f"received.{envelope.queue_id}.{account}",
-            time=when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            time=rfc3339(envelope.received_at),
             account=account,
             subject=envelope.queue_id,
             data={

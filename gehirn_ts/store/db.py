@@ -411,14 +411,19 @@ class Store:
 
         return self.insert_events([event]).addCallback(one)
 
-    def insert_events(self, events: Sequence[Event]) -> Deferred[list[bool | Conflict]]:
+    def insert_events(
+        self, events: Sequence[Event], before: Callable[[Cursor], object] | None = None
+    ) -> Deferred[list[bool | Conflict]]:
         """Store events in one interaction; for each, in order: True when stored, False
         when the same event (same id, same content) exists, a Conflict when its id is
-        taken by a different event (that one alone is left out)."""
+        taken by a different event (that one alone is left out). ``before`` runs first,
+        in the same transaction (what the events tell of, written with them)."""
         now = self._now()
         rows = [(event, event.to_json()) for event in events]
 
         def tx(cur: Cursor) -> list[bool | Conflict]:
+            if before is not None:
+                before(cur)
             outcomes: list[bool | Conflict] = []
             for event, body in rows:
                 account_id = None
@@ -878,6 +883,10 @@ class MailStore:
 
     def record_received(self, item: Received) -> Deferred[bool]:
         """Index a received message for an account; False if it is indexed already."""
+        return self._run(self.received_tx(item))
+
+    def received_tx(self, item: Received) -> Callable[[Cursor], bool]:
+        """``record_received``'s transaction, for a caller that writes more with it."""
 
         def tx(cur: Cursor) -> bool:
             account_id = None
@@ -901,7 +910,7 @@ class MailStore:
             )
             return cur.rowcount == 1
 
-        return self._run(tx)
+        return tx
 
     def get_received(self, item_id: str, account_id: int | None) -> Deferred[Received]:
         def tx(cur: Cursor) -> Received:

@@ -23,12 +23,17 @@ class _Mail:
     async def record_received(self, received: Any) -> None:
         self.received.append(received)
 
+    def received_tx(self, received: Any) -> Any:
+        return lambda cursor: self.received.append(received)
+
 
 class _Publisher:
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    def publish(self, event: Any) -> Any:
+    def publish(self, event: Any, with_store: Any = None) -> Any:
+        if with_store is not None:
+            with_store(None)  # in the store's transaction
         self.events.append(event)
         return succeed(None)
 

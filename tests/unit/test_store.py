@@ -226,6 +226,67 @@ class StoreTests(unittest.TestCase):
         assert (await self.store.get_event("e3", None)).type == "c"
 
     @inline
+    async def test_a_received_message_is_indexed_with_its_event_or_not_at_all(self) -> None:
+        from twisted.internet.defer import succeed
+
+        from gehirn_ts.edj.publisher import Publisher
+        from gehirn_ts.store.db import MailStore, Received
+
+        await self.store.create_account("acme")
+        mail = MailStore(self.store)
+        on_bus: list[tuple[str, bool]] = []
+
+        class Bus:
+            def publish_many(bus, events: list[Event]) -> Any:
+                # What a node routing the event reads: the index row is there already.
+                indexed = sqlite3.connect(self.db).execute("SELECT id FROM received").fetchall()
+                on_bus.extend((e.id, (e.subject,) in indexed) for e in events)
+                return succeed(None)
+
+        publisher = Publisher(self.store, Bus())  # type: ignore[arg-type]
+        runs: list[Any] = []
+        run = self.store._db.run
+        self.store._db.run = lambda fn, *a: runs.append(fn) or run(fn, *a)  # type: ignore[method-assign]
+
+        def received(qid: str) -> Received:
+            return Received(qid, "acme", f"{qid}.eml", "s@x.test", ["u@a.test"], 10, 1.0, {})
+
+        def event(qid: str, type_: str = "mail.received") -> Event:
+            return Event(
+                type=type_,
+                source="/t",
+                id=f"received.{qid}",
+                time="2026-01-02T03:04:05.000Z",
+                account="acme",
+                subject=qid,
+            )
+
+        await publisher.publish(event("q1"), with_store=mail.received_tx(received("q1")))
+        assert len(runs) == 1, "not one interaction"
+        assert on_bus == [("received.q1", True)]
+        assert (await mail.get_received("q1", None)).id == "q1"
+        # A repeat (after a crash) changes nothing and goes on the bus again.
+        await publisher.publish(event("q1"), with_store=mail.received_tx(received("q1")))
+        assert on_bus[-1] == ("received.q1", True)
+
+        def broken(cursor: Any) -> None:
+            mail.received_tx(received("q2"))(cursor)
+            raise sqlite3.OperationalError("disk I/O error")
+
+        with pytest.raises(sqlite3.OperationalError):
+            await publisher.publish(event("q2"), with_store=broken)
+        with pytest.raises(NotFound):
+            await mail.get_received("q2", None)
+        with pytest.raises(NotFound):
+            await self.store.get_event("received.q2", None)
+        # An id taken by another event: a Conflict, and nothing on the bus.
+        with pytest.raises(Conflict):
+            await publisher.publish(
+                event("q1", "mail.other"), with_store=mail.received_tx(received("q3"))
+            )
+        assert [e for e, _ in on_bus] == ["received.q1", "received.q1"]
+
+    @inline
     async def test_routing_again_cancels_the_deliveries_of_a_deleted_subscription(self) -> None:
         account, _, _ = await self.store.create_account("acme")
         kept = await self.store.create_subscription(account.id, "#", "http://a.test/", None)
