@@ -8,7 +8,7 @@ from email.header import Header
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gehirn_ts.mta.summary import (
@@ -318,7 +318,9 @@ def test_plain_mailboxes_take_the_quick_reading() -> None:
     assert plain_addresses("=?utf-8?q?J=C3=B6rg?= <j@x.test>") is None
 
 
-_WHITESPACE = st.sampled_from([" ", "  ", "\t", "\r\n", "\n\n ", "\xa0", "\u2003", "\x1c"])
+_WHITESPACE = st.sampled_from(
+    [" ", "  ", "\t", "\r\n", "\n\n ", "\xa0", "\u2003", "\x1c", " " * 500, "\r\n" * 700]
+)
 
 
 @given(
@@ -327,6 +329,8 @@ _WHITESPACE = st.sampled_from([" ", "  ", "\t", "\r\n", "\n\n ", "\xa0", "\u2003
         max_size=120,
     )
 )
+# Whitespace longer than the first part read, then words: the excerpt reads on.
+@example([" " * 500, "a b", "\r\n" * 700, "c " * 400])
 def test_the_excerpt_is_the_start_of_the_whole_text_made_plain(pieces: list[str]) -> None:
     text = "".join(pieces)
     assert excerpt(text) == " ".join(text.split())[:EXCERPT_CHARS]
