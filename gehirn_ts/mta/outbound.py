@@ -25,8 +25,8 @@ from gehirn_ts.mta import dkim
 from gehirn_ts.mta.compose import Head
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report
 from gehirn_ts.mta.headers import date_text
-from gehirn_ts.mta.queue import MailQueue, group_by_kind, unlink_quietly
-from gehirn_ts.mta.spool import _fsync_dir, new_queue_id
+from gehirn_ts.mta.queue import MailQueue, group_by_kind
+from gehirn_ts.mta.spool import _fsync_dir, new_queue_id, unlink_quietly
 from gehirn_ts.store.queue import (
     NewMessage,
     NewRecipient,

@@ -11,7 +11,6 @@ row change in the shared database) is seen without a signal.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.schedule import MailRetry
+from gehirn_ts.mta.spool import unlink_quietly
 from gehirn_ts.store.queue import (
     AttemptRecord,
     QueuedMessage,
@@ -37,14 +37,6 @@ log = Logger()
 # Queue files up to this size are unlinked on the reactor thread (as the spool's
 # messages up to 256 KiB are: mta/inbound.py).
 UNLINK_HERE_BYTES = 256 * 1024
-
-
-def unlink_quietly(path: str) -> None:
-    """Remove a file; one already gone is fine."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 Reporter = Callable[[QueuedMessage, list[RecipientState]], Awaitable[None]]

@@ -75,7 +75,8 @@ def _fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def _unlink(path: str) -> None:
+def unlink_quietly(path: str) -> None:
+    """Remove a file; one already gone is fine."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -111,7 +112,7 @@ class Incoming:
         if self._file is not None:
             self._file.close()
             self._file = None
-        _unlink(self.path)
+        unlink_quietly(self.path)
 
     def commit(self, envelope: Envelope) -> Deferred[None]:
         """Make the message durable; fires once it is (see ``Spool.commit``)."""
@@ -169,7 +170,7 @@ class Spool:
         except BaseException:
             # Not acknowledged: nothing of it may be processed at the next start.
             for leftover in (env_tmp, env, eml):  # the envelope first
-                _unlink(leftover)
+                unlink_quietly(leftover)
             raise
 
     def pending(self) -> list[Envelope]:
@@ -191,5 +192,5 @@ class Spool:
         return self.incoming / f"{queue_id}.eml"
 
     def remove(self, queue_id: str) -> None:
-        _unlink(f"{self.incoming_dir}/{queue_id}.json")  # the commit point goes first
-        _unlink(f"{self.incoming_dir}/{queue_id}.eml")
+        unlink_quietly(f"{self.incoming_dir}/{queue_id}.json")  # the commit point goes first
+        unlink_quietly(f"{self.incoming_dir}/{queue_id}.eml")
