@@ -8,15 +8,15 @@ Extension attributes (CloudEvents 1.0 section 3.1.1 naming rules): ``account``
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import time as _time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
 from typing import Any
+
+from gehirn_ts.stamps import now_rfc3339
 
 SPECVERSION = "1.0"
 SEVERITIES = ("info", "warning", "critical")
@@ -139,41 +139,6 @@ class Event:
         # Encoded once: the store, the bus and each webhook body need the same bytes.
         # An event is not changed once made (frozen; ``data`` is never mutated after).
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
-
-
-_second: tuple[int, str] = (-1, "")
-
-
-def now_rfc3339() -> str:
-    """The time now, UTC, to the millisecond: ``2026-01-02T03:04:05.678Z``."""
-    global _second
-    seconds, rest = divmod(_time.time_ns(), 1_000_000_000)
-    if seconds != _second[0]:
-        # The date and time of day change once a second; datetime's isoformat for every
-        # event was a fifth of making one.
-        _second = (seconds, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(seconds)))
-    return f"{_second[1]}.{rest // 1_000_000:03d}Z"
-
-
-_stamp: tuple[int, str] = (-1, "")
-
-
-def rfc3339(seconds: float) -> str:
-    """A POSIX time as ``now_rfc3339`` writes it, the same text as datetime's
-    ``fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")`` with ``Z``."""
-    global _stamp
-    # datetime rounds to the microsecond (half to even), then the milliseconds shown
-    # are cut from that.
-    frac, whole = math.modf(seconds)
-    micro = round(frac * 1e6)
-    second = int(whole)
-    if micro >= 1_000_000:
-        second, micro = second + 1, micro - 1_000_000
-    elif micro < 0:
-        second, micro = second - 1, micro + 1_000_000
-    if second != _stamp[0]:
-        _stamp = (second, _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(second)))
-    return f"{_stamp[1]}.{micro // 1000:03d}Z"
 
 
 def uuid4_text(random16: bytes) -> str:

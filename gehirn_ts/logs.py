@@ -23,7 +23,6 @@ logged), so this observer changes the shape, not the content.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from datetime import UTC, datetime
@@ -38,6 +37,8 @@ from twisted.logger import (
 )
 from twisted.logger import Logger as _TwistedLogger
 from zope.interface import implementer
+
+from gehirn_ts.stamps import shown
 
 LEVELS = ("debug", "info", "warn", "error")
 _threshold = LogLevel.info
@@ -144,8 +145,7 @@ class TextLineObserver:
             return "-"
         # The second twistd's stamp shows: datetime rounds to the microsecond, half to
         # even, so a time just short of a second (x.9999995) is stamped with the next.
-        frac, whole = math.modf(when)
-        second = int(whole) + (round(frac * 1e6) >= 1_000_000)
+        second = shown(when)[0]
         if second != self._second:
             # The local offset can change from one second to the next (a DST change),
             # never within one.

@@ -20,10 +20,10 @@ from email.utils import getaddresses, parseaddr
 from typing import Any
 
 from gehirn_ts.mta.address import parse_path
-from gehirn_ts.mta.headers import date_text
 from gehirn_ts.mta.mimepolicy import SMTP
 from gehirn_ts.mta.replies import SmtpError
 from gehirn_ts.mta.summary import header_message, plain_addresses
+from gehirn_ts.stamps import date_text
 
 MAX_RECIPIENTS = 1000
 MAX_TAGS = 10

@@ -36,11 +36,11 @@ from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox, parse_path
-from gehirn_ts.mta.headers import date_text
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
 from gehirn_ts.mta.replies import Reply, SmtpError
 from gehirn_ts.mta.spool import Envelope, Incoming, Recipient, Spool
 from gehirn_ts.sendnow import no_delay, write_now
+from gehirn_ts.stamps import date_text
 
 log = Logger()
 

@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from gehirn_ts.edj.publisher import Publisher
-from gehirn_ts.events import MAIL_RECEIVED, Event, rfc3339
+from gehirn_ts.events import MAIL_RECEIVED, Event
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.headers import authentication_results
@@ -28,6 +28,7 @@ from gehirn_ts.mta.outbound import Outbound
 from gehirn_ts.mta.spf import SpfResult
 from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir
 from gehirn_ts.mta.summary import summarize_bytes
+from gehirn_ts.stamps import rfc3339
 from gehirn_ts.store.db import MailStore, Received
 from gehirn_ts.store.queue import NewRecipient
 

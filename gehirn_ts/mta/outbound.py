@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from gehirn_ts.edj.publisher import Publisher
-from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event, rfc3339
+from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta import dkim
 from gehirn_ts.mta.compose import Head
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report
-from gehirn_ts.mta.headers import date_text
 from gehirn_ts.mta.queue import MailQueue, group_by_kind
 from gehirn_ts.mta.spool import _fsync_dir, new_queue_id, unlink_quietly
+from gehirn_ts.stamps import date_text, rfc3339
 from gehirn_ts.store.queue import (
     NewMessage,
     NewRecipient,
@@ -227,10 +227,6 @@ class Outbound:
         return mid, created
 
 
-def _iso(ts: float) -> str:
-    return rfc3339(ts)
-
-
 class Reporter:
     def __init__(
         self,
@@ -275,7 +271,7 @@ class Reporter:
             "reply": r.reply,
             "status": r.smtp_status,
             "tls": r.tls,
-            "queued_at": _iso(msg.created_at),
+            "queued_at": rfc3339(msg.created_at),
             "tags": msg.tags,
             "metadata": msg.metadata,
         }
@@ -290,12 +286,12 @@ class Reporter:
             eid = f"delayed.{msg.id}.{r.n}.{r.delay_notices}"
             severity = "warning"
             data["diagnostic"] = r.reply
-            data["next_attempt_at"] = _iso(r.next_attempt_at) if r.next_attempt_at else None
+            data["next_attempt_at"] = rfc3339(r.next_attempt_at) if r.next_attempt_at else None
         return Event(
             type=etype,
             source=f"/gehirn-ts/mta/{self._hostname}",
             id=eid,
-            time=_iso(r.updated_at),
+            time=rfc3339(r.updated_at),
             account=msg.account,
             subject=msg.id,
             severity=severity,

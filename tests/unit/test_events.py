@@ -15,12 +15,11 @@ from gehirn_ts.events import (
     event_from_json,
     event_from_own_json,
     new_event_id,
-    now_rfc3339,
-    rfc3339,
     topic_matches,
     uuid4_text,
     validate_pattern,
 )
+from gehirn_ts.stamps import now_rfc3339, rfc3339
 
 
 def test_minimal_event_gets_defaults():

@@ -18,8 +18,9 @@ from twisted.internet.task import Clock
 
 from gehirn_ts.dnsresolver import make_resolver
 from gehirn_ts.mta.dkim import _compress_whitespace, verify
-from gehirn_ts.mta.headers import authentication_results, date_text
+from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.spf import VERDICT_SECONDS, SpfChecker, SpfResult
+from gehirn_ts.stamps import date_text
 from tests.dnstest import dns_server
 
 
