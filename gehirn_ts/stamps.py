@@ -29,19 +29,25 @@ def shown(seconds: float) -> tuple[int, int]:
 _stamp: tuple[int, str] = (-1, "")
 
 
+def _second_text(second: int) -> str:
+    global _stamp
+    if second != _stamp[0]:
+        _stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return _stamp[1]
+
+
 def rfc3339(seconds: float) -> str:
     """``2026-01-02T03:04:05.678Z``: datetime's ``fromtimestamp(seconds, UTC)``
     ``.isoformat(timespec="milliseconds")``, with ``Z``."""
-    global _stamp
     second, micro = shown(seconds)
-    if second != _stamp[0]:
-        _stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return f"{_stamp[1]}.{micro // 1000:03d}Z"
+    return f"{_second_text(second)}.{micro // 1000:03d}Z"
 
 
 def now_rfc3339() -> str:
-    """The time now, UTC, to the millisecond."""
-    return rfc3339(time.time())
+    """The time now, UTC, to the millisecond (from the clock's nanoseconds: no float
+    to round, half the time of ``rfc3339(time.time())``)."""
+    second, rest = divmod(time.time_ns(), 1_000_000_000)
+    return f"{_second_text(second)}.{rest // 1_000_000:03d}Z"
 
 
 _dates: dict[tuple[int, bool], str] = {}
