@@ -29,14 +29,7 @@ class Publisher:
         return Deferred.fromCoroutine(self._publish(event, with_store))
 
     async def _publish(self, event: Event, with_store: Callable[[Cursor], object] | None) -> None:
-        if with_store is None:
-            (conflict,) = await self._publish_many([event])
-        else:
-            (outcome,) = await self._store.insert_events([event], before=with_store)
-            conflict = outcome if isinstance(outcome, Conflict) else None
-            if conflict is None:
-                await self._bus.publish_many([event])
-                self._metrics.events_published.inc()
+        (conflict,) = await self._publish_many([event], with_store)
         if conflict is not None:
             raise conflict
 
@@ -46,21 +39,31 @@ class Publisher:
         another event. Fires when all are durable."""
         return Deferred.fromCoroutine(self._publish_many(events))
 
-    async def _publish_many(self, events: Sequence[Event]) -> list[Conflict | None]:
+    async def _publish_many(
+        self, events: Sequence[Event], with_store: Callable[[Cursor], object] | None = None
+    ) -> list[Conflict | None]:
         # The store and the bus write at once, and both are durable before this fires
         # (so GET /v1/events/{id} works as soon as the publisher has its 202). If only
         # one of them happened (a crash, a bus outage), routing stores a missing event
         # with its deliveries, and a repeated publish puts the event on the bus again:
         # routing is idempotent. An id already taken by another event (Conflict) is not
-        # routed: routing compares the stored event with the message.
-        stored = self._store.insert_events(events)
-        queued = self._bus.publish_many(events)
+        # routed: routing compares the stored event with the message. With rows of
+        # their own (``with_store``), the events go on the bus after that commit, those
+        # of a taken id not at all.
+        stored = self._store.insert_events(events, before=with_store)
+        queued = self._bus.publish_many(events) if with_store is None else None
         try:
             outcomes = await stored
         except BaseException:
-            queued.addErrback(lambda _: None)
+            if queued is not None:
+                queued.addErrback(lambda _: None)
             raise
-        await queued
         conflicts = [o if isinstance(o, Conflict) else None for o in outcomes]
+        if queued is None:
+            fresh = [e for e, c in zip(events, conflicts, strict=True) if c is None]
+            if fresh:
+                await self._bus.publish_many(fresh)
+        else:
+            await queued
         self._metrics.events_published.inc(conflicts.count(None))
         return conflicts
