@@ -512,6 +512,81 @@ def test_an_answer_goes_to_the_waiting_request_and_a_broken_sequence_closes():
     assert transport.disconnecting or client.closed
 
 
+STREAM_ITEMS = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("deliver"),
+            st.binary(max_size=9000),
+            # ASCII: txamqp's encoder, which makes these frames, counts characters.
+            st.dictionaries(
+                st.sampled_from(["message-id", "content-type"]),
+                st.text(st.characters(max_codepoint=127), max_size=20),
+            ),
+        ),
+        st.tuples(st.just("ack"), st.booleans()),
+        st.tuples(st.just("nack"), st.booleans()),
+        st.tuples(st.just("heartbeat")),
+        st.tuples(st.just("declare-ok")),
+    ),
+    max_size=12,
+)
+
+
+@given(STREAM_ITEMS, st.lists(st.integers(1, 5000), min_size=1, max_size=8))
+def test_any_stream_in_any_pieces_reaches_the_bus_in_order(items, cuts):
+    """Deliveries, confirms, heartbeats and answers, in one stream cut anywhere: each
+    delivery whole with its properties, each confirm as ack or nack, all in order;
+    answers still reach the request that waits."""
+    client, transport, _ = _client_with_heartbeat(0)
+    seen: list = []
+    client.delegate.on_deliver = lambda ch, msg: seen.append(
+        ("deliver", ch.id, msg.delivery_tag, msg.content.body, msg.content.properties)
+    )
+    client.delegate.on_confirm = lambda ch, tag, multiple, ack: seen.append(
+        ("ack" if ack else "nack", ch, tag, multiple)
+    )
+    channel = client.channel(1).result
+    client.channel(2)
+    basic = compat.load_spec().classes.byname["basic"]
+    declare_ok = compat.load_spec().classes.byname["queue"].methods.byname["declare-ok"]
+    data, expected, answers = b"", [], []
+    for n, item in enumerate(items):
+        if item[0] == "deliver":
+            _, body, properties = item
+            frames = [Frame(2, Method(_basic("deliver"), "ctag", n, False, "ex", "k"))]
+            frames.append(Frame(2, Header(basic, 0, len(body), **properties)))
+            frames += [Frame(2, Body(body[i : i + 4088])) for i in range(0, len(body), 4088)]
+            data += b"".join(_frame_bytes(f) for f in frames)
+            expected.append(("deliver", 2, n, body, properties))
+        elif item[0] in ("ack", "nack"):
+            fields = (n, item[1]) if item[0] == "ack" else (n, item[1], False)  # requeue
+            data += _frame_bytes(Frame(1, Method(_basic(item[0]), *fields)))
+            expected.append((item[0], 1, n, item[1]))
+        elif item[0] == "heartbeat":
+            data += HEARTBEAT
+        else:
+            answers.append(channel.responses.get())
+            data += _frame_bytes(Frame(1, Method(declare_ok, f"q{n}", n, 0)))
+    at = 0
+    for cut in cuts:
+        client.dataReceived(data[at : at + cut])
+        at += cut
+    client.dataReceived(data[at:])
+    assert seen == expected
+    assert [a.result.payload.args[0] for a in answers] == [
+        f"q{n}" for n, item in enumerate(items) if item[0] == "declare-ok"
+    ]
+    assert not transport.disconnecting
+
+
+def test_a_frame_over_frame_max_closes_the_connection():
+    client, transport, _ = _client_with_heartbeat(0)
+    client.channel(1)
+    frame = _frame_bytes(Frame(1, Body(b"x" * 5000)))  # frame_max is txamqp's 4096 here
+    client.dataReceived(frame[:4200])
+    assert transport.disconnecting
+
+
 def _same_frame(ours: Any, theirs: Any) -> None:
     assert ours is not None
     assert (ours.channel, type(ours.payload)) == (theirs.channel, type(theirs.payload))
