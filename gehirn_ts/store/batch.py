@@ -45,6 +45,10 @@ class BatchedDatabase:
         self._busy = False
         self._closed = False
         self._thread = Workers(reactor, f"sqlite:{path.name}{':r' if readonly else ''}")
+        # Transactions begun so far (counted in the worker thread): what an interaction
+        # reads of the database stays true until the next one, since no other writer
+        # can commit while this connection holds the write lock.
+        self.transactions = 0
         # Never leave the thread behind when the reactor stops without close().
         reactor.addSystemEventTrigger("during", "shutdown", self._stop_threads)
 
@@ -100,6 +104,7 @@ class BatchedDatabase:
         outcomes: list[tuple[bool, Any]] = []
         savepoints = not self._readonly and len(batch) > 1
         conn.execute(self._begin)
+        self.transactions += 1
         try:
             for fn, args in batch:
                 cur = conn.cursor()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ from twisted.trial import unittest
 from gehirn_ts.events import Event
 from gehirn_ts.store.db import (
     Conflict,
+    Delivery,
     NotFound,
     Store,
     Subscription,
+    _delivery,
     bootstrap_admin_key,
     hash_secret,
     new_password,
@@ -79,6 +82,17 @@ def test_admin_key_is_made_once_and_stored_hashed(tmp_path):
     rows = sqlite3.connect(db).execute("SELECT hash, is_admin FROM api_keys").fetchall()
     assert rows == [(hash_secret(token.split("_", 2)[2]), 1)]
     assert token.split("_", 2)[2] not in (tmp_path / "x.sqlite").read_bytes().decode("latin-1")
+
+
+def test_a_delivery_read_from_a_row_is_the_dataclass_made_of_it():
+    row = ("dlv_1", "e1", "sub_1", "pending", 2, 1, 12.5, "HTTP 503", 1.0, 2.0)
+    delivery = _delivery(row)
+    assert delivery == Delivery(*row) and hash(delivery) == hash(Delivery(*row))
+    assert repr(delivery) == repr(Delivery(*row))
+    with pytest.raises(FrozenInstanceError):
+        delivery.status = "dead"  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        _delivery(row[:-1])
 
 
 class StoreTests(unittest.TestCase):
@@ -176,6 +190,38 @@ class StoreTests(unittest.TestCase):
         again, _ = await self.store.route_event(event, pick)
         assert [d.id for d in again] == [d.id for d in new]
         assert await self.store.route_event(event, lambda subs: []) == ([], [])
+
+    @inline
+    async def test_routing_sees_every_change_of_subscriptions_wherever_it_is_made(
+        self,
+    ) -> None:
+        acme, _, _ = await self.store.create_account("acme")
+        first = await self.store.create_subscription(acme.id, "#", "http://x.test/", None)
+        n = iter(range(100))
+
+        async def routed() -> list[str]:
+            event = Event(type="a.x", source="/t", id=f"e{next(n)}", account="acme")
+            _, picked = await self.store.route_event(event, lambda subs: subs)
+            return sorted(s.url for s in picked)
+
+        assert await routed() == ["http://x.test/"]
+        statements: list[str] = []
+        self.store._db._connection().set_trace_callback(statements.append)
+        assert await routed() == ["http://x.test/"]
+        # Read once and kept: the second event asks only whether the database changed.
+        assert not [s for s in statements if "FROM subscriptions" in s]
+        # Made here.
+        second = await self.store.create_subscription(acme.id, "#", "http://y.test/", None)
+        assert await routed() == ["http://x.test/", "http://y.test/"]
+        await self.store.delete_subscription(first.id, None)
+        assert await routed() == ["http://y.test/"]
+        # Made by another connection (another node, the CLI): a second store.
+        other = Store(self.db, reactor)
+        self.addCleanup(other.close)
+        await other.create_subscription(acme.id, "#", "http://z.test/", None)
+        assert await routed() == ["http://y.test/", "http://z.test/"]
+        await other.delete_subscription(second.id, None)
+        assert await routed() == ["http://z.test/"]
 
     @inline
     async def test_routing_a_stored_event_reads_it_and_another_with_its_id_gets_nothing(
