@@ -138,7 +138,12 @@ class Event:
     def _json(self) -> bytes:
         # Encoded once: the store, the bus and each webhook body need the same bytes.
         # An event is not changed once made (frozen; ``data`` is never mutated after).
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
+        return _ENCODER.encode(self.to_dict()).encode()
+
+
+# One encoder, made once: json.dumps with options makes a new one for every call (a
+# fifth of encoding an event). Compact, and UTF-8 as it is.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def uuid4_text(random16: bytes) -> str:

@@ -578,6 +578,14 @@ _PROPERTIES = (
     ("reserved", "s"),
 )
 _PROPERTY_NAMES = frozenset(name for name, _ in _PROPERTIES)
+# name -> its flag bit: a message carries a few of the fourteen.
+_PROPERTY_BITS = {name: 1 << (15 - n) for n, (name, _) in enumerate(_PROPERTIES)}
+
+
+@functools.lru_cache(maxsize=256)
+def _flagged(flags: int) -> tuple[tuple[str, str], ...]:
+    """The properties a content header's flags say it carries, in their order."""
+    return tuple(p for n, p in enumerate(_PROPERTIES) if flags & (1 << (15 - n)))
 
 
 def _shortstr(value: str | bytes) -> bytes:
@@ -602,8 +610,8 @@ def publish_frames(
     """The frames of basic.publish (mandatory and immediate off): the method, the
     content header with ``properties`` (spec names), then the body in frames of at
     most ``frame_max`` bytes, as txamqp's ``write_content`` splits it."""
-    unknown = set(properties) - _PROPERTY_NAMES
-    if unknown:
+    if not properties.keys() <= _PROPERTY_NAMES:
+        unknown = set(properties) - _PROPERTY_NAMES
         raise ValueError(f"unknown AMQP basic properties: {', '.join(sorted(unknown))}")
     method = (
         struct.pack("!HHH", _BASIC, _BASIC_PUBLISH, 0)
@@ -612,12 +620,12 @@ def publish_frames(
         + b"\x00"
     )
     flags = 0
+    for name, value in properties.items():
+        if value is not None:
+            flags |= _PROPERTY_BITS[name]
     values = []
-    for n, (name, kind) in enumerate(_PROPERTIES):
-        value = properties.get(name)
-        if value is None:
-            continue
-        flags |= 1 << (15 - n)
+    for name, kind in _flagged(flags):
+        value = properties[name]
         if kind == "s":
             values.append(_shortstr(value))
         elif kind == "o":
@@ -695,9 +703,7 @@ def _read_properties(payload: bytes, flags: int) -> dict[str, Any]:
     """basic's content properties (spec names) of a content header's payload."""
     properties: dict[str, Any] = {}
     at = 14
-    for n, (name, kind) in enumerate(_PROPERTIES):
-        if not flags & (1 << (15 - n)):
-            continue
+    for name, kind in _flagged(flags):
         if kind == "s":
             properties[name], at = _shortstr_at(payload, at)
         elif kind == "o":

@@ -58,13 +58,17 @@ class Envelope:
         # vars(), not dataclasses.asdict: no deep copy of what is only serialised.
         out = dict(vars(self))
         out["recipients"] = [vars(r) for r in self.recipients]
-        return json.dumps(out, sort_keys=True).encode()
+        return _ENCODER.encode(out).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Envelope:
         data = json.loads(raw)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         return cls(**data)
+
+
+# Made once: json.dumps with options makes an encoder for every call.
+_ENCODER = json.JSONEncoder(sort_keys=True)
 
 
 def _fsync_dir(path: Path | str) -> None:

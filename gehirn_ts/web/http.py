@@ -48,6 +48,9 @@ class ApiError(Exception):
 
 
 JSON_TYPES = ("application/json", "application/cloudevents+json")
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False
+)  # made once (json.dumps with options makes one a call)
 
 
 def bad_request(field: str, message: str) -> ApiError:
@@ -200,7 +203,7 @@ class JsonApi(Resource):
             request.setHeader("content-length", str(len(response.raw)))
             request.write(response.raw)
         elif response.body is not None and response.status != 204:
-            payload = json.dumps(response.body, ensure_ascii=False).encode() + b"\n"
+            payload = _ENCODER.encode(response.body).encode() + b"\n"
             request.setHeader("content-type", "application/json; charset=utf-8")
             request.setHeader("content-length", str(len(payload)))
             request.write(payload)

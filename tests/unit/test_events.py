@@ -244,6 +244,13 @@ JSON_VALUES = st.recursive(
 )
 
 
+@given(JSON_VALUES, st.text(max_size=20))
+def test_an_event_is_encoded_as_json_dumps_writes_it_compact_and_unescaped(data, subject):
+    event = Event(type="a.b", source="/x", subject=subject or None, data=data)
+    expected = json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False)
+    assert event.to_json() == expected.encode()
+
+
 @given(
     st.fixed_dictionaries(
         {"type": KEYS},
