@@ -48,9 +48,8 @@ class ApiError(Exception):
 
 
 JSON_TYPES = ("application/json", "application/cloudevents+json")
-_ENCODER = json.JSONEncoder(
-    ensure_ascii=False
-)  # made once (json.dumps with options makes one a call)
+# Made once: json.dumps with options makes an encoder for every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 def bad_request(field: str, message: str) -> ApiError:
