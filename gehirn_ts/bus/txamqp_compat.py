@@ -31,20 +31,21 @@ txamqp's weak spots, each covered by tests/unit/test_txamqp_compat.py:
 9. It hands every frame received through a lock and three inlineCallbacks generators
    (two ending in the deprecated ``returnValue``) and two DeferredQueues before the
    delegate sees a message. ``BusClient.process_frame`` takes a channel that exists
-   from its dict, puts a message's content together as its frames come, and gives
-   the delegate each message in the order its frames came; answers to our own
-   requests (``queue.declare-ok``...) still go to the channel's queue, where txamqp
-   waits for them. ``unpack_frame`` reads the frames of every message received
-   (basic.deliver, basic.ack, content headers, bodies, heartbeats) with struct
-   instead of txamqp's Codec, into the same objects (checked against txamqp's decoder);
-   any other frame is left to txamqp. A header table of immutable values is decoded
-   once and copied after (``_read_table``).
+   from its dict and gives the delegate each message in the order its frames came
+   (a message with content once its frames are read, as 10 reads them); answers to
+   our own requests (``queue.declare-ok``...) still go to the channel's queue, where
+   txamqp waits for them. ``unpack_frame`` reads the basic.deliver, basic.ack,
+   content header, body and heartbeat frames that come this way (those of a channel
+   not open yet) with struct instead of txamqp's Codec, into the same objects
+   (checked against txamqp's decoder); any other frame is left to txamqp. A header
+   table of immutable values is decoded once and copied after (``_read_table``).
 10. Its frame reader (``FrameReceiver.dataReceived``) cuts each frame off the front of
    its buffer, copying the rest every time (a read of a hundred frames copies it a
    hundred times), and makes txamqp objects of every frame. ``BusClient.dataReceived``
    reads the frames where they lie and hands the bus each delivery (basic.deliver and
    its content, as a ``Delivery``) and each confirm itself; every other frame goes the
-   way of 9. Together about a tenth of an event's CPU on RabbitMQ
+   way of 9. One reader puts every message's content together (a delivery's, or a
+   basic.return's). Together about a tenth of an event's CPU on RabbitMQ
    (docs/performance.md).
 
 Patches 2 and 3 apply process-wide when this module is imported; nothing else in
@@ -251,33 +252,6 @@ class BusDelegate(TwistedDelegate):  # type: ignore[misc]
         log.warn("AMQP message returned: {text}", text=msg.reply_text)
 
 
-class _Content:
-    """A message's method, content header and body frames as they come (9)."""
-
-    def __init__(self, method: Any) -> None:
-        self.method = method
-        self.header: Any = None
-        self.chunks: list[bytes] = []
-        self.read = 0
-
-    def add(self, payload: Any) -> bool:
-        """Take the next frame; True once the content is whole."""
-        if self.header is None:
-            if not isinstance(payload, Header) or payload.weight:
-                raise ValueError(f"expected a content header, got {payload!r}")
-            self.header = payload
-        elif isinstance(payload, Body):
-            self.chunks.append(payload.content)
-            self.read += len(payload.content)
-        else:
-            raise ValueError(f"expected a body frame, got {payload!r}")
-        return bool(self.read >= self.header.size)
-
-    def message(self) -> Message:
-        content = Content(b"".join(self.chunks), [], self.header.properties.copy())
-        return Message(self.method.method, self.method.args, content)
-
-
 class Delivery:
     """A message the broker delivered: basic.deliver's fields and its content, read by
     attribute as txamqp's ``Message`` is (``msg.delivery_tag``, ``msg.content.body``)."""
@@ -308,11 +282,12 @@ class Delivery:
 
 
 class _Incoming:
-    """A delivery whose content header and body frames are still to come (10)."""
+    """A message whose content header and body frames are still to come (10): a
+    delivery, or another method with content (txamqp's ``Method``, e.g. basic.return)."""
 
     __slots__ = ("chunks", "message", "properties", "read", "size")
 
-    def __init__(self, message: Delivery) -> None:
+    def __init__(self, message: Delivery | Method) -> None:
         self.message = message
         self.size = -1  # no content header yet
         self.properties: dict[str, Any] = {}
@@ -335,7 +310,6 @@ class BusClient(AMQClient):  # type: ignore[misc]
         # Channels take the client's queue when they are made, after this (8).
         self.outgoing = _WriteNow(self.send_frame)
         self._heartbeat_call: Any = None
-        self._content: dict[int, _Content] = {}
         self._incoming: dict[int, _Incoming] = {}
         self._inbuf = b""
         # txamqp never sets its own ``closed`` on the client: no timer is armed once
@@ -393,7 +367,7 @@ class BusClient(AMQClient):  # type: ignore[misc]
             self.last_heartbeat_received = time.time()
             return True
         channel = self.channels.get(channel_id)
-        if channel is None or channel_id in self._content:
+        if channel is None:
             return False
         incoming = self._incoming.get(channel_id)
         try:
@@ -404,10 +378,16 @@ class BusClient(AMQClient):  # type: ignore[misc]
                 if incoming.read >= incoming.size >= 0:
                     del self._incoming[channel_id]
                     message = incoming.message
-                    message.content = Content(b"".join(incoming.chunks), [], incoming.properties)
-                    on_deliver = self.delegate.on_deliver
-                    if on_deliver is not None:
-                        on_deliver(channel, message)
+                    content = Content(b"".join(incoming.chunks), [], incoming.properties)
+                    if isinstance(message, Delivery):
+                        message.content = content
+                        on_deliver = self.delegate.on_deliver
+                        if on_deliver is not None:
+                            on_deliver(channel, message)
+                    else:
+                        self.delegate.dispatch(
+                            channel, Message(message.method, message.args, content)
+                        )
                 return True
             if kind != _METHOD or len(frame) < 12:
                 return False
@@ -415,14 +395,7 @@ class BusClient(AMQClient):  # type: ignore[misc]
             if class_id != _BASIC:
                 return False
             if method_id == _DELIVER:
-                payload = frame[7:-1]
-                tag, at = _shortstr_at(payload, 4)
-                delivery_tag, bits = struct.unpack_from("!QB", payload, at)
-                exchange, at = _shortstr_at(payload, at + 9)
-                key, _ = _shortstr_at(payload, at)
-                self._incoming[channel_id] = _Incoming(
-                    Delivery(tag, delivery_tag, bool(bits & 1), exchange, key)
-                )
+                self._incoming[channel_id] = _Incoming(Delivery(*_deliver_fields(frame[7:-1])))
                 return True
             if method_id in (_BASIC_ACK, _BASIC_NACK) and len(frame) == 21:
                 delivery_tag, bits = struct.unpack_from("!QB", frame, 11)
@@ -475,17 +448,10 @@ class BusClient(AMQClient):  # type: ignore[misc]
 
     def _frame_in(self, channel: Any, frame: Any) -> None:
         payload = frame.payload
-        pending = self._content.get(channel.id)
-        if pending is not None:
-            # A content header, then body frames, follow their method with nothing
-            # between them on the channel (AMQP 0-9-1 section 4.2.6).
-            if pending.add(payload):
-                del self._content[channel.id]
-                self.delegate.dispatch(channel, pending.message())
-            return
         if isinstance(payload, Method) and not payload.method.response:
             if payload.method.content:
-                self._content[channel.id] = _Content(payload)
+                # Its content header and body frames are read as a delivery's are (10).
+                self._incoming[channel.id] = _Incoming(payload)
             else:
                 self.delegate.dispatch(channel, Message(payload.method, payload.args))
             return
@@ -661,6 +627,16 @@ def _shortstr_at(data: bytes, at: int) -> tuple[str | bytes, int]:
     return _text(data[at + 1 : end]), end
 
 
+def _deliver_fields(payload: bytes) -> tuple[str | bytes, int, bool, str | bytes, str | bytes]:
+    """basic.deliver's consumer tag, delivery tag, redelivered, exchange and routing
+    key, from its method frame's payload."""
+    tag, at = _shortstr_at(payload, 4)
+    delivery_tag, bits = struct.unpack_from("!QB", payload, at)
+    exchange, at = _shortstr_at(payload, at + 9)
+    key, _ = _shortstr_at(payload, at)
+    return tag, delivery_tag, bool(bits & 1), exchange, key
+
+
 def unpack_frame(data: bytes) -> Frame | None:
     """The frame in ``data`` (one whole frame) as txamqp's decoder makes it, for the
     frames every message brings; None for any other frame (txamqp reads those)."""
@@ -679,12 +655,8 @@ def unpack_frame(data: bytes) -> Frame | None:
         if class_id != _BASIC:
             return None
         if method_id == _DELIVER:
-            tag, at = _shortstr_at(payload, 4)
-            delivery_tag, bits = struct.unpack_from("!QB", payload, at)
-            exchange, at = _shortstr_at(payload, at + 9)
-            key, at = _shortstr_at(payload, at)
             method = basic.methods.byid[_DELIVER]
-            return Frame(channel, Method(method, tag, delivery_tag, bool(bits & 1), exchange, key))
+            return Frame(channel, Method(method, *_deliver_fields(payload)))
         if method_id == _BASIC_ACK and size == 13:
             delivery_tag, bits = struct.unpack_from("!QB", payload, 4)
             return Frame(

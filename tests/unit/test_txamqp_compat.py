@@ -579,6 +579,28 @@ def test_any_stream_in_any_pieces_reaches_the_bus_in_order(items, cuts):
     assert not transport.disconnecting
 
 
+def test_another_method_with_content_reaches_the_delegate_whole():
+    """basic.return (a message the broker could not route) carries content too: its
+    frames are read as a delivery's and the delegate gets txamqp's Message."""
+    client, transport, _ = _client_with_heartbeat(0)
+    returned: list = []
+    client.delegate.basic_return_ = lambda ch, msg: returned.append((ch.id, msg))
+    client.channel(1)
+    basic = compat.load_spec().classes.byname["basic"]
+    body = b"r" * 5000
+    frames = [Frame(1, Method(_basic("return"), 312, "NO_ROUTE", "ex", "k"))]
+    frames.append(Frame(1, Header(basic, 0, len(body), **{"message-id": "m9"})))
+    frames += [Frame(1, Body(body[i : i + 4088])) for i in range(0, len(body), 4088)]
+    data = b"".join(_frame_bytes(f) for f in frames)
+    for i in range(0, len(data), 700):
+        client.dataReceived(data[i : i + 700])
+    [(channel, message)] = returned
+    assert channel == 1 and message.reply_code == 312 and message.routing_key == "k"
+    assert message.content.body == body
+    assert message.content.properties == {"message-id": "m9"}
+    assert not transport.disconnecting
+
+
 def test_a_frame_over_frame_max_closes_the_connection():
     client, transport, _ = _client_with_heartbeat(0)
     client.channel(1)
