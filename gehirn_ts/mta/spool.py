@@ -2,12 +2,15 @@
 
 Layout under the spool directory:
 - ``tmp/QID.eml``: a message being received (written line by line, never held whole
-  in memory), and at the final dot ``tmp/QID.json``, its envelope; removed if the
-  session ends without a final 250, and at start.
-- ``incoming/QID.eml`` + ``incoming/QID.json``: a message accepted and not yet processed.
-  Both are fsync'd in tmp/, renamed here, the envelope last, and the directory fsync'd:
-  the envelope's presence is the commit point. A restart resumes every committed
-  message (``pending``).
+  in memory); removed if the session ends without a final 250, and at start.
+- ``incoming/QID.eml``: a message accepted and not yet processed, its envelope in the
+  file's extended attribute ``user.gehirn-ts.envelope``. At the final dot the envelope
+  is set, the file fsync'd, renamed here and the directory fsync'd: the name in
+  incoming/ is the commit point. A restart resumes every committed message
+  (``pending``).
+- ``incoming/QID.json``: the envelope as a file of its own, where the file system keeps
+  no extended attributes (tmpfs before Linux 6.6) and in spools of earlier versions.
+  Written in tmp/ and renamed here after the message: its presence is the commit point.
 """
 
 from __future__ import annotations
@@ -22,7 +25,17 @@ from typing import IO, Any
 
 from twisted.internet.defer import Deferred
 
+from gehirn_ts.logs import Logger
 from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
+
+log = Logger()
+
+# One file a message instead of two: creating a file was the largest single cost of
+# receiving one (docs/decisions.md, "The envelope on the spooled file").
+ENVELOPE_ATTRIBUTE = "user.gehirn-ts.envelope"
+# The largest envelope kept there (the probe's size): ext4 takes a value up to a block
+# (4 KiB) less its headers. Larger ones (a few dozen recipients) get a file.
+ATTRIBUTE_BYTES = 2048
 
 
 def new_queue_id() -> str:
@@ -87,14 +100,38 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def _commit_files(fds: tuple[int, ...], moves: tuple[tuple[str, str], ...], directory: str) -> None:
-    """In a thread: the files' data on disk, then their new names (in order), then the
-    directory that holds the names."""
+def _commit_files(
+    fds: tuple[int, ...],
+    moves: tuple[tuple[str, str], ...],
+    directory: str,
+    envelope: bytes | None = None,
+) -> None:
+    """In a thread: the envelope onto the first file (where given), the files' data on
+    disk, then their new names (in order), then the directory that holds the names."""
+    if envelope is not None:
+        os.setxattr(fds[0], ENVELOPE_ATTRIBUTE, envelope)
     for fd in fds:
         os.fsync(fd)
     for source, target in moves:
         os.replace(source, target)
     _fsync_dir(directory)
+
+
+def keeps_attributes(directory: str) -> bool:
+    """Whether a file in ``directory`` takes a user extended attribute the size of an
+    envelope (ext4, XFS, Btrfs and ZFS do)."""
+    if not hasattr(os, "setxattr"):
+        return False  # not Linux
+    probe = f"{directory}/.attribute-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.setxattr(fd, ENVELOPE_ATTRIBUTE, b" " * ATTRIBUTE_BYTES)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 class Incoming:
@@ -126,7 +163,14 @@ class Incoming:
 
 
 class Spool:
-    def __init__(self, root: Path, threads: ThreadRunner = REACTOR_THREADS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        threads: ThreadRunner = REACTOR_THREADS,
+        attributes: bool | None = None,
+    ) -> None:
+        """``attributes``: keep envelopes in the message files' extended attributes;
+        None: where the file system allows it."""
         self.root = root
         self.threads = threads  # for the blocking file work of this spool and its readers
         self.tmp = root / "tmp"
@@ -139,13 +183,24 @@ class Spool:
         # Leftovers of sessions that died before their 250 were never acknowledged.
         for leftover in self.tmp.iterdir():
             leftover.unlink(missing_ok=True)
+        if attributes is None:
+            attributes = keeps_attributes(self.tmp_dir)
+            if not attributes:
+                log.warn(
+                    "the spool's file system ({path}) keeps no extended attributes: "
+                    "each envelope is written to a file of its own, a second file "
+                    "a message",
+                    path=self.tmp_dir,
+                )
+        self.attributes = attributes
 
     def begin(self) -> Incoming:
         return Incoming(self, new_queue_id())
 
     async def commit(self, f: IO[bytes], path: str, envelope: Envelope) -> None:
-        """The message (``f``, written to ``path`` in tmp/) and its envelope, fsync'd,
-        then both renamed into incoming/, the envelope last, and the directory fsync'd.
+        """The message (``f``, written to ``path`` in tmp/) with its envelope, fsync'd,
+        then renamed into incoming/ (an envelope file after the message) and the
+        directory fsync'd.
 
         Writes and closes only reach the page cache, and run here, on the reactor
         thread, as the DATA lines did. What waits for the disk goes to a worker thread
@@ -153,48 +208,72 @@ class Spool:
         more a message; a job of a dozen system calls took the interpreter lock back
         after each, and the reactor thread waited for it: docs/performance.md)."""
         qid = envelope.queue_id
-        env_tmp = f"{self.tmp_dir}/{qid}.json"
-        eml, env = f"{self.incoming_dir}/{qid}.eml", f"{self.incoming_dir}/{qid}.json"
+        eml = f"{self.incoming_dir}/{qid}.eml"
+        written: tuple[str, ...] = (eml,)
+        data = envelope.to_json()
         try:
             try:
-                with open(env_tmp, "xb") as e:
-                    e.write(envelope.to_json())
-                    e.flush()
-                    f.flush()
-                    # The envelope's rename is the commit point, once the directory is
-                    # synced.
+                f.flush()
+                if self.attributes and len(data) <= ATTRIBUTE_BYTES:
                     await self.threads.run(
-                        _commit_files,
-                        (f.fileno(), e.fileno()),
-                        ((path, eml), (env_tmp, env)),
-                        self.incoming_dir,
+                        _commit_files, (f.fileno(),), ((path, eml),), self.incoming_dir, data
                     )
+                else:
+                    env_tmp = f"{self.tmp_dir}/{qid}.json"
+                    env = f"{self.incoming_dir}/{qid}.json"
+                    written = (env_tmp, env, eml)  # the envelope first
+                    with open(env_tmp, "xb") as e:
+                        e.write(data)
+                        e.flush()
+                        await self.threads.run(
+                            _commit_files,
+                            (f.fileno(), e.fileno()),
+                            ((path, eml), (env_tmp, env)),
+                            self.incoming_dir,
+                        )
             finally:
                 f.close()
         except BaseException:
             # Not acknowledged: nothing of it may be processed at the next start.
-            for leftover in (env_tmp, env, eml):  # the envelope first
+            for leftover in written:
                 unlink_quietly(leftover)
             raise
 
     def pending(self) -> list[Envelope]:
-        """Committed messages not yet processed, oldest first."""
+        """Committed messages not yet processed, oldest first. A message file without
+        an envelope was never acknowledged, and goes."""
         out = []
-        for env in sorted(self.incoming.glob("*.json")):
-            out.append(Envelope.from_json(env.read_bytes()))
-        # Message files without an envelope were never acknowledged; a .tmp is an
-        # envelope write that did not finish.
+        for eml in sorted(self.incoming.glob("*.eml")):
+            envelope = self._envelope(eml)
+            if envelope is None:
+                eml.unlink(missing_ok=True)
+            else:
+                out.append(envelope)
+        # An envelope file whose message went was being removed.
+        for env in self.incoming.glob("*.json"):
+            if not env.with_suffix(".eml").exists():
+                env.unlink(missing_ok=True)
+        # An envelope write of an earlier version that did not finish.
         for tmp in self.incoming.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
-        committed = {e.queue_id for e in out}
-        for eml in self.incoming.glob("*.eml"):
-            if eml.stem not in committed:
-                eml.unlink(missing_ok=True)
         return out
+
+    def _envelope(self, eml: Path) -> Envelope | None:
+        try:
+            return Envelope.from_json(eml.with_suffix(".json").read_bytes())
+        except FileNotFoundError:
+            pass
+        if not self.attributes:
+            return None
+        try:
+            return Envelope.from_json(os.getxattr(eml, ENVELOPE_ATTRIBUTE))
+        except OSError:  # ENODATA: renamed here without one (an earlier version's)
+            return None
 
     def message_path(self, queue_id: str) -> Path:
         return self.incoming / f"{queue_id}.eml"
 
     def remove(self, queue_id: str) -> None:
-        unlink_quietly(f"{self.incoming_dir}/{queue_id}.json")  # the commit point goes first
+        # An envelope file, where there is one, goes first: the commit point.
+        unlink_quietly(f"{self.incoming_dir}/{queue_id}.json")
         unlink_quietly(f"{self.incoming_dir}/{queue_id}.eml")

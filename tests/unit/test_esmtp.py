@@ -159,8 +159,8 @@ class ProtocolTests(unittest.TestCase):
         )
         await until(lambda: any(c.startswith("250 2.0.0 Ok: queued as") for c in codes(t)))
         qid = codes(t)[-1].rsplit(" ", 1)[1]
-        # The 250 was sent after the envelope was committed.
-        assert (h.spool.incoming / f"{qid}.json").exists()
+        # The 250 was sent after the message was committed with its envelope.
+        assert [e.queue_id for e in h.spool.pending()] == [qid]
         raw = (h.spool.incoming / f"{qid}.eml").read_bytes()
         assert raw.startswith(b"Received: from c.test ([192.0.2.7])\r\n\tby mx.test")
         assert raw.endswith(b"Subject: hi\r\n\r\nhello\r\n.dot-stuffed\r\n")

@@ -137,8 +137,8 @@ class SpoolThreadsTests(unittest.TestCase):
         incoming = spool.begin()
         incoming.write(b"Subject: x\r\n\r\nbody\r\n")
         await incoming.commit(spooled_envelope(incoming))
-        # The fsyncs of the message, its envelope and (after their renames) the
-        # directory: one job.
+        # The fsync of the message with its envelope and (after its rename) the
+        # directory's: one job.
         assert jobs == [("_commit_files", "io-0")]
         assert [e.queue_id for e in spool.pending()] == [incoming.queue_id]
         assert spool.message_path(incoming.queue_id).read_bytes().endswith(b"body\r\n")
@@ -159,7 +159,7 @@ class SpoolThreadsTests(unittest.TestCase):
 
                 def eio(*args: Any) -> None:
                     # The renames done, then the directory's fsync fails.
-                    fn(*args[:2], "/nonexistent-directory")
+                    fn(*args[:2], "/nonexistent-directory", *args[3:])
 
                 return run(eio, *args)
             return run(fn, *args)

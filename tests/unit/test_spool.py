@@ -1,0 +1,124 @@
+"""The spool's commit point: each message with its envelope, in an extended attribute of
+the message file or in a file beside it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.trial import unittest
+
+from gehirn_ts.mta import spool as spool_module
+from gehirn_ts.mta.spool import ENVELOPE_ATTRIBUTE, Envelope, Recipient, Spool, keeps_attributes
+from tests.support import inline, spooled_envelope
+
+MESSAGE = b"Subject: x\r\n\r\nbody\r\n"
+
+
+class SpoolTests(unittest.TestCase):
+    def _spool(self, attributes: bool | None = None) -> Spool:
+        return Spool(Path(self.mktemp()), attributes=attributes)
+
+    async def _commit(self, spool: Spool, envelope: Any = None) -> Envelope:
+        incoming = spool.begin()
+        incoming.write(MESSAGE)
+        envelope = envelope or spooled_envelope(incoming)
+        await incoming.commit(envelope)
+        return envelope  # type: ignore[no-any-return]
+
+    @inline
+    async def test_the_envelope_rides_on_the_message_file_where_the_file_system_allows(
+        self,
+    ) -> None:
+        spool = self._spool()
+        if not keeps_attributes(spool.tmp_dir):
+            self.skipTest("this file system keeps no user extended attributes")
+        assert spool.attributes
+        envelope = await self._commit(spool)
+        qid = envelope.queue_id
+        # One file a message: the envelope is in its attribute, no file beside it.
+        assert sorted(p.name for p in spool.incoming.iterdir()) == [f"{qid}.eml"]
+        kept = os.getxattr(spool.message_path(qid), ENVELOPE_ATTRIBUTE)
+        assert Envelope.from_json(kept) == envelope
+        assert spool.pending() == [envelope]
+        spool.remove(qid)
+        assert list(spool.incoming.iterdir()) == [] and spool.pending() == []
+
+    @inline
+    async def test_without_attributes_each_envelope_is_a_file_beside_its_message(
+        self,
+    ) -> None:
+        spool = self._spool(attributes=False)
+        envelope = await self._commit(spool)
+        qid = envelope.queue_id
+        assert sorted(p.name for p in spool.incoming.iterdir()) == [f"{qid}.eml", f"{qid}.json"]
+        assert spool.pending() == [envelope]
+        spool.remove(qid)
+        assert list(spool.incoming.iterdir()) == []
+
+    @inline
+    async def test_an_envelope_too_large_for_the_attribute_gets_a_file(self) -> None:
+        spool = self._spool()
+        if not spool.attributes:
+            self.skipTest("this file system keeps no user extended attributes")
+        incoming = spool.begin()
+        incoming.write(MESSAGE)
+        envelope = spooled_envelope(incoming)
+        envelope.recipients = [Recipient(f"user{n}@y.test", ["SUCCESS"]) for n in range(100)]
+        assert len(envelope.to_json()) > spool_module.ATTRIBUTE_BYTES
+        await incoming.commit(envelope)
+        qid = envelope.queue_id
+        assert (spool.incoming / f"{qid}.json").exists()
+        assert spool.pending() == [envelope]
+        spool.remove(qid)
+        assert list(spool.incoming.iterdir()) == []
+
+    @inline
+    async def test_a_spool_of_an_earlier_version_resumes_what_it_committed(self) -> None:
+        spool = self._spool()
+        # Written by a version that kept every envelope in a file: a committed message,
+        # one renamed without its envelope (never acknowledged), an envelope whose
+        # message was already removed, and an unfinished envelope write.
+        old = Envelope(
+            "0001",
+            "a@x.test",
+            [Recipient("b@y.test")],
+            20,
+            0.0,
+            "192.0.2.1",
+            "x.test",
+            "smtp",
+            False,
+        )
+        (spool.incoming / "0001.eml").write_bytes(MESSAGE)
+        (spool.incoming / "0001.json").write_bytes(old.to_json())
+        (spool.incoming / "0002.eml").write_bytes(MESSAGE)
+        (spool.incoming / "0003.json").write_bytes(old.to_json())
+        (spool.incoming / ".0004.json.tmp").write_bytes(b"{")
+        newer = await self._commit(spool)
+        assert spool.pending() == [old, newer]
+        assert sorted(p.name for p in spool.incoming.iterdir()) == sorted(
+            ["0001.eml", "0001.json", f"{newer.queue_id}.eml"]
+            + ([] if spool.attributes else [f"{newer.queue_id}.json"])
+        )
+        spool.remove("0001")
+        assert spool.pending() == [newer]
+
+    @inline
+    async def test_a_file_system_that_refuses_attributes_gets_envelope_files(self) -> None:
+        def refused(*args: Any) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        warnings: list[dict[str, Any]] = []
+        self.patch(os, "setxattr", refused)
+        self.patch(spool_module.log, "warn", lambda fmt, **kw: warnings.append(kw))
+        spool = self._spool()
+        assert not spool.attributes
+        assert [w["path"] for w in warnings] == [spool.tmp_dir]
+        envelope = await self._commit(spool)
+        assert (spool.incoming / f"{envelope.queue_id}.json").exists()
+        assert spool.pending() == [envelope]
+        # The probe leaves nothing behind.
+        assert list(spool.tmp.iterdir()) == []
