@@ -15,6 +15,7 @@ Layout under the spool directory:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -263,12 +264,19 @@ class Spool:
             return Envelope.from_json(eml.with_suffix(".json").read_bytes())
         except FileNotFoundError:
             pass
-        if not self.attributes:
+        if not hasattr(os, "getxattr"):
             return None
+        # Asked whatever this start's probe found: a spool written with attributes may
+        # be resumed by a start whose probe failed (a full disk).
         try:
             return Envelope.from_json(os.getxattr(eml, ENVELOPE_ATTRIBUTE))
-        except OSError:  # ENODATA: renamed here without one (an earlier version's)
-            return None
+        except OSError as e:
+            # None set (renamed here without one by an earlier version), or none kept
+            # on this file system: never committed. Anything else is left to the
+            # operator, and the message stays.
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return None
+            raise
 
     def message_path(self, queue_id: str) -> Path:
         return self.incoming / f"{queue_id}.eml"

@@ -47,6 +47,19 @@ class SpoolTests(unittest.TestCase):
         assert list(spool.incoming.iterdir()) == [] and spool.pending() == []
 
     @inline
+    async def test_a_start_whose_probe_fails_still_resumes_what_has_attributes(self) -> None:
+        root = Path(self.mktemp())
+        spool = Spool(root)
+        if not spool.attributes:
+            self.skipTest("this file system keeps no user extended attributes")
+        envelope = await self._commit(spool)
+        # The next start's probe fails (a full disk, say): the committed message and
+        # its envelope are still found.
+        again = Spool(root, attributes=False)
+        assert again.pending() == [envelope]
+        assert again.message_path(envelope.queue_id).exists()
+
+    @inline
     async def test_without_attributes_each_envelope_is_a_file_beside_its_message(
         self,
     ) -> None:
