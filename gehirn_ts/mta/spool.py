@@ -9,8 +9,9 @@ Layout under the spool directory:
   incoming/ is the commit point. A restart resumes every committed message
   (``pending``).
 - ``incoming/QID.json``: the envelope as a file of its own, where the file system keeps
-  no extended attributes (tmpfs before Linux 6.6) and in spools of earlier versions.
-  Written in tmp/ and renamed here after the message: its presence is the commit point.
+  no extended attributes (tmpfs before Linux 6.6), for an envelope over
+  ``ATTRIBUTE_BYTES``, and in spools of earlier versions. Written in tmp/ and renamed
+  here after the message: its presence is the commit point.
 """
 
 from __future__ import annotations
