@@ -1,7 +1,9 @@
 """Sending benchmark (make bench): messages/s from `POST /v1/messages` (h2load, 20
 connections) to a remote MX played by Postfix's smtp-sink, beside a Postfix instance relaying
 the same load (smtp-source, 20 sessions, 1 KiB) to the same sink, in one run. The clock
-runs from the first request until the sink has recorded every message.
+runs from the first request until the sink has recorded every message. The two take
+turns ``BENCH_ROUNDS`` times (3, as bench/smtp.py): the table has the medians, the
+ratio is given round by round.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,7 @@ from tests.support import free_port  # noqa: E402
 
 CLIENTS = 20
 COUNT = int(os.environ.get("BENCH_SEND", "2000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 TEXT = ("All work and no play makes Jack a dull boy. " * 23)[:1000]
 
 
@@ -42,7 +46,7 @@ def wait_sink(sink: Sink, count: int, start: float, timeout: float = 600) -> flo
         time.sleep(0.05)
 
 
-def gehirn(results: dict[str, str]) -> None:
+def gehirn() -> tuple[float, float, float]:
     work = Path(tempfile.mkdtemp(prefix="bench-send-"))
     port = free_port()
     sink = Sink("127.0.0.2", port=port)
@@ -104,19 +108,16 @@ def gehirn(results: dict[str, str]) -> None:
         api_rate = accepted / (time.monotonic() - start)
         rate = wait_sink(sink, accepted, start)
         cpu_ms = (cpu_seconds(proc.pid) - cpu_before) / max(accepted, 1) * 1000
-        results["gehirn-ts (HTTP API)"] = (
-            f"{rate:8.0f}   (API accepted {api_rate:.0f}/s; daemon CPU {cpu_ms:.2f} ms per message)"
-        )
+        return rate, api_rate, cpu_ms
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         sink.stop()
 
 
-def postfix(results: dict[str, str]) -> None:
+def postfix() -> tuple[float, float] | None:
     if shutil.which("postfix") is None:
-        results["Postfix (relay)"] = "n/a"
-        return
+        return None
     port = free_port()
     sink = Sink("127.0.0.2", port=port)
     smtpd = free_port()
@@ -128,23 +129,36 @@ def postfix(results: dict[str, str]) -> None:
         with PostfixInstance(smtpd, relay, relay=True):
             start = time.monotonic()
             accepted = smtp_source(smtpd, 1024, COUNT, CLIENTS)
-            rate = wait_sink(sink, COUNT, start)
-            results["Postfix (relay)"] = f"{rate:8.0f}   (smtpd accepted {accepted:.0f}/s)"
+            return wait_sink(sink, COUNT, start), accepted
     finally:
         sink.stop()
 
 
 def main() -> None:
-    results: dict[str, str] = {}
-    gehirn(results)
-    postfix(results)
+    ours: list[tuple[float, float, float]] = []
+    theirs: list[tuple[float, float]] = []
+    for _ in range(ROUNDS):
+        ours.append(gehirn())
+        peer = postfix()
+        if peer is not None:
+            theirs.append(peer)
     print(
         f"\nSending, messages/s delivered to smtp-sink ({COUNT} x ~1 KiB, {CLIENTS} parallel "
         f"clients: h2load / smtp-source, {os.cpu_count()} cores), from the first request "
-        "until the sink has them all"
+        f"until the sink has them all; medians of {ROUNDS} rounds taken in turn"
     )
-    for name, row in results.items():
-        print(f"{name:22}{row}")
+    rate, api_rate, cpu_ms = (statistics.median(column) for column in zip(*ours, strict=True))
+    print(
+        f"{'gehirn-ts (HTTP API)':22}{rate:8.0f}   (API accepted {api_rate:.0f}/s; "
+        f"daemon CPU {cpu_ms:.2f} ms per message)"
+    )
+    if not theirs:
+        print(f"{'Postfix (relay)':22}{'n/a':>8}")
+        return
+    peer_rate, accepted = (statistics.median(column) for column in zip(*theirs, strict=True))
+    print(f"{'Postfix (relay)':22}{peer_rate:8.0f}   (smtpd accepted {accepted:.0f}/s)")
+    ratios = ", ".join(f"{a[0] / b[0]:.0%}" for a, b in zip(ours, theirs, strict=True))
+    print(f"gehirn-ts / Postfix, round by round: {ratios}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 100 KiB, load from Postfix's smtp-source, beside aiosmtpd (write + fsync per message)
 and a Postfix instance accepting into its own queue, all in one run. Also the
 gehirn-ts daemon's peak RSS, and its RSS with 100 sessions open.
+
+The three take turns, ``BENCH_ROUNDS`` times (3): on a shared machine the rate of one
+run moves by a third from one minute to the next, and a peer measured minutes apart
+compares the minutes, not the servers. The table has each column's median; the
+ratios to Postfix are given round by round.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +35,10 @@ RUNS = [
     (1024, int(os.environ.get("BENCH_SMALL", "3000"))),
     (100 * 1024, int(os.environ.get("BENCH_LARGE", "600"))),
 ]
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# A row: 1 KiB rate, 100 KiB rate, CPU ms a 1 KiB message, peak RSS, RSS with 100
+# sessions; None where not measured.
+Row = list[float | None]
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -105,7 +115,7 @@ def start_gehirn(work: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def gehirn(results: dict[str, list[str]]) -> None:
+def gehirn() -> Row:
     work = Path(tempfile.mkdtemp(prefix="bench-gehirn-"))
     port, http = free_port(), free_port()
     dns = dns_server()
@@ -118,13 +128,12 @@ def gehirn(results: dict[str, list[str]]) -> None:
     proc = start_gehirn(work)
     try:
         wait_port(port)
-        row = []
+        row: Row = []
         done = 0
-        cpu = ""
+        cpu = None
         for size, count in RUNS:
             before = cpu_seconds(proc.pid)
-            accepted = smtp_source(port, size, count)
-            row.append(f"{accepted:8.0f}")
+            row.append(smtp_source(port, size, count))
             # Everything accepted is also stored and published (the event, durably).
             done += count
             start = time.monotonic()
@@ -133,7 +142,7 @@ def gehirn(results: dict[str, list[str]]) -> None:
                     raise RuntimeError("not all messages were processed")
                 time.sleep(0.1)
             if size == RUNS[0][0]:
-                cpu = f"{(cpu_seconds(proc.pid) - before) / count * 1000:9.2f}"
+                cpu = (cpu_seconds(proc.pid) - before) / count * 1000
         req = urllib.request.Request(f"http://127.0.0.1:{http}/healthz")
         urllib.request.urlopen(req, timeout=5).read()
         # 100 concurrent sessions, idle after EHLO, for the RSS figure.
@@ -149,18 +158,13 @@ def gehirn(results: dict[str, list[str]]) -> None:
         rss100 = rss_mb(proc.pid, "VmRSS")
         for s in socks:
             s.close()
-        results["gehirn-ts"] = [
-            *row,
-            cpu,
-            f"{rss_mb(proc.pid, 'VmHWM'):9.1f}",
-            f"{rss100:9.1f}",
-        ]
+        return [*row, cpu, rss_mb(proc.pid, "VmHWM"), rss100]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
 
 
-def aiosmtpd(results: dict[str, list[str]]) -> None:
+def aiosmtpd() -> Row:
     work = Path(tempfile.mkdtemp(prefix="bench-aiosmtpd-"))
     port = free_port()
     proc = subprocess.Popen(
@@ -169,19 +173,14 @@ def aiosmtpd(results: dict[str, list[str]]) -> None:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        row = []
-        cpu = ""
+        row: Row = []
+        cpu = None
         for size, count in RUNS:
             before = cpu_seconds(proc.pid)
-            row.append(f"{smtp_source(port, size, count):8.0f}")
+            row.append(smtp_source(port, size, count))
             if size == RUNS[0][0]:
-                cpu = f"{(cpu_seconds(proc.pid) - before) / count * 1000:9.2f}"
-        results["aiosmtpd (fsync)"] = [
-            *row,
-            cpu,
-            f"{rss_mb(proc.pid, 'VmHWM'):9.1f}",
-            "",
-        ]
+                cpu = (cpu_seconds(proc.pid) - before) / count * 1000
+        return [*row, cpu, rss_mb(proc.pid, "VmHWM"), None]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -261,28 +260,54 @@ class PostfixInstance:
         self._postfix("stop", False)
 
 
-def postfix(results: dict[str, list[str]]) -> None:
+def postfix() -> Row | None:
     if shutil.which("postfix") is None:
-        results["Postfix"] = ["n/a", "n/a", "", "", ""]
-        return
+        return None
     port = free_port()
     with PostfixInstance(port):
-        row = [f"{smtp_source(port, size, count):8.0f}" for size, count in RUNS]
-        results["Postfix (queue)"] = [*row, "", "", ""]
+        return [*(smtp_source(port, size, count) for size, count in RUNS), None, None, None]
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def main() -> None:
-    results: dict[str, list[str]] = {}
-    gehirn(results)
-    aiosmtpd(results)
-    postfix(results)
+    rounds: dict[str, list[Row]] = {"gehirn-ts": [], "aiosmtpd (fsync)": [], "Postfix (queue)": []}
+    for _ in range(ROUNDS):
+        rounds["gehirn-ts"].append(gehirn())
+        rounds["aiosmtpd (fsync)"].append(aiosmtpd())
+        peer = postfix()
+        if peer is not None:
+            rounds["Postfix (queue)"].append(peer)
     print(
         f"\nSMTP receiving, messages/s accepted with {SESSIONS} sessions (smtp-source), "
-        f"{RUNS[0][1]} x 1 KiB and {RUNS[1][1]} x 100 KiB; {os.cpu_count()} cores"
+        f"{RUNS[0][1]} x 1 KiB and {RUNS[1][1]} x 100 KiB; {os.cpu_count()} cores; "
+        f"medians of {ROUNDS} rounds taken in turn"
     )
     print(f"{'':18}{'1 KiB':>8}{'100 KiB':>8}{'CPU ms':>9}{'peak RSS':>9}{'RSS@100':>9}")
-    for name, row in results.items():
-        print(f"{name:18}" + "".join(row))
+    formats = ("8.0f", "8.0f", "9.2f", "9.1f", "9.1f")
+    widths = (8, 8, 9, 9, 9)
+    for name, rows in rounds.items():
+        if not rows:
+            print(f"{name:18}{'n/a':>8}{'n/a':>8}")
+            continue
+        medians = [_median([row[i] for row in rows]) for i in range(len(formats))]
+        print(
+            f"{name:18}"
+            + "".join(
+                format(m, f) if m is not None else " " * w
+                for m, f, w in zip(medians, formats, widths, strict=True)
+            )
+        )
+    if rounds["Postfix (queue)"]:
+        for i, label in enumerate(("1 KiB", "100 KiB")):
+            ratios = [
+                f"{(ours[i] or 0.0) / (theirs[i] or 1.0):.0%}"
+                for ours, theirs in zip(rounds["gehirn-ts"], rounds["Postfix (queue)"], strict=True)
+            ]
+            print(f"gehirn-ts / Postfix at {label}, round by round: {', '.join(ratios)}")
     print(
         "gehirn-ts: each 250 after the spool fsync; the run waits until every message is "
         "also in the KVS with its mail.received event. CPU ms: the process's CPU time per "
