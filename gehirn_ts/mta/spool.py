@@ -8,6 +8,7 @@ Layout under the spool directory:
   is set, the file fsync'd, renamed here and the directory fsync'd: the name in
   incoming/ is the commit point. A restart resumes every committed message
   (``pending``).
+- ``orphaned/QID.eml``: a message file found without an envelope at start (``pending``).
 - ``incoming/QID.json``: the envelope as a file of its own, where the file system keeps
   no extended attributes (tmpfs before Linux 6.6), for an envelope over
   ``ATTRIBUTE_BYTES``, and in spools of earlier versions. Written in tmp/ and renamed
@@ -242,13 +243,25 @@ class Spool:
             raise
 
     def pending(self) -> list[Envelope]:
-        """Committed messages not yet processed, oldest first. A message file without
-        an envelope was never acknowledged, and goes."""
+        """Committed messages not yet processed, oldest first.
+
+        A message file without an envelope was not committed by this spool: renamed
+        before its envelope file by a start that died, or copied here by a tool that
+        left its extended attributes behind (``rsync`` without ``-X``). It is moved
+        to ``orphaned/``, as Postfix moves a queue file it cannot read to ``corrupt/``,
+        and never deleted: in the second case it was acknowledged."""
         out = []
         for eml in sorted(self.incoming.glob("*.eml")):
             envelope = self._envelope(eml)
             if envelope is None:
-                eml.unlink(missing_ok=True)
+                orphaned = self.root / "orphaned"
+                orphaned.mkdir(exist_ok=True)
+                os.replace(eml, orphaned / eml.name)
+                log.warn(
+                    "spooled {name} has no envelope; moved to {path} (docs/operations.md)",
+                    name=eml.name,
+                    path=str(orphaned),
+                )
             else:
                 out.append(envelope)
         # An envelope file whose message went was being removed.

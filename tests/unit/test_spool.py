@@ -60,6 +60,22 @@ class SpoolTests(unittest.TestCase):
         assert again.message_path(envelope.queue_id).exists()
 
     @inline
+    async def test_a_message_copied_without_its_attribute_is_kept_aside(self) -> None:
+        spool = self._spool()
+        if not spool.attributes:
+            self.skipTest("this file system keeps no user extended attributes")
+        envelope = await self._commit(spool)
+        path = spool.message_path(envelope.queue_id)
+        # What `rsync -a` without -X leaves of an acknowledged message.
+        os.removexattr(path, ENVELOPE_ATTRIBUTE)
+        warnings: list[dict[str, Any]] = []
+        self.patch(spool_module.log, "warn", lambda fmt, **kw: warnings.append(kw))
+        assert spool.pending() == []
+        kept = spool.root / "orphaned" / path.name
+        assert kept.read_bytes() == MESSAGE and not path.exists()
+        assert [w["name"] for w in warnings] == [path.name]
+
+    @inline
     async def test_without_attributes_each_envelope_is_a_file_beside_its_message(
         self,
     ) -> None:
@@ -116,6 +132,8 @@ class SpoolTests(unittest.TestCase):
             ["0001.eml", "0001.json", f"{newer.queue_id}.eml"]
             + ([] if spool.attributes else [f"{newer.queue_id}.json"])
         )
+        # The message without an envelope is kept aside, not deleted.
+        assert [p.name for p in (spool.root / "orphaned").iterdir()] == ["0002.eml"]
         spool.remove("0001")
         assert spool.pending() == [newer]
 
