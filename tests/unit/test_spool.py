@@ -21,6 +21,20 @@ class SpoolTests(unittest.TestCase):
     def _spool(self, attributes: bool | None = None) -> Spool:
         return Spool(Path(self.mktemp()), attributes=attributes)
 
+    def _attribute_spool(self, root: Path | None = None) -> Spool:
+        """A spool that keeps envelopes in attributes; the test is skipped where the
+        file system keeps none."""
+        spool = Spool(root or Path(self.mktemp()))
+        if not keeps_attributes(spool.tmp_dir):
+            self.skipTest("this file system keeps no user extended attributes")
+        return spool
+
+    def _resumed_then_removed(self, spool: Spool, envelope: Envelope) -> None:
+        """``envelope`` is the one message resumed; removing it empties the spool."""
+        assert spool.pending() == [envelope]
+        spool.remove(envelope.queue_id)
+        assert list(spool.incoming.iterdir()) == []
+
     async def _commit(self, spool: Spool, envelope: Any = None) -> Envelope:
         incoming = spool.begin()
         incoming.write(MESSAGE)
@@ -32,9 +46,7 @@ class SpoolTests(unittest.TestCase):
     async def test_the_envelope_rides_on_the_message_file_where_the_file_system_allows(
         self,
     ) -> None:
-        spool = self._spool()
-        if not keeps_attributes(spool.tmp_dir):
-            self.skipTest("this file system keeps no user extended attributes")
+        spool = self._attribute_spool()
         assert spool.attributes
         envelope = await self._commit(spool)
         qid = envelope.queue_id
@@ -42,16 +54,13 @@ class SpoolTests(unittest.TestCase):
         assert sorted(p.name for p in spool.incoming.iterdir()) == [f"{qid}.eml"]
         kept = os.getxattr(spool.message_path(qid), ENVELOPE_ATTRIBUTE)
         assert Envelope.from_json(kept) == envelope
-        assert spool.pending() == [envelope]
-        spool.remove(qid)
-        assert list(spool.incoming.iterdir()) == [] and spool.pending() == []
+        self._resumed_then_removed(spool, envelope)
+        assert spool.pending() == []
 
     @inline
     async def test_a_start_whose_probe_fails_still_resumes_what_has_attributes(self) -> None:
         root = Path(self.mktemp())
-        spool = Spool(root)
-        if not spool.attributes:
-            self.skipTest("this file system keeps no user extended attributes")
+        spool = self._attribute_spool(root)
         envelope = await self._commit(spool)
         # The next start's probe fails (a full disk, say): the committed message and
         # its envelope are still found.
@@ -61,9 +70,7 @@ class SpoolTests(unittest.TestCase):
 
     @inline
     async def test_a_message_copied_without_its_attribute_is_kept_aside(self) -> None:
-        spool = self._spool()
-        if not spool.attributes:
-            self.skipTest("this file system keeps no user extended attributes")
+        spool = self._attribute_spool()
         envelope = await self._commit(spool)
         path = spool.message_path(envelope.queue_id)
         # What `rsync -a` without -X leaves of an acknowledged message.
@@ -83,15 +90,11 @@ class SpoolTests(unittest.TestCase):
         envelope = await self._commit(spool)
         qid = envelope.queue_id
         assert sorted(p.name for p in spool.incoming.iterdir()) == [f"{qid}.eml", f"{qid}.json"]
-        assert spool.pending() == [envelope]
-        spool.remove(qid)
-        assert list(spool.incoming.iterdir()) == []
+        self._resumed_then_removed(spool, envelope)
 
     @inline
     async def test_an_envelope_too_large_for_the_attribute_gets_a_file(self) -> None:
-        spool = self._spool()
-        if not spool.attributes:
-            self.skipTest("this file system keeps no user extended attributes")
+        spool = self._attribute_spool()
         incoming = spool.begin()
         incoming.write(MESSAGE)
         envelope = spooled_envelope(incoming)
@@ -100,9 +103,7 @@ class SpoolTests(unittest.TestCase):
         await incoming.commit(envelope)
         qid = envelope.queue_id
         assert (spool.incoming / f"{qid}.json").exists()
-        assert spool.pending() == [envelope]
-        spool.remove(qid)
-        assert list(spool.incoming.iterdir()) == []
+        self._resumed_then_removed(spool, envelope)
 
     @inline
     async def test_a_spool_of_an_earlier_version_resumes_what_it_committed(self) -> None:
