@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -20,7 +20,6 @@ from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool
 
 from gehirn_ts import gc_tuning, logs
-from gehirn_ts.bus.amqp import AmqpBus
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
 from gehirn_ts.dnsresolver import make_async_resolver, make_resolver
@@ -58,6 +57,9 @@ from gehirn_ts.store.queue import QueueStore
 from gehirn_ts.store.schema import SchemaError, migrate
 from gehirn_ts.threads import Workers
 from gehirn_ts.web.api import Api, make_site
+
+if TYPE_CHECKING:
+    from gehirn_ts.bus.amqp import AmqpBus
 
 DB_FILE = "gehirn-ts.sqlite"
 BUS_FILE = "bus.sqlite"
@@ -159,6 +161,10 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     if config.bus.url == "local:":
         bus = LocalBus(config.state_dir / BUS_FILE, reactor, prefetch=config.bus.prefetch)
     else:
+        # Imported here: txamqp, its spec and the decimal and XML modules it loads are
+        # 1.3 MB of a daemon that runs on the embedded bus (docs/performance.md).
+        from gehirn_ts.bus.amqp import AmqpBus
+
         bus = AmqpBus(
             config.bus.url,
             reactor,

@@ -10,6 +10,7 @@ from twisted.internet.defer import DeferredList
 from twisted.trial import unittest
 
 from gehirn_ts.store.batch import BatchedDatabase
+from gehirn_ts.store.schema import CACHE_KIB
 from tests.support import inline
 
 
@@ -94,3 +95,13 @@ class BatchTests(unittest.TestCase):
         assert [ok for ok, _ in results] == [True, False, True]
         assert results[0][1] == results[2][1] == 1
         assert not [s for s in self.statements if "SAVEPOINT" in s]
+
+    @inline
+    async def test_every_connection_keeps_a_bounded_page_cache(self) -> None:
+        # SQLite's default is 2 MiB a connection; the daemon's are smaller (RSS).
+        def cache(cur: sqlite3.Cursor) -> int:
+            return int(cur.execute("PRAGMA cache_size").fetchone()[0])
+
+        assert await self.writer.run(cache) == -CACHE_KIB
+        assert await self.reader.run(cache) == -CACHE_KIB
+        assert CACHE_KIB < 2000

@@ -19,11 +19,10 @@ first it is a TempFail and the worker retries it after the reconnect.
 
 from __future__ import annotations
 
-import base64
 import re
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from twisted.application.internet import ClientService, backoffPolicy
@@ -34,8 +33,6 @@ from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
-from twisted.python.failure import Failure
-from twisted.words.protocols import irc
 from zope.interface import implementer
 
 from gehirn_ts.edj.netguard import AddressPolicy, GuardedEndpoint
@@ -43,6 +40,9 @@ from gehirn_ts.events import Event
 from gehirn_ts.interfaces import Delivered, IDestination, PermFail, Result, TempFail
 from gehirn_ts.logs import Logger
 from gehirn_ts.redact import MASK
+
+if TYPE_CHECKING:
+    from gehirn_ts.edj.destinations.irc_protocol import BotProtocol
 
 log = Logger()
 
@@ -165,84 +165,6 @@ def budget_for(command: str, target: str) -> int:
     return LINE_LIMIT - 2 - PREFIX_ALLOWANCE - len(f"{command} {target} :".encode())
 
 
-class _BotProtocol(irc.IRCClient):
-    username = "gehirn"
-    realname = "gehirn-ts event bot"  # type: ignore[assignment]
-    lineRate = None  # the bot's own token bucket paces the lines
-
-    def __init__(self, bot: IrcBot) -> None:
-        self.bot = bot
-        self.nickname = bot.settings.nick
-        s = bot.settings
-        self.password = s.password if s.auth == "pass" and s.password else None  # type: ignore[assignment]
-
-    def register(self, nickname: str, hostname: str = "foo", servername: str = "bar") -> None:
-        if self.bot.settings.auth == "sasl":
-            # IRCv3: registration waits for CAP END, sent once SASL is done.
-            self._write("CAP REQ :sasl")
-        irc.IRCClient.register(self, nickname, hostname, servername)
-
-    def irc_CAP(self, prefix: str, params: list[str]) -> None:
-        if self.bot.settings.auth != "sasl" or len(params) < 3:
-            return
-        if params[1].upper() == "ACK" and "sasl" in params[2].lower().split():
-            self._write("AUTHENTICATE PLAIN")
-        elif params[1].upper() == "NAK":
-            self._sasl_failed("the server does not offer SASL")
-
-    def irc_AUTHENTICATE(self, prefix: str, params: list[str]) -> None:
-        if params and params[0] == "+":
-            s = self.bot.settings
-            plain = f"{s.nick}\0{s.nick}\0{s.password or ''}".encode()
-            self._write("AUTHENTICATE " + base64.b64encode(plain).decode())
-
-    def irc_903(self, prefix: str, params: list[str]) -> None:  # RPL_SASLSUCCESS
-        self._write("CAP END")
-
-    def _sasl_refused(self, prefix: str, params: list[str]) -> None:
-        self._sasl_failed(params[-1] if params else "refused")
-
-    irc_902 = irc_904 = irc_905 = irc_906 = irc_908 = _sasl_refused
-
-    def _sasl_failed(self, reason: str) -> None:
-        self._write("CAP END")
-        self._write("QUIT :authentication failed")
-        self.bot._auth_failed(f"SASL authentication failed: {reason}")
-        assert self.transport is not None
-        self.transport.loseConnection()
-
-    def signedOn(self) -> None:
-        s = self.bot.settings
-        if s.auth == "nickserv" and s.password:
-            self._write(f"PRIVMSG NickServ :IDENTIFY {s.password}")
-        self.bot._signed_on(self)
-
-    def _write(self, line: str) -> None:
-        assert self.transport is not None
-        self.transport.write(line.encode() + b"\r\n")
-
-    def joined(self, channel: str) -> None:
-        self.bot._joined(channel)
-
-    def _refused(self, prefix: str, params: list[str]) -> None:
-        if len(params) >= 2:
-            self.bot._join_failed(params[1], params[-1])
-
-    irc_ERR_NOSUCHCHANNEL = _refused
-    irc_ERR_BANNEDFROMCHAN = _refused
-    irc_ERR_INVITEONLYCHAN = _refused
-    irc_ERR_BADCHANNELKEY = _refused
-    irc_ERR_CHANNELISFULL = _refused
-    irc_ERR_TOOMANYCHANNELS = _refused
-
-    def kickedFrom(self, channel: str, kicker: str, message: str) -> None:
-        self.bot._left(channel)
-
-    def connectionLost(self, reason: Failure = ConnectionLost) -> None:  # type: ignore[assignment]
-        irc.IRCClient.connectionLost(self, reason)
-        self.bot._lost(self)
-
-
 class IrcBot:
     """One connection to one server under one nick, kept up by a ClientService."""
 
@@ -266,8 +188,8 @@ class IrcBot:
         self._refilled = reactor.seconds()
         self._queue: deque[tuple[bytes, Deferred[None]]] = deque()
         self._drain_call: Any = None
-        self._proto: _BotProtocol | None = None
-        self._ready: list[Deferred[_BotProtocol]] = []
+        self._proto: BotProtocol | None = None
+        self._ready: list[Deferred[BotProtocol]] = []
         self._joined_channels: set[str] = set()
         self._join_waiters: dict[str, list[Deferred[None]]] = {}
         self.auth_error: str | None = None
@@ -281,9 +203,11 @@ class IrcBot:
                 else CertificateOptions(verify=False)
             )
             endpoint = wrapClientTLS(creator, endpoint)
+        from gehirn_ts.edj.destinations.irc_protocol import BotProtocol
+
         self.service = ClientService(
             endpoint,
-            Factory.forProtocol(lambda: _BotProtocol(self)),
+            Factory.forProtocol(lambda: BotProtocol(self)),
             retryPolicy=backoffPolicy(initialDelay=initial_delay, maxDelay=max_delay),
             clock=reactor,
         )
@@ -304,7 +228,7 @@ class IrcBot:
         for d in waiters:
             d.errback(AuthFailed(reason))
 
-    def _signed_on(self, proto: _BotProtocol) -> None:
+    def _signed_on(self, proto: BotProtocol) -> None:
         self._proto = proto
         self._joined_channels.clear()
         log.info(
@@ -317,7 +241,7 @@ class IrcBot:
         for d in waiters:
             d.callback(proto)
 
-    def _lost(self, proto: _BotProtocol) -> None:
+    def _lost(self, proto: BotProtocol) -> None:
         if self._proto is proto:
             self._proto = None
         self._joined_channels.clear()
@@ -345,10 +269,10 @@ class IrcBot:
 
     # --- what deliveries use ---
 
-    def ready(self, timeout: float) -> Deferred[_BotProtocol]:
+    def ready(self, timeout: float) -> Deferred[BotProtocol]:
         if self._proto is not None:
             return defer.succeed(self._proto)
-        d: Deferred[_BotProtocol] = Deferred(lambda d: self._ready.remove(d))
+        d: Deferred[BotProtocol] = Deferred(lambda d: self._ready.remove(d))
         self._ready.append(d)
         return d.addTimeout(timeout, self._clock)
 
