@@ -13,6 +13,7 @@ from typing import Any
 import dns.resolver
 from twisted.internet.defer import Deferred, succeed
 from twisted.names.common import ResolverBase
+from twisted.names.dns import SOA
 
 
 def make_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.resolver.Resolver:
@@ -44,9 +45,10 @@ def make_async_resolver(nameservers: Sequence[str], port: int, timeout: float, r
 class CachingResolver(ResolverBase):
     """Answers kept for their smallest TTL, as the blocking resolver's LRU cache does
     (and as a local caching resolver would): every delivery to a domain asked for its
-    MX and addresses again (three queries per message to one destination). Errors and
-    empty answers are not kept. No timers: an entry is checked when it is read, and a
-    full cache drops its expired entries (or, if none, all of them)."""
+    MX and addresses again (three queries per message to one destination). An empty
+    answer (no record of the type, as for the AAAA of an IPv4-only MX host) is kept as
+    RFC 2308 says, by its SOA; errors are not kept. No timers: an entry is checked
+    when it is read, and a full cache drops its expired entries (or, if none, all)."""
 
     def __init__(self, upstream: Any, clock: Any, size: int = 10_000) -> None:
         super().__init__()
@@ -68,8 +70,10 @@ class CachingResolver(ResolverBase):
         return d
 
     def _keep(self, result: Any, key: tuple[bytes, int, int], now: float) -> Any:
-        records = [*result[0], *result[1], *result[2]]
-        ttl = min((r.ttl for r in records), default=0)
+        if result[0]:
+            ttl = min(r.ttl for r in [*result[0], *result[1], *result[2]])
+        else:
+            ttl = negative_ttl(result[1])
         if ttl > 0:
             if len(self._entries) >= self._size:
                 self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
@@ -90,3 +94,12 @@ def _system_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]
     except OSError:
         pass
     return out or [("127.0.0.1", 53)]
+
+
+def negative_ttl(authority: Sequence[Any]) -> int:
+    """How long an answer without records may be kept (RFC 2308 section 5): the smaller
+    of the SOA record's TTL and its MINIMUM field; 0, never, without an SOA."""
+    for rr in authority:
+        if rr.type == SOA:
+            return int(min(rr.ttl, rr.payload.minimum))
+    return 0

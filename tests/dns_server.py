@@ -5,7 +5,8 @@
 The file maps names to record sets, e.g. {"example.org": {"TXT": ["v=spf1 -all"],
 "A": ["192.0.2.1"], "MX": [[10, "mx.example.org"]]}}. It is read again for every
 query, so a test changes the zone by rewriting the file. A name that is absent is
-NXDOMAIN; a present name without the asked type is an empty answer.
+NXDOMAIN; a present name without the asked type is an empty answer with the SOA of
+its zone (the name's last two labels).
 """
 
 from __future__ import annotations
@@ -51,7 +52,16 @@ class JsonZone(common.ResolverBase):
                 else:
                     continue
                 answers.append(dns.RRHeader(name, code, dns.IN, 60, payload, auth=True))
-        return defer.succeed((answers, [], []))
+        if answers:
+            return defer.succeed((answers, [], []))
+        # No record of the type: the zone's SOA goes in the authority section, as an
+        # authoritative server's must (RFC 2308 section 3), so resolvers may keep the
+        # empty answer for the SOA's MINIMUM.
+        zone_name = b".".join(name.rstrip(b".").split(b".")[-2:])
+        soa = dns.Record_SOA(
+            mname=b"ns." + zone_name, rname=b"hostmaster." + zone_name, minimum=60, ttl=60
+        )
+        return defer.succeed(([], [dns.RRHeader(zone_name, dns.SOA, dns.IN, 60, soa)], []))
 
 
 def main() -> None:

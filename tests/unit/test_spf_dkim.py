@@ -200,6 +200,7 @@ class _Upstream:
         self.asked: list[bytes] = []
         self.ttl = 60
         self.fail = False
+        self.soa: tuple[int, int] | None = None  # (its TTL, its MINIMUM); TTL 0: no SOA
 
     def _lookup(self, name: bytes, cls: int, type: int, timeout: object) -> object:
         from twisted.internet.defer import fail, succeed
@@ -209,6 +210,11 @@ class _Upstream:
         self.asked.append(name)
         if self.fail:
             return fail(DNSNameError(name))
+        if self.soa is not None:  # an empty answer, with the zone's SOA or without
+            soa = tdns.RRHeader(
+                b"example", tdns.SOA, ttl=self.soa[0], payload=tdns.Record_SOA(minimum=self.soa[1])
+            )
+            return succeed(([], [soa] if self.soa[0] else [], []))
         record = tdns.RRHeader(name, tdns.A, ttl=self.ttl, payload=tdns.Record_A("192.0.2.1"))
         return succeed(([record], [], []))
 
@@ -242,6 +248,38 @@ def test_async_answers_are_kept_for_their_ttl_and_errors_are_not() -> None:
     for name in ("a.example", "b.example", "c.example"):
         resolver.lookupAddress(name).addBoth(results.append)
     assert len(resolver._entries) <= 2  # the size bound holds
+
+
+def test_an_empty_answer_is_kept_by_its_soa_and_not_without_one() -> None:
+    from twisted.internet.task import Clock
+
+    from gehirn_ts.dnsresolver import CachingResolver
+
+    clock, upstream = Clock(), _Upstream()
+    resolver = CachingResolver(upstream, clock)
+    # RFC 2308 section 5: the smaller of the SOA's TTL and its MINIMUM.
+    upstream.soa = (300, 30)
+    for _ in range(2):
+        resolver.lookupIPV6Address("mx.example").addBoth(lambda _: None)
+    assert upstream.asked == [b"mx.example"]
+    clock.advance(29)
+    resolver.lookupIPV6Address("mx.example").addBoth(lambda _: None)
+    assert upstream.asked == [b"mx.example"]
+    clock.advance(1)
+    resolver.lookupIPV6Address("mx.example").addBoth(lambda _: None)
+    assert upstream.asked == [b"mx.example"] * 2
+    upstream.soa = (20, 3600)  # the SOA's own TTL is the smaller
+    resolver.lookupIPV6Address("b.example").addBoth(lambda _: None)
+    clock.advance(19)
+    resolver.lookupIPV6Address("b.example").addBoth(lambda _: None)
+    assert upstream.asked.count(b"b.example") == 1
+    clock.advance(1)
+    resolver.lookupIPV6Address("b.example").addBoth(lambda _: None)
+    assert upstream.asked.count(b"b.example") == 2
+    upstream.soa = (0, 0)  # no SOA: nothing says how long, so never kept
+    for _ in range(2):
+        resolver.lookupIPV6Address("c.example").addBoth(lambda _: None)
+    assert upstream.asked.count(b"c.example") == 2
 
 
 @given(
