@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -108,13 +109,20 @@ def _bare_cr_or_lf(lines: list[bytes]) -> bool:
     return b"\r" in rest or b"\n" in rest
 
 
+@functools.lru_cache(maxsize=8)
+def _idna(hostname: str) -> bytes:
+    # Python's idna codec is slow (0.4% of a received message's CPU when made for
+    # every session); the name changes only when the configuration is reloaded.
+    return hostname.encode("idna")
+
+
 class Esmtp(smtp.ESMTP):  # type: ignore[misc]
     def __init__(self, factory: EsmtpFactory, client_ip: str) -> None:
         super().__init__(contextFactory=factory.tls)
         self.f = factory
         self.settings = factory.settings
         self.session = Session(factory.listener, client_ip, tls=factory.implicit_tls)
-        self.host = self.settings.hostname.encode("idna")
+        self.host = _idna(self.settings.hostname)
         self.timeout = self.settings.idle_timeout  # type: ignore[assignment]
         self.callLater = factory.clock.callLater  # type: ignore[method-assign,assignment]
         self.tx = _Transaction()
