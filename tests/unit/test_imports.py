@@ -9,17 +9,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _fresh(probe: str) -> str:
+    """What ``probe`` prints in a fresh interpreter: this one has imported everything
+    the other tests use."""
+    return subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def test_the_daemon_on_the_embedded_bus_imports_neither_txamqp_nor_the_irc_client():
-    # A fresh interpreter: this one has imported everything the other tests use.
     probe = (
         "import sys, gehirn_ts.tap\n"
         "print(sorted(m for m in sys.modules if m.startswith("
         "('txamqp', 'gehirn_ts.bus.amqp', 'twisted.words.protocols'))))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"
+    assert _fresh(probe) == "[]"
 
 
 def test_a_bot_brings_its_irc_client_in():
@@ -32,7 +36,4 @@ def test_a_bot_brings_its_irc_client_in():
         " policy=AddressPolicy(()), rate=1, burst=1)\n"
         "print('twisted.words.protocols.irc' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "True"
+    assert _fresh(probe) == "True"
