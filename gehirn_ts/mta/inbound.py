@@ -21,12 +21,13 @@ from twisted.internet.defer import Deferred
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
+from gehirn_ts.groupcommit import DirectorySync, fsync_directory
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.outbound import Outbound
 from gehirn_ts.mta.spf import SpfResult
-from gehirn_ts.mta.spool import Envelope, Recipient, Spool, _fsync_dir
+from gehirn_ts.mta.spool import Envelope, Recipient, Spool
 from gehirn_ts.mta.summary import summarize_bytes
 from gehirn_ts.stamps import rfc3339
 from gehirn_ts.store.db import MailStore, Received
@@ -58,7 +59,7 @@ def _copy_object(source: str, target: str) -> None:
     """In a thread: the KVS object as a copy, its data, its name, then the directory,
     on disk (where ``_link_object`` cannot link)."""
     if os.path.exists(target):
-        _fsync_dir(os.path.dirname(target))
+        fsync_directory(os.path.dirname(target))
         return
     tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}"
     with open(source, "rb") as src, open(tmp, "wb") as out:
@@ -67,7 +68,7 @@ def _copy_object(source: str, target: str) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, target)
-    _fsync_dir(os.path.dirname(target))
+    fsync_directory(os.path.dirname(target))
 
 
 OwnerLookup = Callable[[str], Awaitable[str | None]]
@@ -114,6 +115,8 @@ class Inbound:
         self._owner = owner
         self._hostname = hostname
         kvs.mkdir(parents=True, exist_ok=True)
+        # The KVS directory's new names on disk, many messages' in one fsync.
+        self._kvs_names = DirectorySync(spool.threads, self._kvs_dir)
         self._active: set[str] = set()
 
     def accepted(self, envelope: Envelope, kinds: dict[str, str] | None = None) -> None:
@@ -322,9 +325,10 @@ class Inbound:
     async def _examine_here(self, qid: str, store: bool) -> tuple[dict[str, Any], list[DkimResult]]:
         """``_examine`` for a small message: the reading and the summary here, on the
         reactor thread (page-cache work, as the DATA lines were), and the KVS object's
-        link; only a DKIM check (it asks DNS) and the directory's fsync go to a thread.
-        A thread job of a dozen system calls takes the interpreter lock back after each
-        one, and the reactor thread waits for it (docs/performance.md)."""
+        link; only a DKIM check (it asks DNS) and the directory's fsync go to a thread,
+        the fsync shared with the other messages that ask meanwhile. A thread job of a
+        dozen system calls takes the interpreter lock back after each one, and the
+        reactor thread waits for it (docs/performance.md)."""
         threads = self._spool.threads
         source = f"{self._spool.incoming_dir}/{qid}.eml"
         with open(source, "rb") as f:
@@ -336,7 +340,7 @@ class Inbound:
         if store:
             target = f"{self._kvs_dir}/{qid}.eml"
             if _link_object(source, target):
-                await threads.run(_fsync_dir, self._kvs_dir)
+                await self._kvs_names.sync()
             else:
                 await threads.run(_copy_object, source, target)
         return summary, dkim_results
@@ -357,7 +361,7 @@ class Inbound:
         if store:
             target = f"{self._kvs_dir}/{qid}.eml"
             if _link_object(source, target):
-                _fsync_dir(self._kvs_dir)
+                fsync_directory(self._kvs_dir)
             else:
                 _copy_object(source, target)
         return summary, dkim_results

@@ -20,12 +20,13 @@ from typing import Any
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_DELAYED, MAIL_DELIVERED, MAIL_FAILED, Event
+from gehirn_ts.groupcommit import fsync_directory
 from gehirn_ts.logs import Logger
 from gehirn_ts.mta import dkim
 from gehirn_ts.mta.compose import Head
 from gehirn_ts.mta.dsn import RecipientStatus, build_report, wants_report
 from gehirn_ts.mta.queue import MailQueue, group_by_kind
-from gehirn_ts.mta.spool import _fsync_dir, new_queue_id, unlink_quietly
+from gehirn_ts.mta.spool import new_queue_id, unlink_quietly
 from gehirn_ts.stamps import date_text, rfc3339
 from gehirn_ts.store.queue import (
     NewMessage,
@@ -47,7 +48,7 @@ def _write(path: str, source: Path, keys: list[dkim.SigningKey]) -> int:
     if not keys:
         unlink_quietly(path)
         os.link(source, path)
-        _fsync_dir(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path))
         return os.stat(path).st_size
     data = source.read_bytes()
     signature = dkim.sign(data, keys)
@@ -61,7 +62,7 @@ def _write(path: str, source: Path, keys: list[dkim.SigningKey]) -> int:
 
 def _fsync_file_and_dir(fd: int, path: str) -> None:
     os.fsync(fd)
-    _fsync_dir(os.path.dirname(path))
+    fsync_directory(os.path.dirname(path))
 
 
 def _read_bytes(path: str) -> bytes:
@@ -139,8 +140,9 @@ class Outbound:
     async def _write_here(self, path: str, data: bytes, keys: list[dkim.SigningKey]) -> int:
         """``_write`` for a message in memory: the signature made in a thread (dkimpy's
         RSA runs outside the interpreter lock, so signatures overlap), the file written
-        here (page-cache work) and only its fsyncs in a thread: a thread job of many
-        system calls takes the interpreter lock back after each (docs/performance.md)."""
+        here (page-cache work) and only its fsyncs in a thread, with those of the other
+        messages written meanwhile: a thread job of many system calls takes the
+        interpreter lock back after each (docs/performance.md)."""
         threads = self._queue.threads
         signature = await threads.run(dkim.sign, data, keys) if keys else b""
         # Straight to its name, no rename: the queue row, committed after this, is the
@@ -149,7 +151,7 @@ class Outbound:
             f.write(signature)
             f.write(data)
             f.flush()
-            await threads.run(_fsync_file_and_dir, f.fileno(), path)
+            await self._queue.file_syncs.submit(f.fileno())
         return len(signature) + len(data)
 
     async def _submit(

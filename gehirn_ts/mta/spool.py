@@ -24,10 +24,11 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 
+from gehirn_ts.groupcommit import GroupCommit, Outcomes, fsync_directory
 from gehirn_ts.logs import Logger
 from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
@@ -87,14 +88,6 @@ class Envelope:
 _ENCODER = json.JSONEncoder(sort_keys=True)
 
 
-def _fsync_dir(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def unlink_quietly(path: str) -> None:
     """Remove a file; one already gone is fine."""
     try:
@@ -103,21 +96,33 @@ def unlink_quietly(path: str) -> None:
         pass
 
 
-def _commit_files(
-    fds: tuple[int, ...],
-    moves: tuple[tuple[str, str], ...],
-    directory: str,
-    envelope: bytes | None = None,
-) -> None:
-    """In a thread: the envelope onto the first file (where given), the files' data on
-    disk, then their new names (in order), then the directory that holds the names."""
-    if envelope is not None:
-        os.setxattr(fds[0], ENVELOPE_ATTRIBUTE, envelope)
-    for fd in fds:
-        os.fsync(fd)
-    for source, target in moves:
-        os.replace(source, target)
-    _fsync_dir(directory)
+class _Commit(NamedTuple):
+    """One message's files to make durable and rename."""
+
+    fds: tuple[int, ...]
+    moves: tuple[tuple[str, str], ...]  # (from, to), in this order
+    envelope: bytes | None  # set on the first file, as its extended attribute
+
+
+def _commit_files(directory: str, commits: list[_Commit]) -> Outcomes:
+    """In a thread: for each commit, the envelope onto its first file, its files' data
+    on disk, then their new names (in order); at last the directory that holds the
+    names, once for all. A commit whose data did not get there is not renamed."""
+    outcomes: Outcomes = []
+    for commit in commits:
+        try:
+            if commit.envelope is not None:
+                os.setxattr(commit.fds[0], ENVELOPE_ATTRIBUTE, commit.envelope)
+            for fd in commit.fds:
+                os.fsync(fd)
+            for source, target in commit.moves:
+                os.replace(source, target)
+        except OSError as e:
+            outcomes.append(e)
+        else:
+            outcomes.append(None)
+    fsync_directory(directory)
+    return outcomes
 
 
 def keeps_attributes(directory: str) -> bool:
@@ -196,6 +201,8 @@ class Spool:
                     path=self.tmp_dir,
                 )
         self.attributes = attributes
+        # The commits that come in while one job makes others durable go together.
+        self._commits: GroupCommit[_Commit] = GroupCommit(threads, _commit_files, self.incoming_dir)
 
     def begin(self) -> Incoming:
         return Incoming(self, new_queue_id())
@@ -206,10 +213,8 @@ class Spool:
         directory fsync'd.
 
         Writes and closes only reach the page cache, and run here, on the reactor
-        thread, as the DATA lines did. What waits for the disk goes to a worker thread
-        as one job (two jobs, the fsyncs and then the directory's, cost a round trip
-        more a message; a job of a dozen system calls took the interpreter lock back
-        after each, and the reactor thread waited for it: docs/performance.md)."""
+        thread, as the DATA lines did. What waits for the disk goes to a worker thread,
+        with the commits of other sessions that came in meanwhile (``GroupCommit``)."""
         qid = envelope.queue_id
         eml = f"{self.incoming_dir}/{qid}.eml"
         written: tuple[str, ...] = (eml,)
@@ -218,9 +223,7 @@ class Spool:
             try:
                 f.flush()
                 if self.attributes and len(data) <= ATTRIBUTE_BYTES:
-                    await self.threads.run(
-                        _commit_files, (f.fileno(),), ((path, eml),), self.incoming_dir, data
-                    )
+                    await self._commits.submit(_Commit((f.fileno(),), ((path, eml),), data))
                 else:
                     env_tmp = f"{self.tmp_dir}/{qid}.json"
                     env = f"{self.incoming_dir}/{qid}.json"
@@ -228,12 +231,8 @@ class Spool:
                     with open(env_tmp, "xb") as e:
                         e.write(data)
                         e.flush()
-                        await self.threads.run(
-                            _commit_files,
-                            (f.fileno(), e.fileno()),
-                            ((path, eml), (env_tmp, env)),
-                            self.incoming_dir,
-                        )
+                        moves = ((path, eml), (env_tmp, env))
+                        await self._commits.submit(_Commit((f.fileno(), e.fileno()), moves, None))
             finally:
                 f.close()
         except BaseException:

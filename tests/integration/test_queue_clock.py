@@ -29,7 +29,7 @@ MESSAGE = b"From: a@src.test\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n"
 class QueueOnClockTests(TestCase):
     timeout = 30
 
-    def _setup(self, script: Script, domain: str, retry: MailRetry) -> None:
+    def _setup(self, script: Script, domain: str, retry: MailRetry, threads: Any = None) -> None:
         port = listen(self, script)
         zone = dns_server()
         zone.mx(domain, "127.0.0.1")
@@ -46,7 +46,12 @@ class QueueOnClockTests(TestCase):
         courier = MxCourier(reactor, resolver, Settings(helo="mta.test", port=port, timeout=5))
         self.courier = courier
         self.queue = MailQueue(
-            store=self.qs, courier=courier, directory=tmp / "queue", clock=self.clock, retry=retry
+            store=self.qs,
+            courier=courier,
+            directory=tmp / "queue",
+            clock=self.clock,
+            retry=retry,
+            **({} if threads is None else {"threads": threads}),
         )
         self.reports: list[tuple[str, list[tuple[str, str | None]]]] = []
 
@@ -269,18 +274,17 @@ class QueueOnClockTests(TestCase):
     async def test_an_api_message_gives_the_threads_its_signature_and_fsyncs_only(self) -> None:
         from gehirn_ts.mta import dkim
 
-        self._setup(Script(), "unused4.test", MailRetry(jitter=0))
-        await self.queue.stopService()  # only the submission is looked at here
         workers, recorded = recording_workers(self)
-        self.queue.threads = workers
+        self._setup(Script(), "unused4.test", MailRetry(jitter=0), threads=workers)
+        await self.queue.stopService()  # only the submission is looked at here
         private, _record = dkim.generate("ed25519")
 
         async def keys(domain: str) -> list[dkim.SigningKey]:
             return [dkim.SigningKey(domain, "s1", "ed25519", private)]
 
         for lookup, expected in (
-            (None, ["_fsync_file_and_dir"]),
-            (keys, ["sign", "_fsync_file_and_dir"]),
+            (None, ["fsync_files"]),
+            (keys, ["sign", "fsync_files"]),
         ):
             recorded.clear()
             self.outbound._keys = lookup
@@ -293,13 +297,13 @@ class QueueOnClockTests(TestCase):
 
     @inline
     async def test_a_reported_message_s_file_goes_without_a_thread_job(self) -> None:
-        self._setup(Script(), "unused5.test", MailRetry(jitter=0))
-        await until(lambda: self.queue._sweeping.called)  # the start's sweep is done
         workers, recorded = recording_workers(self)
-        self.queue.threads = workers
+        self._setup(Script(), "unused5.test", MailRetry(jitter=0), threads=workers)
+        await until(lambda: self.queue._sweeping.called)  # the start's sweep is done
+        recorded.clear()
         mid = await self._submit(NewRecipient("r@unused5.test"))
         await until(lambda: self.reports and not os.path.exists(self.queue.path(mid)))
-        assert [name for name, _ in recorded] == ["_fsync_file_and_dir"]
+        assert [name for name, _ in recorded] == ["fsync_files"]
 
     @inline
     async def test_the_due_read_leaves_out_the_domains_asked(self) -> None:

@@ -159,7 +159,7 @@ class SpoolThreadsTests(unittest.TestCase):
 
                 def eio(*args: Any) -> None:
                     # The renames done, then the directory's fsync fails.
-                    fn(*args[:2], "/nonexistent-directory", *args[3:])
+                    fn("/nonexistent-directory", *args[1:])
 
                 return run(eio, *args)
             return run(fn, *args)
