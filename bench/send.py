@@ -15,7 +15,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.h2load import h2load  # noqa: E402
-from bench.smtp import ENV, PostfixInstance, cpu_seconds, smtp_source, start_gehirn  # noqa: E402
+from bench.smtp import (  # noqa: E402
+    ENV,
+    PostfixInstance,
+    cpu_seconds,
+    remove_workdirs,
+    settle,
+    smtp_source,
+    start_gehirn,
+    workdir,
+)
 from tests.dnstest import dns_server  # noqa: E402
 from tests.sink import Sink  # noqa: E402
 from tests.support import free_port  # noqa: E402
@@ -47,7 +55,7 @@ def wait_sink(sink: Sink, count: int, start: float, timeout: float = 600) -> flo
 
 
 def gehirn() -> tuple[float, float, float]:
-    work = Path(tempfile.mkdtemp(prefix="bench-send-"))
+    work = workdir("bench-send-")
     port = free_port()
     sink = Sink("127.0.0.2", port=port)
     zone = dns_server()
@@ -137,11 +145,16 @@ def postfix() -> tuple[float, float] | None:
 def main() -> None:
     ours: list[tuple[float, float, float]] = []
     theirs: list[tuple[float, float]] = []
+    # Each part deletes the files of the messages it delivered, and the run before it
+    # (make bench: the receiving benchmark) removed its directories: each starts settled.
     for _ in range(ROUNDS):
+        settle()
         ours.append(gehirn())
+        settle()
         peer = postfix()
         if peer is not None:
             theirs.append(peer)
+    remove_workdirs()
     print(
         f"\nSending, messages/s delivered to smtp-sink ({COUNT} x ~1 KiB, {CLIENTS} parallel "
         f"clients: h2load / smtp-source, {os.cpu_count()} cores), from the first request "
