@@ -7,8 +7,12 @@ and takes it back: under load the threads' hand-offs (futex calls) were a sevent
 the daemon's CPU, more than any function of its own (docs/performance.md, session 14).
 Here the work that arrives while a job runs waits for it to end and then goes as one
 job: one wake-up and one directory fsync for all of it. One message alone goes at once,
-as before. On ext4 and XFS the first fsync of such a job commits the journal for all
-the files written before it, so the ones after it return at once.
+as before. A job's fsyncs run one after another: with a journal (ext4's default, XFS)
+the first commits it for the files written before it and the rest find their data
+there; on ext4 without a journal each writes its own, and a job of many takes longer
+than the same fsyncs side by side in ten threads. Receiving, limited by the reactor
+thread's CPU, gains; sending, where an API request waits for its file's fsync, keeps a
+job a message (docs/decisions.md, "Group commit").
 """
 
 from __future__ import annotations
@@ -76,20 +80,6 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def fsync_files(directory: str, fds: list[int]) -> Outcomes:
-    """The files' data on disk, then the directory that holds their names (blocking)."""
-    outcomes: Outcomes = []
-    for fd in fds:
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            outcomes.append(e)
-        else:
-            outcomes.append(None)
-    fsync_directory(directory)
-    return outcomes
 
 
 class DirectorySync:

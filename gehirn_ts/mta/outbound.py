@@ -140,9 +140,10 @@ class Outbound:
     async def _write_here(self, path: str, data: bytes, keys: list[dkim.SigningKey]) -> int:
         """``_write`` for a message in memory: the signature made in a thread (dkimpy's
         RSA runs outside the interpreter lock, so signatures overlap), the file written
-        here (page-cache work) and only its fsyncs in a thread, with those of the other
-        messages written meanwhile: a thread job of many system calls takes the
-        interpreter lock back after each (docs/performance.md)."""
+        here (page-cache work) and only its fsyncs in a thread: a thread job of many
+        system calls takes the interpreter lock back after each (docs/performance.md).
+        Not a group commit as the spool's: a request waits for its fsyncs, and one job's
+        fsyncs run one after another (docs/decisions.md, "Group commit")."""
         threads = self._queue.threads
         signature = await threads.run(dkim.sign, data, keys) if keys else b""
         # Straight to its name, no rename: the queue row, committed after this, is the
@@ -151,7 +152,7 @@ class Outbound:
             f.write(signature)
             f.write(data)
             f.flush()
-            await self._queue.file_syncs.submit(f.fileno())
+            await threads.run(_fsync_file_and_dir, f.fileno(), path)
         return len(signature) + len(data)
 
     async def _submit(

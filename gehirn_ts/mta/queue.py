@@ -19,7 +19,6 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 
-from gehirn_ts.groupcommit import GroupCommit, fsync_files
 from gehirn_ts.interfaces import ICourier, Parcel, ParcelRecipient, RcptOutcome
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
@@ -101,8 +100,6 @@ class MailQueue(Service):
         self._courier = courier
         self.directory = directory
         self._dir = str(directory)
-        # New queue files' fsyncs, those that come in together in one job.
-        self.file_syncs: GroupCommit[int] = GroupCommit(threads, fsync_files, self._dir)
         self._clock = clock
         self._retry = retry
         self.reporter = reporter

@@ -283,8 +283,8 @@ class QueueOnClockTests(TestCase):
             return [dkim.SigningKey(domain, "s1", "ed25519", private)]
 
         for lookup, expected in (
-            (None, ["fsync_files"]),
-            (keys, ["sign", "fsync_files"]),
+            (None, ["_fsync_file_and_dir"]),
+            (keys, ["sign", "_fsync_file_and_dir"]),
         ):
             recorded.clear()
             self.outbound._keys = lookup
@@ -303,7 +303,7 @@ class QueueOnClockTests(TestCase):
         recorded.clear()
         mid = await self._submit(NewRecipient("r@unused5.test"))
         await until(lambda: self.reports and not os.path.exists(self.queue.path(mid)))
-        assert [name for name, _ in recorded] == ["fsync_files"]
+        assert [name for name, _ in recorded] == ["_fsync_file_and_dir"]
 
     @inline
     async def test_the_due_read_leaves_out_the_domains_asked(self) -> None:

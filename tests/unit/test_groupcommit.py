@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from gehirn_ts.groupcommit import DirectorySync, GroupCommit, Outcomes, fsync_files
+from gehirn_ts.groupcommit import DirectorySync, GroupCommit, Outcomes
 from gehirn_ts.mta.spool import Spool
 from tests.support import inline, recording_workers, spooled_envelope
 
@@ -134,18 +134,6 @@ class DirectorySyncTests(unittest.TestCase):
         threads.finish(1)
         assert [self.successResultOf(d) for d in late] == [None, None] and len(synced) == 2
         assert len(threads.jobs) == 2
-
-    def test_fsync_files_gives_each_file_its_outcome_and_syncs_the_directory(self) -> None:
-        directory = Path(self.mktemp())
-        directory.mkdir()
-        fds = [os.open(directory / n, os.O_CREAT | os.O_WRONLY, 0o600) for n in ("a", "b")]
-        closed = fds[1]
-        os.close(closed)  # its fsync fails (EBADF)
-        try:
-            outcomes = fsync_files(str(directory), [fds[0], closed])
-        finally:
-            os.close(fds[0])
-        assert outcomes[0] is None and isinstance(outcomes[1], OSError)
 
 
 class SpoolGroupTests(unittest.TestCase):
