@@ -8,7 +8,8 @@ process (a route over the API, a domain through the store's methods, routes from
 config on SIGHUP) drops every kept answer at once; a change made by another process
 (the CLI adding or removing a domain) is seen within ``LOOKUP_SECONDS``, as Postfix's
 daemons pick up a changed lookup table on their next request, not in the middle of one.
-SPF verdicts are kept the same way (``mta/spf.py``).
+The DKIM signing keys of a sender's domain are kept with them (``store/keys.py``), and
+SPF verdicts the same way (``mta/spf.py``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ class DkimKeyStore:
                 (key.domain, key.selector, key.algorithm, key.private_key, self._store._now()),
             )
 
-        return self._store._run(tx)  # type: ignore[no-any-return]
+        return self._store._run(tx).addCallback(self._store.lookups_changed)  # type: ignore[no-any-return]
 
     def remove(self, domain: str, selector: str) -> Deferred[None]:
         def tx(cur: Cursor) -> None:
@@ -44,18 +44,25 @@ class DkimKeyStore:
             if cur.rowcount == 0:
                 raise NotFound(f"{selector}._domainkey.{domain}")
 
-        return self._store._run(tx)  # type: ignore[no-any-return]
+        return self._store._run(tx).addCallback(self._store.lookups_changed)  # type: ignore[no-any-return]
 
     def keys_for(self, domain: str) -> Deferred[list[SigningKey]]:
+        """The domain's signing keys, kept a few seconds with the other mail lookups
+        (``Store.mail_lookups``): every message sent asked the reader thread, and under
+        load its answer waited 11-14 ms in the reader's queue (docs/performance.md,
+        session 14). A key the CLI adds or removes is used or dropped within
+        ``recent.LOOKUP_SECONDS``."""
+        domain = domain.lower()
+
         def tx(cur: Cursor) -> list[SigningKey]:
             cur.execute(
                 "SELECT domain, selector, algorithm, private_key FROM dkim_keys "
                 "WHERE domain = ? ORDER BY algorithm DESC, selector",
-                (domain.lower(),),
+                (domain,),
             )
             return [SigningKey(*row) for row in cur.fetchall()]
 
-        return self._store._read(tx)  # type: ignore[no-any-return]
+        return self._store.mail_lookups.lookup(("dkim", domain), lambda: self._store._read(tx))
 
     def list_keys(self) -> Deferred[list[dict[str, Any]]]:
         def tx(cur: Cursor) -> list[dict[str, Any]]:

@@ -484,6 +484,38 @@ class RouteAndRetentionTests(unittest.TestCase):
         assert reads == [5]
 
     @inline
+    async def test_signing_keys_are_kept_a_few_seconds_and_dropped_on_a_change_here(
+        self,
+    ) -> None:
+        from gehirn_ts.mta.dkim import SigningKey, generate
+        from gehirn_ts.recent import LOOKUP_SECONDS
+        from gehirn_ts.store.db import MailStore
+        from gehirn_ts.store.keys import DkimKeyStore
+
+        await self.store.create_account("acme")
+        await MailStore(self.store).add_domain("a.test", "acme")
+        keys = DkimKeyStore(self.store)
+        private, _ = generate("ed25519")
+        await keys.add(SigningKey("a.test", "s1", "ed25519", private))
+        reads = self._count_reads()
+        for domain in ("a.test", "A.test", "a.test"):
+            assert [k.selector for k in await keys.keys_for(domain)] == ["s1"]
+        assert reads == [1]
+        # Added here: used by the next message.
+        await keys.add(SigningKey("a.test", "s2", "ed25519", private))
+        assert [k.selector for k in await keys.keys_for("a.test")] == ["s1", "s2"]
+        # Removed by another process (the CLI): dropped once the answer is old.
+        other = Store(self.store.path, self.clock)
+        self.addCleanup(other.close)
+        await DkimKeyStore(other).remove("a.test", "s1")
+        assert [k.selector for k in await keys.keys_for("a.test")] == ["s1", "s2"]
+        self.clock.advance(LOOKUP_SECONDS)
+        assert [k.selector for k in await keys.keys_for("a.test")] == ["s2"]
+        await keys.remove("a.test", "s2")
+        assert await keys.keys_for("a.test") == []
+        assert reads == [4]
+
+    @inline
     async def test_a_change_made_here_is_seen_at_once(self) -> None:
         from gehirn_ts.store.db import MailStore, RouteStore
 
