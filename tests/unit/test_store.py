@@ -484,6 +484,37 @@ class RouteAndRetentionTests(unittest.TestCase):
         assert reads == [5]
 
     @inline
+    async def test_a_valid_api_key_is_kept_a_few_seconds_and_only_for_its_secret(
+        self,
+    ) -> None:
+        from gehirn_ts.recent import LOOKUP_SECONDS
+
+        _account, key_id, token = await self.store.create_account("acme")
+        _, other_token = await self.store.create_key("acme")
+        reads = self._count_reads()
+        for _ in range(3):
+            principal = await self.store.authenticate(token)
+            assert principal is not None and principal.key_id == key_id
+        assert reads == [1]
+        # A wrong secret for the same key finds nothing kept, and is never kept itself.
+        prefix, kid, secret = token.split("_", 2)
+        wrong = f"{prefix}_{kid}_{'A' if secret[0] != 'A' else 'B'}{secret[1:]}"
+        for _ in range(2):
+            assert await self.store.authenticate(wrong) is None
+        assert reads == [3]
+        # Revoked by another process (the CLI): refused once the answer is old.
+        other = Store(self.store.path, self.clock)
+        self.addCleanup(other.close)
+        await other.revoke_key(key_id)
+        assert await self.store.authenticate(token) is not None
+        self.clock.advance(LOOKUP_SECONDS)
+        assert await self.store.authenticate(token) is None
+        # Revoked here: refused at once.
+        assert await self.store.authenticate(other_token) is not None
+        await self.store.revoke_key(other_token.split("_")[1])
+        assert await self.store.authenticate(other_token) is None
+
+    @inline
     async def test_signing_keys_are_kept_a_few_seconds_and_dropped_on_a_change_here(
         self,
     ) -> None:
