@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -28,49 +28,64 @@ from gehirn_ts.threads import ThreadRunner
 
 T = TypeVar("T")
 
-# What a job returns: for each item in order, None (done) or what it failed with.
-Outcomes = list[BaseException | None]
+# What a job returns: for each item in order, (True, its value) or (False, what it
+# failed with: an exception or a Failure).
+Outcomes = list[tuple[bool, Any]]
 
 
 class GroupCommit(Generic[T]):
-    """``submit(item)`` fires when ``work(*args, items)`` has run over a list that holds
-    ``item``; ``work`` runs in a thread, one job at a time, over every item submitted
-    while the job before it ran. A job that raises fails all its items."""
+    """``submit(item)`` fires with the item's value when ``work(*args, items)`` has run
+    over a list that holds ``item``; ``work`` runs in a thread, one job at a time, over
+    the items submitted while the job before it ran (at most ``max_batch``). A job
+    that raises fails all its items. The store's SQLite group commit
+    (``store/batch.py``) is one."""
 
-    def __init__(self, threads: ThreadRunner, work: Callable[..., Outcomes], *args: object) -> None:
-        self.threads = threads
+    def __init__(
+        self,
+        threads: ThreadRunner,
+        work: Callable[..., Outcomes],
+        *args: object,
+        max_batch: int | None = None,
+    ) -> None:
+        self._threads = threads
         self._work = work
         self._args = args
-        self._running = False
+        self._max = max_batch
+        self.busy = False
         self._items: list[T] = []
-        self._waiters: list[Deferred[None]] = []
+        self._waiters: list[Deferred[Any]] = []
 
-    def submit(self, item: T) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
+    def submit(self, item: T) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
         self._items.append(item)
         self._waiters.append(d)
-        if not self._running:
-            self._start()
+        if not self.busy:
+            self._next()
         return d
 
-    def _start(self) -> None:
-        items, waiters = self._items, self._waiters
-        self._items, self._waiters = [], []
-        self._running = True
-        job = self.threads.run(self._work, *self._args, items)
+    def _next(self) -> None:
+        if not self._items:
+            self.busy = False
+            return
+        self.busy = True
+        n = len(self._items) if self._max is None else self._max
+        items, self._items = self._items[:n], self._items[n:]
+        waiters, self._waiters = self._waiters[:n], self._waiters[n:]
+        job = self._threads.run(self._work, *self._args, items)
         job.addBoth(self._done, waiters)
 
-    def _done(self, outcomes: Outcomes | Failure, waiters: list[Deferred[None]]) -> None:
-        self._running = False
-        if self._items:
-            self._start()  # before the callbacks: they may submit again
+    def _done(self, outcomes: Outcomes | Failure, waiters: list[Deferred[Any]]) -> None:
+        # The callbacks first: what they submit goes with the next job.
         for n, d in enumerate(waiters):
             if isinstance(outcomes, Failure):
                 d.errback(outcomes)
-            elif (error := outcomes[n]) is not None:
-                d.errback(Failure(error))
+                continue
+            ok, value = outcomes[n]
+            if ok:
+                d.callback(value)
             else:
-                d.callback(None)
+                d.errback(value if isinstance(value, Failure) else Failure(value))
+        self._next()
 
 
 def fsync_directory(path: str) -> None:
@@ -96,4 +111,4 @@ class DirectorySync:
 
 def _sync_directory(path: str, items: list[None]) -> Outcomes:
     fsync_directory(path)
-    return [None] * len(items)
+    return [(True, None)] * len(items)

@@ -118,9 +118,9 @@ def _commit_files(directory: str, commits: list[_Commit]) -> Outcomes:
             for source, target in commit.moves:
                 os.replace(source, target)
         except OSError as e:
-            outcomes.append(e)
+            outcomes.append((False, e))
         else:
-            outcomes.append(None)
+            outcomes.append((True, None))
     fsync_directory(directory)
     return outcomes
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from gehirn_ts.groupcommit import GroupCommit, Outcomes
 from gehirn_ts.store.schema import configure
 from gehirn_ts.threads import Workers
 
@@ -41,10 +42,11 @@ class BatchedDatabase:
         self._reactor = reactor
         self._path = path
         self._conn: sqlite3.Connection | None = None
-        self._queue: list[tuple[Interaction, tuple[Any, ...], Deferred[Any]]] = []
-        self._busy = False
         self._closed = False
         self._thread = Workers(reactor, f"sqlite:{path.name}{':r' if readonly else ''}")
+        self._group: GroupCommit[tuple[Interaction, tuple[Any, ...]]] = GroupCommit(
+            self._thread, self._execute, max_batch=MAX_BATCH
+        )
         # Transactions begun so far (counted in the worker thread): what an interaction
         # reads of the database stays true until the next one, since no other writer
         # can commit while this connection holds the write lock.
@@ -54,38 +56,11 @@ class BatchedDatabase:
 
     def run(self, fn: Interaction, *args: Any) -> Deferred[Any]:
         """Run ``fn(cursor, *args)`` in a transaction; fires after it is committed."""
-        d: Deferred[Any] = Deferred()
         if self._closed:
+            d: Deferred[Any] = Deferred()
             d.errback(RuntimeError(f"database {self._path.name} is closed"))
             return d
-        self._queue.append((fn, args, d))
-        if not self._busy:
-            self._next()
-        return d
-
-    def _next(self) -> None:
-        if not self._queue:
-            self._busy = False
-            return
-        self._busy = True
-        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-        jobs = [(fn, args) for fn, args, _ in batch]
-        work = self._thread.run(self._execute, jobs)
-        work.addCallbacks(self._settle, self._fail, callbackArgs=(batch,), errbackArgs=(batch,))
-
-    def _settle(self, outcomes: list[tuple[bool, Any]], batch: list[Any]) -> None:
-        for (ok, value), (_, _, d) in zip(outcomes, batch, strict=True):
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(value)
-        self._next()
-
-    def _fail(self, failure: Failure, batch: list[Any]) -> None:
-        # The commit itself failed (disk full, I/O error): nothing in the batch is durable.
-        for _, _, d in batch:
-            d.errback(failure)
-        self._next()
+        return self._group.submit((fn, args))
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -93,7 +68,7 @@ class BatchedDatabase:
             configure(self._conn)
         return self._conn
 
-    def _execute(self, batch: list[tuple[Interaction, tuple[Any, ...]]]) -> list[Any]:
+    def _execute(self, batch: list[tuple[Interaction, tuple[Any, ...]]]) -> Outcomes:
         """In the worker thread: one transaction, a savepoint per interaction where one
         is needed: a read changes nothing to roll back, and a write alone in its batch
         is rolled back with its transaction. Each statement lets go of the interpreter
@@ -101,7 +76,7 @@ class BatchedDatabase:
         savepoint adds were a share of the time a batch spent waiting
         (docs/performance.md)."""
         conn = self._connection()
-        outcomes: list[tuple[bool, Any]] = []
+        outcomes: Outcomes = []
         savepoints = not self._readonly and len(batch) > 1
         conn.execute(self._begin)
         self.transactions += 1
@@ -142,7 +117,7 @@ class BatchedDatabase:
         done: Deferred[None] = Deferred()
 
         def finish() -> None:
-            if self._busy:
+            if self._group.busy:
                 self._reactor.callLater(0.01, finish)
                 return
             if self._conn is not None:

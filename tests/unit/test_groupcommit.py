@@ -42,7 +42,7 @@ class Bad(Exception):
 def record(seen: list[list[str]]) -> Any:
     def work(items: list[str]) -> Outcomes:
         seen.append(list(items))
-        return [Bad(item) if item.startswith("bad") else None for item in items]
+        return [(False, Bad(item)) if item.startswith("bad") else (True, item) for item in items]
 
     return work
 
@@ -57,12 +57,12 @@ class GroupCommitTests(unittest.TestCase):
         assert len(threads.jobs) == 1  # no second job while the first runs
         threads.finish(0)
         assert seen == [["a"]]
-        assert self.successResultOf(first) is None
+        assert self.successResultOf(first) == "a"
         assert not any(d.called for d in later)  # theirs is the next job
         assert len(threads.jobs) == 2
         threads.finish(1)
         assert seen == [["a"], ["b", "c", "d"]]
-        assert [self.successResultOf(d) for d in later] == [None, None, None]
+        assert [self.successResultOf(d) for d in later] == ["b", "c", "d"]
 
     def test_an_item_that_failed_fails_alone(self) -> None:
         threads, seen = HeldThreads(), []
@@ -71,9 +71,9 @@ class GroupCommitTests(unittest.TestCase):
         results = [group.submit(x) for x in ("b", "bad1", "c")]
         threads.finish(0)
         threads.finish(1)
-        assert self.successResultOf(results[0]) is None
+        assert self.successResultOf(results[0]) == "b"
         self.failureResultOf(results[1], Bad)
-        assert self.successResultOf(results[2]) is None
+        assert self.successResultOf(results[2]) == "c"
 
     def test_a_job_that_raised_fails_its_items_and_the_next_still_runs(self) -> None:
         threads = HeldThreads()
@@ -83,7 +83,7 @@ class GroupCommitTests(unittest.TestCase):
             calls.append(items)
             if len(calls) == 1:
                 raise OSError(5, "Input/output error")
-            return [None] * len(items)
+            return [(True, None)] * len(items)
 
         group: GroupCommit[str] = GroupCommit(threads, work)
         both = [group.submit("a")]
@@ -101,7 +101,19 @@ class GroupCommitTests(unittest.TestCase):
         threads.finish(0)
         assert len(threads.jobs) == 2 and not chained[0].called
         threads.finish(1)
-        assert seen == [["a"], ["z"]] and self.successResultOf(chained[0]) is None
+        assert seen == [["a"], ["z"]] and self.successResultOf(chained[0]) == "z"
+
+    def test_a_job_takes_at_most_max_batch_items(self) -> None:
+        threads, seen = HeldThreads(), []
+        group: GroupCommit[str] = GroupCommit(threads, record(seen), max_batch=2)
+        group.submit("a")
+        rest = [group.submit(x) for x in "bcde"]
+        threads.finish(0)
+        threads.finish(1)
+        assert not rest[2].called  # the third job's
+        threads.finish(2)
+        assert seen == [["a"], ["b", "c"], ["d", "e"]]
+        assert [self.successResultOf(d) for d in rest] == ["b", "c", "d", "e"]
 
     def test_the_job_gets_the_extra_arguments_before_the_items(self) -> None:
         threads = HeldThreads()
@@ -109,7 +121,7 @@ class GroupCommitTests(unittest.TestCase):
 
         def work(where: str, items: list[int]) -> Outcomes:
             got.append((where, items))
-            return [None] * len(items)
+            return [(True, None)] * len(items)
 
         group: GroupCommit[int] = GroupCommit(threads, work, "here")
         group.submit(1)
