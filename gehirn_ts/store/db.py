@@ -108,10 +108,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
-def _valid(principal: Principal | None) -> bool:
-    return principal is not None
-
-
 def hash_secret(secret: str) -> str:
     # API keys carry 256 random bits, so a fast hash is enough: there is nothing to
     # brute-force that a slow hash would protect.
@@ -214,10 +210,9 @@ class Store:
         # whose commit failed.
         self._account_ids: dict[str, int] = {}
         # Domain owners and routes, asked twice for every received message (RCPT, then
-        # processing): kept a few seconds, dropped on any change made here (recent.py).
+        # processing), and API and DKIM keys: kept a few seconds, dropped on any change
+        # made here (recent.py).
         self.mail_lookups = Recent(self._now)
-        # Valid API keys' principals (``authenticate``).
-        self.key_lookups = Recent(self._now)
         # Live subscriptions by account name, read by routing for every event: kept
         # until the database changes under this connection (PRAGMA data_version moves
         # with a commit by another connection: another node, the CLI) or here (a
@@ -328,11 +323,7 @@ class Store:
             if cur.rowcount == 0:
                 raise NotFound(f"no active key {key_id!r}")
 
-        return self._run(tx).addCallback(self._keys_changed)
-
-    def _keys_changed(self, result: T) -> T:
-        self.key_lookups.changed()
-        return result
+        return self._run(tx).addCallback(self.lookups_changed)
 
     def list_keys(self) -> Deferred[list[dict[str, Any]]]:
         def tx(cur: Cursor) -> list[dict[str, Any]]:
@@ -360,8 +351,10 @@ class Store:
         benchmark, docs/performance.md). Kept by a hash of the whole token, so only the
         right secret finds it; a key revoked by another process (the CLI) stops working
         within ``recent.LOOKUP_SECONDS``, one revoked here at once."""
-        return self.key_lookups.lookup(
-            hash_secret(token), lambda: self._authenticate(token), keep_if=_valid
+        return self.mail_lookups.lookup(
+            ("key", hash_secret(token)),
+            lambda: self._authenticate(token),
+            keep_if=lambda principal: principal is not None,
         )
 
     def _authenticate(self, token: str) -> Deferred[Principal | None]:
