@@ -1,6 +1,6 @@
 """A webhook receiver for the benchmarks: records each event's publish-to-arrival time.
 
-GET /stats answers {"count", "unique", "first", "last", "latencies_ms"}; POST /reset
+GET /stats answers {"count", "requests", "unique", "first", "last", "latencies_ms"}; POST /reset
 clears; any other POST is an event (CloudEvents structured mode) or an array of them
 (batched mode).
 
@@ -29,6 +29,7 @@ class Stats:
     def reset(self) -> None:
         self.ids: set[str] = set()
         self.count = 0
+        self.requests = 0
         self.first = 0.0
         self.last = 0.0
         self.latencies: list[float] = []
@@ -36,6 +37,7 @@ class Stats:
     def request(self, body: bytes) -> None:
         """One event, or a batch of them (CloudEvents' batched mode: an array)."""
         parsed = json.loads(body)
+        self.requests += 1
         for event in parsed if isinstance(parsed, list) else [parsed]:
             self.event(event)
 
@@ -54,6 +56,7 @@ class Stats:
         return json.dumps(
             {
                 "count": self.count,
+                "requests": self.requests,
                 "unique": len(self.ids),
                 "first": self.first,
                 "last": self.last,

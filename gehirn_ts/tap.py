@@ -209,6 +209,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         ),
         clock=reactor,
         metrics=metrics,
+        first_attempts=config.bus.prefetch,
     )
     edj.setServiceParent(top)
     queue.setServiceParent(top)

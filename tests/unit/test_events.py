@@ -16,7 +16,7 @@ from gehirn_ts.events import (
     event_from_own_json,
     new_event_id,
     topic_matches,
-    uuid4_text,
+    uuid7_text,
     validate_pattern,
 )
 from gehirn_ts.stamps import now_rfc3339, rfc3339
@@ -187,15 +187,35 @@ def test_pattern_validation_never_crashes(text):
     topic_matches(text, "a.b")
 
 
-@given(st.binary(min_size=16, max_size=16))
-def test_an_event_id_is_the_uuid4_the_uuid_module_makes_of_the_same_bytes(raw):
-    assert uuid4_text(raw) == str(uuid.UUID(bytes=raw, version=4))
+@given(st.integers(0, 2**48 - 1), st.binary(min_size=10, max_size=10))
+def test_an_event_id_is_a_version_7_uuid_of_its_time_and_random_bits(ms, random10):
+    made = uuid.UUID(uuid7_text(ms, random10))
+    assert made.version == 7 and made.variant == uuid.RFC_4122
+    assert made.int >> 80 == ms  # unix_ts_ms, RFC 9562 section 5.7
+    assert str(made) == uuid7_text(ms, random10)
+    # rand_a and rand_b: the random bits but the version's four and the variant's two.
+    mask = (1 << 80) - 1 ^ (0xF << 76) ^ (0x3 << 62)
+    assert made.int & mask == int.from_bytes(random10, "big") & mask
 
 
-def test_event_ids_are_random_version_4_uuids():
-    ids = {new_event_id() for _ in range(1000)}
-    assert len(ids) == 1000
-    assert {uuid.UUID(i).version for i in ids} == {4}
+@given(
+    st.integers(0, 2**48 - 2),
+    st.integers(1, 2**47),
+    st.binary(min_size=10, max_size=10),
+    st.binary(min_size=10, max_size=10),
+)
+def test_an_id_made_a_millisecond_later_or_more_sorts_after(ms, later, a, b):
+    assume(ms + later < 2**48)
+    assert uuid7_text(ms, a) < uuid7_text(ms + later, b)
+
+
+def test_event_ids_are_version_7_uuids_of_now():
+    before = time.time_ns() // 1_000_000
+    ids = [new_event_id() for _ in range(1000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == 1000
+    assert {uuid.UUID(i).version for i in ids} == {7}
+    assert all(before <= uuid.UUID(i).int >> 80 <= after for i in ids)
 
 
 def test_the_time_now_is_what_datetime_writes_to_the_millisecond():
@@ -223,7 +243,7 @@ def test_a_time_is_written_as_datetime_writes_it(times: list[float]) -> None:
 
 def test_an_event_made_without_id_or_time_gets_both_and_keeps_given_ones():
     made = Event(type="a", source="/s")
-    assert uuid.UUID(made.id).version == 4 and made.time.endswith("Z")
+    assert uuid.UUID(made.id).version == 7 and made.time.endswith("Z")
     given_ = Event(type="a", source="/s", id="", time="2026-01-02T03:04:05Z")
     assert given_.id == "" and given_.time == "2026-01-02T03:04:05Z"
     assert given_ == Event("a", "/s", "", "2026-01-02T03:04:05Z")

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -19,6 +21,7 @@ from gehirn_ts.store.db import (
     _delivery,
     bootstrap_admin_key,
     hash_secret,
+    new_id,
     new_password,
 )
 from gehirn_ts.store.schema import MIGRATIONS, SchemaError, migrate
@@ -82,6 +85,19 @@ def test_admin_key_is_made_once_and_stored_hashed(tmp_path):
     rows = sqlite3.connect(db).execute("SELECT hash, is_admin FROM api_keys").fetchall()
     assert rows == [(hash_secret(token.split("_", 2)[2]), 1)]
     assert token.split("_", 2)[2] not in (tmp_path / "x.sqlite").read_bytes().decode("latin-1")
+
+
+@given(st.floats(0, 1e11), st.floats(0.001, 1e11))  # 2**48 ms: the year 10889
+def test_an_id_made_a_millisecond_later_or_more_sorts_after(now: float, later: float) -> None:
+    first, second = new_id("dlv", now), new_id("dlv", now + later)
+    if int((now + later) * 1000) > int(now * 1000):
+        assert first < second
+    assert first.startswith("dlv_") and len(first) == len("dlv_") + 28
+    assert int(first[4:16], 16) == int(now * 1000)
+
+
+def test_ids_made_in_one_millisecond_differ() -> None:
+    assert len({new_id("dlv", 1.0) for _ in range(1000)}) == 1000
 
 
 def test_a_delivery_read_from_a_row_is_the_dataclass_made_of_it():

@@ -29,7 +29,7 @@ from tests.support import inline, sleep, until
 
 class WorkerClockTests(unittest.TestCase):
     def _worker(
-        self, clock: IReactorTime, first_attempts: int = 64
+        self, clock: IReactorTime, first_attempts: int | None = None
     ) -> tuple[Store, LocalBus, Publisher]:
         state = Path(self.mktemp())
         state.mkdir()
@@ -50,7 +50,7 @@ class WorkerClockTests(unittest.TestCase):
             context=registry.Context(http, clock, policy, 5.0),
             retry=RetryPolicy((10.0, 100.0), jitter=0.0),
             clock=clock,
-            first_attempts=first_attempts,
+            **({} if first_attempts is None else {"first_attempts": first_attempts}),
         )
         edj.startService()
         self._edj = edj
@@ -195,9 +195,11 @@ class WorkerClockTests(unittest.TestCase):
 
     @inline
     async def test_a_batch_can_hold_more_than_the_old_prefetch_by_default(self) -> None:
-        # A batch holds at most the messages one consumer works on at once: with the
-        # bus's default prefetch, a subscription's batch of 100 is not cut to 32. The
-        # reactor's clock: a batch is made of a turn's attempts (callLater(0)).
+        # A batch holds at most the messages one consumer works on at once, and the
+        # first attempts allowed at once: with the defaults, a subscription's batch of
+        # 100 is cut neither to 32 (the old prefetch) nor to 64 (the old cap on first
+        # attempts). The reactor's clock: a batch is made of a turn's attempts
+        # (callLater(0)).
         store, _, publisher = self._worker(reactor)
         receiver = Receiver()
         account, _, _ = await store.create_account("acme")
@@ -206,7 +208,7 @@ class WorkerClockTests(unittest.TestCase):
         events = [Event(type="a.x", source="/t", account="acme", id=f"e{n}") for n in range(100)]
         await publisher.publish_many(events)
         await until(lambda: sum(len(json.loads(h.body)) for h in receiver.hits) == 100)
-        assert max(len(json.loads(h.body)) for h in receiver.hits) > 32
+        assert max(len(json.loads(h.body)) for h in receiver.hits) > 64
 
     @inline
     async def test_retries_wait_for_the_injected_clock(self) -> None:
