@@ -229,11 +229,7 @@ class BusConfig:
         "back before it fails (the HTTP API then answers 503).",
         format_duration,
     )
-    prefetch: int = opt(
-        128,
-        _positive_int,
-        "Messages a consumer works on at once; also the first delivery attempts made at once.",
-    )
+    prefetch: int = opt(512, _positive_int, "Messages a consumer works on at once.")
 
 
 def _optional_address(value: Any) -> str:

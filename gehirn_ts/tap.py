@@ -29,7 +29,7 @@ from gehirn_ts.edj.httppool import DestinationPool
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.webclient import WebClient
-from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.edj.worker import ATTEMPTS_AT_ONCE, EdjService, RetryPolicy
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.dkim import verify as dkim_verify
@@ -147,9 +147,9 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     store = Store(db, reactor)
     policy = AddressPolicy(config.edj.allow_networks)
     pool = DestinationPool(reactor, persistent=True)
-    # Keep-alive connections per destination host: enough for the deliveries that a
+    # Keep-alive connections per destination host: enough for the requests that a
     # busy webhook receives at once (Twisted's default is 2).
-    pool.maxPersistentPerHost = config.bus.prefetch
+    pool.maxPersistentPerHost = ATTEMPTS_AT_ONCE
     http = WebClient(guarded_agent(reactor, policy, pool), reactor)
     # What the mail paths must not do on the reactor (fsyncs, SPF and DKIM checks, DKIM
     # signatures, large copies): as many threads as Twisted's own pool, a cheaper
@@ -209,7 +209,6 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         ),
         clock=reactor,
         metrics=metrics,
-        first_attempts=config.bus.prefetch,
     )
     edj.setServiceParent(top)
     queue.setServiceParent(top)

@@ -128,7 +128,7 @@ class AmqpBus(Service):
         reactor: Any,
         *,
         namespace: str = "gehirn-ts",
-        prefetch: int = 128,
+        prefetch: int = 512,
         default_delay: float = 5.0,
         publish_timeout: float = 5.0,
         heartbeat: int = 30,

@@ -85,7 +85,7 @@ class LocalBus(Service):
         path: Path,
         clock: IReactorTime,
         *,
-        prefetch: int = 128,
+        prefetch: int = 512,
         default_delay: float = 5.0,
         stop_grace: float = 15.0,
     ) -> None:

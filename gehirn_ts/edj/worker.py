@@ -56,6 +56,10 @@ class RetryPolicy:
     max_retry_after: float = 86400.0
 
 
+# Delivery requests at once, in all (EdjService).
+ATTEMPTS_AT_ONCE = 128
+
+
 class EdjService(Service):
     name = "edj"
 
@@ -70,7 +74,7 @@ class EdjService(Service):
         clock: IReactorTime,
         source: str = "/gehirn-ts/edj",
         metrics: Metrics | None = None,
-        first_attempts: int = 128,
+        attempts_at_once: int = ATTEMPTS_AT_ONCE,
     ) -> None:
         self._metrics = metrics or Metrics()
         self._store = store
@@ -86,14 +90,14 @@ class EdjService(Service):
         self._clock = clock
         self._source = source
         self._active: set[str] = set()
-        # First attempts made by routing, at once, in all: an event with many
-        # subscriptions waits here rather than opening a connection for each. As many as
-        # the route queue's messages in flight (the bus's prefetch): a batch is made of
-        # the attempts that ask in one turn, and with half that (64) batches of 50
-        # carried 30 events on average and the embedded bus delivered 1,700 events a
-        # second instead of 2,000 (docs/performance.md, session 15).
-        self._free_first = first_attempts
-        self._waiting_first: deque[Deferred[None]] = deque()
+        # Requests at once, in all (first attempts and retries): an event with many
+        # subscriptions, or a burst of retries, waits here rather than opening a
+        # connection for each. Attempts to a batch subscription take no slot: they go
+        # out together, up to the batch a request, so a slot each cut every batch to
+        # the slots free in its turn (docs/performance.md, session 15); the messages
+        # the bus hands out at once (its prefetch) bound them.
+        self._free_slots = attempts_at_once
+        self._waiting_slots: deque[Deferred[None]] = deque()
         self._batches = Batches(clock)
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -138,12 +142,7 @@ class EdjService(Service):
             raise Requeue(1.0)
 
     async def _first(self, delivery: Delivery, event: Event, sub: Subscription) -> None:
-        if self._free_first > 0:
-            self._free_first -= 1
-        else:
-            waiter: Deferred[None] = Deferred()
-            self._waiting_first.append(waiter)
-            await waiter  # a finished attempt hands its slot over
+        slot = await self._take_slot(sub)
         try:
             if delivery.id in self._active:
                 return
@@ -153,16 +152,38 @@ class EdjService(Service):
             finally:
                 self._active.discard(delivery.id)
         finally:
-            self._release_first()
+            if slot:
+                self._release_slot()
 
-    def _release_first(self) -> None:
-        """Hand a first attempt's slot to the next waiting one, or free it."""
-        while self._waiting_first:
-            waiter = self._waiting_first.popleft()
+    def _batched(self, sub: Subscription) -> bool:
+        if sub.batch <= 1:
+            return False
+        try:
+            return hasattr(self._destination(sub), "deliver_batch")
+        except ValueError:
+            return False  # unusable: its attempt fails at once
+
+    async def _take_slot(self, sub: Subscription) -> bool:
+        """Wait for a request slot unless ``sub`` takes its events in batches; whether
+        one was taken (and must be released)."""
+        if self._batched(sub):
+            return False
+        if self._free_slots > 0:
+            self._free_slots -= 1
+        else:
+            waiter: Deferred[None] = Deferred()
+            self._waiting_slots.append(waiter)
+            await waiter  # a finished attempt hands its slot over
+        return True
+
+    def _release_slot(self) -> None:
+        """Hand a slot to the next waiting attempt, or free it."""
+        while self._waiting_slots:
+            waiter = self._waiting_slots.popleft()
             if not waiter.called:  # not one cancelled while it waited (a stopping bus)
                 waiter.callback(None)
                 return
-        self._free_first += 1
+        self._free_slots += 1
 
     # --- delivering ---
 
@@ -190,7 +211,12 @@ class EdjService(Service):
         if sub.deleted_at is not None:
             await self._store.set_delivery_status(delivery_id, "cancelled")
             return
-        await self._attempt_and_settle(delivery, event, sub, by_send=False)
+        slot = await self._take_slot(sub)
+        try:
+            await self._attempt_and_settle(delivery, event, sub, by_send=False)
+        finally:
+            if slot:
+                self._release_slot()
 
     async def _attempt_and_settle(
         self, delivery: Delivery, event: Event, sub: Subscription, *, by_send: bool

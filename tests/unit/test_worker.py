@@ -18,9 +18,9 @@ from gehirn_ts.edj import registry
 from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.edj.registry import MAX_BATCH
-from gehirn_ts.edj.worker import EdjService, RetryPolicy
+from gehirn_ts.edj.worker import DELIVER_QUEUE, EdjService, RetryPolicy
 from gehirn_ts.events import Event
-from gehirn_ts.interfaces import Delivered, Result
+from gehirn_ts.interfaces import BusMessage, Delivered, Result
 from gehirn_ts.store.db import Delivery, Store
 from gehirn_ts.store.schema import migrate
 from tests.harness import Receiver
@@ -29,7 +29,7 @@ from tests.support import inline, sleep, until
 
 class WorkerClockTests(unittest.TestCase):
     def _worker(
-        self, clock: IReactorTime, first_attempts: int | None = None
+        self, clock: IReactorTime, attempts_at_once: int | None = None
     ) -> tuple[Store, LocalBus, Publisher]:
         state = Path(self.mktemp())
         state.mkdir()
@@ -50,7 +50,7 @@ class WorkerClockTests(unittest.TestCase):
             context=registry.Context(http, clock, policy, 5.0),
             retry=RetryPolicy((10.0, 100.0), jitter=0.0),
             clock=clock,
-            **({} if first_attempts is None else {"first_attempts": first_attempts}),
+            **({} if attempts_at_once is None else {"attempts_at_once": attempts_at_once}),
         )
         edj.startService()
         self._edj = edj
@@ -129,7 +129,7 @@ class WorkerClockTests(unittest.TestCase):
         assert sum("webhook-signature" in h.headers for h in receiver.hits) == 3
 
     @inline
-    async def test_first_attempts_in_flight_are_capped(self) -> None:
+    async def test_attempts_in_flight_are_capped(self) -> None:
         held: list[Deferred[Result]] = []
 
         class Held:
@@ -142,7 +142,7 @@ class WorkerClockTests(unittest.TestCase):
         self.patch(registry, "build", lambda url, secret, ctx: Held())
         # Let go of anything still held when an assertion failed, so the bus stops.
         self.addCleanup(lambda: [d.callback(Delivered(200)) for d in held if not d.called])
-        store, _, publisher = self._worker(task.Clock(), first_attempts=2)
+        store, _, publisher = self._worker(task.Clock(), attempts_at_once=2)
         account, _, _ = await store.create_account("acme")
         for n in range(3):
             await store.create_subscription(account.id, "a.#", f"http://h{n}.test/", None)
@@ -167,8 +167,53 @@ class WorkerClockTests(unittest.TestCase):
         await until(all_delivered)  # the last attempt's record is written after its answer
 
     @inline
+    async def test_a_retry_waits_for_a_slot_as_a_first_attempt_does(self) -> None:
+        held: list[Deferred[Result]] = []
+
+        class Held:
+            kind = "webhook"
+
+            def deliver(self, event: Event, body: bytes, delivery_id: str) -> Deferred[Result]:
+                held.append(Deferred())
+                return held[-1]
+
+        self.patch(registry, "build", lambda url, secret, ctx: Held())
+        self.addCleanup(lambda: [d.callback(Delivered(200)) for d in held if not d.called])
+        store, _, publisher = self._worker(task.Clock(), attempts_at_once=1)
+        account, _, _ = await store.create_account("acme")
+        await store.create_subscription(account.id, "a.#", "http://a.test/", None)
+        other = await store.create_subscription(account.id, "b.#", "http://b.test/", None)
+        await publisher.publish(Event(type="a.x", source="/t", account="acme", id="e1"))
+        await until(lambda: len(held) == 1)  # the one slot is taken
+        # A delivery due again, as the deliver queue hands it over (not routed here).
+        await store.insert_event(Event(type="b.x", source="/t", account="acme", id="e2"))
+        (retry,) = await store.create_deliveries("e2", [other.id])
+        message = BusMessage(DELIVER_QUEUE, retry.id.encode(), DELIVER_QUEUE, "m1", 2)
+        delivering = Deferred.fromCoroutine(self._edj.deliver(message))
+        await sleep(0.05)
+        assert len(held) == 1, "the retry did not wait for the slot"
+        held[0].callback(Delivered(200))
+        await until(lambda: len(held) == 2)
+        held[1].callback(Delivered(200))
+        await delivering
+
+    @inline
+    async def test_a_batch_subscription_s_attempts_take_no_slot(self) -> None:
+        # One slot in all: were a batch's attempts to take one each, every request
+        # would carry one event.
+        store, _, publisher = self._worker(reactor, attempts_at_once=1)
+        receiver = Receiver()
+        account, _, _ = await store.create_account("acme")
+        url = receiver.listen(self)
+        await store.create_subscription(account.id, "#", url, None, batch=50)
+        events = [Event(type="a.x", source="/t", account="acme", id=f"e{n}") for n in range(40)]
+        await publisher.publish_many(events)
+        await until(lambda: sum(len(json.loads(h.body)) for h in receiver.hits) == 40)
+        assert max(len(json.loads(h.body)) for h in receiver.hits) > 1
+
+    @inline
     async def test_a_first_attempt_cancelled_while_it_waits_leaves_no_slot_taken(self) -> None:
-        store, _, _ = self._worker(task.Clock(), first_attempts=1)
+        store, _, _ = self._worker(task.Clock(), attempts_at_once=1)
         edj = self._edj
         held: list[Deferred[None]] = []
 
