@@ -56,6 +56,22 @@ class WorkerClockTests(unittest.TestCase):
         self._edj = edj
         return store, bus, publisher
 
+    def _held_attempts(self) -> list[Deferred[Result]]:
+        """Every destination's attempts, each held until its Deferred is fired."""
+        held: list[Deferred[Result]] = []
+
+        class Held:
+            kind = "webhook"
+
+            def deliver(self, event: Event, body: bytes, delivery_id: str) -> Deferred[Result]:
+                held.append(Deferred())
+                return held[-1]
+
+        self.patch(registry, "build", lambda url, secret, ctx: Held())
+        # Let go of anything still held when an assertion failed, so the bus stops.
+        self.addCleanup(lambda: [d.callback(Delivered(200)) for d in held if not d.called])
+        return held
+
     @inline
     async def test_a_retry_is_queued_before_the_attempt_is_recorded(self) -> None:
         # Routing makes the first attempt itself; if recording it fails (a crash), the
@@ -130,18 +146,7 @@ class WorkerClockTests(unittest.TestCase):
 
     @inline
     async def test_attempts_in_flight_are_capped(self) -> None:
-        held: list[Deferred[Result]] = []
-
-        class Held:
-            kind = "webhook"
-
-            def deliver(self, event: Event, body: bytes, delivery_id: str) -> Deferred[Result]:
-                held.append(Deferred())
-                return held[-1]
-
-        self.patch(registry, "build", lambda url, secret, ctx: Held())
-        # Let go of anything still held when an assertion failed, so the bus stops.
-        self.addCleanup(lambda: [d.callback(Delivered(200)) for d in held if not d.called])
+        held = self._held_attempts()
         store, _, publisher = self._worker(task.Clock(), attempts_at_once=2)
         account, _, _ = await store.create_account("acme")
         for n in range(3):
@@ -168,17 +173,7 @@ class WorkerClockTests(unittest.TestCase):
 
     @inline
     async def test_a_retry_waits_for_a_slot_as_a_first_attempt_does(self) -> None:
-        held: list[Deferred[Result]] = []
-
-        class Held:
-            kind = "webhook"
-
-            def deliver(self, event: Event, body: bytes, delivery_id: str) -> Deferred[Result]:
-                held.append(Deferred())
-                return held[-1]
-
-        self.patch(registry, "build", lambda url, secret, ctx: Held())
-        self.addCleanup(lambda: [d.callback(Delivered(200)) for d in held if not d.called])
+        held = self._held_attempts()
         store, _, publisher = self._worker(task.Clock(), attempts_at_once=1)
         account, _, _ = await store.create_account("acme")
         await store.create_subscription(account.id, "a.#", "http://a.test/", None)
