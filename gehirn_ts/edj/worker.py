@@ -155,19 +155,21 @@ class EdjService(Service):
             if slot:
                 self._release_slot()
 
-    def _batched(self, sub: Subscription) -> bool:
+    def _batch_send(self, sub: Subscription) -> Any | None:
+        """The destination's batch request when ``sub`` takes its events in batches.
+        Raises ValueError for a destination that cannot be made."""
         if sub.batch <= 1:
-            return False
-        try:
-            return hasattr(self._destination(sub), "deliver_batch")
-        except ValueError:
-            return False  # unusable: its attempt fails at once
+            return None
+        return getattr(self._destination(sub), "deliver_batch", None)
 
     async def _take_slot(self, sub: Subscription) -> bool:
         """Wait for a request slot unless ``sub`` takes its events in batches; whether
         one was taken (and must be released)."""
-        if self._batched(sub):
-            return False
+        try:
+            if self._batch_send(sub) is not None:
+                return False
+        except ValueError:
+            pass  # unusable: its attempt fails at once
         if self._free_slots > 0:
             self._free_slots -= 1
         else:
@@ -235,8 +237,8 @@ class EdjService(Service):
             body = render(event, destination.kind, sub.template)
         except ValueError as e:
             return "unusable", PermFail(f"destination unusable: {e}")
-        send = getattr(destination, "deliver_batch", None)
-        if sub.batch > 1 and send is not None:
+        send = self._batch_send(sub)
+        if send is not None:
             # Retries too: a receiver that asked for batches always gets an array.
             result: Result = await self._batches.attempt(sub.id, sub.batch, send, event, body)
         else:
