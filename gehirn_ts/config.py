@@ -229,7 +229,12 @@ class BusConfig:
         "back before it fails (the HTTP API then answers 503).",
         format_duration,
     )
-    prefetch: int = opt(512, _positive_int, "Messages a consumer works on at once.")
+    prefetch: int = opt(
+        512,
+        _positive_int,
+        "Messages a consumer works on at once (RabbitMQ: also the events of batches, which"
+        " travel up to 100 a message).",
+    )
 
 
 def _optional_address(value: Any) -> str:

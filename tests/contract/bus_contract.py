@@ -105,6 +105,42 @@ class BusContract:
         await bus2.publish_many([])  # nothing to publish is not an error
 
     @inline
+    async def test_events_published_together_reach_the_handler_one_by_one(self) -> None:
+        bus = await self.new_bus()
+        await bus.bind("together", ["#"])
+        events = [Event(type="notice.fault", source="/t", id=f"t{n}") for n in range(7)]
+        events.insert(3, Event(type="mail.received", source="/t", id="t-mail"))
+        rec = Recorder()
+        bus.consume("together", rec)
+        await bus.publish_many(events)
+        await until(lambda: len(rec.messages) == len(events))
+        await sleep(0.3)
+        assert sorted(rec.bodies) == sorted(e.to_json() for e in events)
+        keys = sorted(m.routing_key for m in rec.messages)
+        assert keys == ["mail.received"] + ["notice.fault"] * 7
+        assert len({m.message_id for m in rec.messages}) == len(events)
+
+    @inline
+    async def test_an_event_that_fails_comes_back_alone(self) -> None:
+        bus = await self.new_bus()
+        await bus.bind("alone", ["#"])
+        seen: list[tuple[str, int]] = []
+
+        async def handler(message: BusMessage) -> None:
+            event_id = json.loads(message.body)["id"]
+            seen.append((event_id, message.attempt))
+            if event_id == "a3" and message.attempt == 1:
+                raise Requeue(0.3)
+
+        bus.consume("alone", handler)
+        await bus.publish_many(
+            [Event(type="notice.fault", source="/t", id=f"a{n}") for n in range(6)]
+        )
+        await until(lambda: ("a3", 2) in seen, timeout=10)
+        await sleep(0.5)
+        assert sorted(seen) == sorted([(f"a{n}", 1) for n in range(6)] + [("a3", 2)])
+
+    @inline
     async def test_a_binding_applies_to_publishes_made_right_after_it(self) -> None:
         bus = await self.new_bus()
         bound = bus.bind("fresh", ["#"])  # not awaited: startup order is enough

@@ -1,16 +1,19 @@
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import struct
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
+from gehirn_ts.bus import grouping
 from gehirn_ts.bus import txamqp_compat as compat
 from gehirn_ts.bus.amqp import AmqpBus
-from gehirn_ts.events import Event
+from gehirn_ts.events import Event, event_from_own_json
 from gehirn_ts.interfaces import BusUnavailable, Requeue
 from tests.contract.bus_contract import BusContract
 from tests.rabbitmq import rabbitmq_url
@@ -215,3 +218,97 @@ class AmqpBrokerRefusals(unittest.TestCase):
         await sleep(0.3)
         assert calls == [1, 2, 3]
         self.flushLoggedErrors(RuntimeError)
+
+
+class AmqpBatches(unittest.TestCase):
+    """Events published together travel as one message per type (bus/grouping.py)."""
+
+    timeout = 60
+
+    async def bus(self, **kwargs: Any) -> AmqpBus:
+        bus = AmqpBus(
+            rabbitmq_url(), reactor, namespace="test-" + secrets.token_hex(4), heartbeat=0, **kwargs
+        )
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        await until(bus.connected)
+        return bus
+
+    async def depth(self, bus: AmqpBus, queue: str) -> int:
+        assert bus._conn is not None
+        reply = await bus._conn.publish_ch.queue_declare(queue=bus.queue_name(queue), durable=True)
+        return int(reply.message_count)
+
+    @inline
+    async def test_events_of_one_type_published_together_are_one_message(self) -> None:
+        bus = await self.bus()
+        await bus.bind("raw", ["#"])  # no consumer: the messages stay queued
+        events = [Event(type="notice.fault", source="/t") for _ in range(5)]
+        events += [Event(type="mail.received", source="/t") for _ in range(2)]
+        await bus.publish_many(events)
+        await until(lambda: self._depth_is(bus, "raw", 2))
+        await bus.publish_many(events[:3])
+        await until(lambda: self._depth_is(bus, "raw", 3))
+
+    async def _depth_is(self, bus: AmqpBus, queue: str, n: int) -> bool:
+        return await self.depth(bus, queue) == n
+
+    async def publish_raw(self, bus: AmqpBus, body: bytes, headers: dict[str, Any]) -> None:
+        assert bus._conn is not None
+        await bus._publish_now(
+            bus._conn,
+            bus.exchange,
+            "notice.fault",
+            body,
+            headers,
+            grouping.BATCH_CONTENT_TYPE,
+            None,
+        )
+
+    @inline
+    async def test_another_publisher_s_batch_without_lengths_is_split(self) -> None:
+        bus = await self.bus()
+        await bus.bind("foreign", ["#"])
+        seen: list[bytes] = []
+
+        async def handler(message: Any) -> None:
+            seen.append(message.body)
+
+        bus.consume("foreign", handler)
+        events = [
+            Event(type="notice.fault", source="/t", id=f"f{n}", data={"n": n}) for n in range(3)
+        ]
+        body = json.dumps([e.to_dict() for e in events], indent=2).encode()
+        await self.publish_raw(bus, body, {})
+        await until(lambda: len(seen) == 3)
+        assert sorted(event_from_own_json(b).id for b in seen) == ["f0", "f1", "f2"]
+        # One that is no batch at all reaches the handler as it is.
+        await self.publish_raw(bus, b"[not json", {grouping.LENGTHS_HEADER: [3]})
+        await until(lambda: len(seen) == 4)
+        assert seen[3] == b"[not json"
+
+    @inline
+    async def test_events_of_batches_in_hand_are_bounded_by_the_prefetch(self) -> None:
+        bus = await self.bus(prefetch=4)
+        await bus.bind("held", ["#"])
+        hold: Deferred[None] = Deferred()
+        active = [0, 0, 0]  # now, peak, seen
+
+        async def handler(message: Any) -> None:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+            active[2] += 1
+            try:
+                await hold
+            finally:
+                active[0] -= 1
+
+        bus.consume("held", handler)
+        for _ in range(3):
+            await bus.publish_many([Event(type="notice.fault", source="/t") for _ in range(10)])
+        await until(lambda: active[2] == 4)
+        await sleep(0.3)
+        assert active[1] == 4
+        hold.callback(None)
+        await until(lambda: active[2] == 30)
+        assert active[1] == 4
