@@ -3,7 +3,9 @@
 Figures, side by side in one run on this machine:
 - end-to-end events/s (published over the HTTP API by h2load with 32 requests in
   flight, one event a request and then batches of 50, delivered to a local webhook
-  receiver) on the embedded bus and on RabbitMQ;
+  receiver) on the embedded bus and on RabbitMQ, and on RabbitMQ with two daemons
+  sharing the broker and the store (scaled out on the same two cores), each taking
+  half of the requests;
 - the ceiling of the client: a bare txamqp publish (with confirms) / consume (with
   acks) loop on the same broker, through txamqp's own channel methods, and the same
   loop through gehirn-ts's AMQP layer (bus/amqp.py on bus/txamqp_compat.py, which packs
@@ -54,8 +56,9 @@ STEADY_RATE = 200
 BATCH = 50
 BATCH_FLIGHT = 4
 STEADY_SECONDS = 10
-# Which parts to run (all by default): embedded, rabbitmq, bare.
-ONLY = os.environ.get("BENCH_ONLY", "embedded,rabbitmq,bare").split(",")
+# Which parts to run (all by default): embedded, rabbitmq, two (RabbitMQ with two
+# daemons), bare.
+ONLY = os.environ.get("BENCH_ONLY", "embedded,rabbitmq,two,bare").split(",")
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
@@ -95,17 +98,29 @@ async def wait_until(predicate: Any, timeout: float) -> None:
         await sleep(0.05)
 
 
-async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str, float]:
+async def run_daemon_bench(
+    http: Http, bus_url: str, receiver: str, nodes: int = 1
+) -> dict[str, float]:
+    """The phases on one daemon, or on ``nodes`` daemons sharing one broker namespace
+    and one state directory (RabbitMQ's competing consumers), each taking its share of
+    the requests, as behind a load balancer."""
     workdir = Path(tempfile.mkdtemp(prefix="gehirn-bench-"))
-    port = free_port()
     namespace = "bench-" + secrets.token_hex(3)
-    (workdir / "c.toml").write_text(
-        f'[http]\nlisten = "tcp:{port}:interface=127.0.0.1"\nmax_body = "1MiB"\n'
-        f'[bus]\nurl = "{bus_url}"\nnamespace = "{namespace}"\n'
-        '[edj]\nallow_networks = ["127.0.0.0/8"]\n'
-    )
-    proc = start_gehirn(workdir)
-    base = f"http://127.0.0.1:{port}"
+    ports = [free_port() for _ in range(nodes)]
+    procs = []
+    for n, port in enumerate(ports):
+        home = workdir / f"node{n}"
+        home.mkdir()
+        (home / "c.toml").write_text(
+            f'[state]\ndir = "{workdir / "state"}"\n'
+            f'[http]\nlisten = "tcp:{port}:interface=127.0.0.1"\nmax_body = "1MiB"\n'
+            f'[smtp]\nlisten = "tcp:{free_port()}:interface=127.0.0.1"\n'
+            'submission = ""\nsubmissions = ""\n'
+            f'[bus]\nurl = "{bus_url}"\nnamespace = "{namespace}"\n'
+            '[edj]\nallow_networks = ["127.0.0.0/8"]\n'
+        )
+    bases = [f"http://127.0.0.1:{port}" for port in ports]
+    base = bases[0]
     try:
 
         async def up() -> bool:
@@ -114,7 +129,12 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             except Exception:
                 return False
 
-        await wait_until(up, 30)
+        for n in range(nodes):
+            # One at a time: the first one creates the store.
+            procs.append(start_gehirn(workdir / f"node{n}"))
+            base = bases[n]
+            await wait_until(up, 30)
+        base = bases[0]
         out = subprocess.run(
             [
                 sys.executable,
@@ -127,7 +147,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
                 "create",
                 "bench",
             ],
-            cwd=workdir,
+            cwd=workdir / "node0",
             env=ENV,
             capture_output=True,
             check=True,
@@ -141,6 +161,9 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             stats = (await http.call("GET", receiver + "/stats"))[1]
             return bool(stats["unique"] >= n)
 
+        def cpu() -> float:
+            return sum(cpu_seconds(p.pid) for p in procs)
+
         async def load(events: Any, ctype: str, requests: int, clients: int) -> tuple:
             """POST ``events`` ``requests`` times from h2load, until all are delivered:
             the seconds to the last 202 and to the last delivery, and CPU ms an event."""
@@ -148,13 +171,16 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             body = workdir / "load.json"
             body.write_text(json.dumps(events))
             await http.call("POST", receiver + "/reset")
-            cpu_before = cpu_seconds(proc.pid)
+            cpu_before = cpu()
             start = time.monotonic()
-            await h2load(base + "/v1/events", token, body, ctype, requests, clients)
+            share, flight = requests // nodes, clients // nodes
+            await defer.gatherResults(
+                [h2load(b + "/v1/events", token, body, ctype, share, flight) for b in bases]
+            )
             published = time.monotonic() - start
             await wait_until(lambda: delivered(count), 600)
             done = time.monotonic() - start
-            return published, done, (cpu_seconds(proc.pid) - cpu_before) / count * 1000
+            return published, done, (cpu() - cpu_before) / count * 1000
 
         # Throughput: TOTAL events, CONCURRENCY requests in flight, from h2load (C), as
         # smtp-source loads the SMTP benchmark: a Python client cost about 0.9 ms of
@@ -201,7 +227,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
                 defer.Deferred.fromCoroutine(
                     http.call(
                         "POST",
-                        base + "/v1/events",
+                        bases[n % nodes] + "/v1/events",
                         {"type": "notice.fault", "data": {"n": n, "t": time.time()}},
                         token,
                     )
@@ -211,7 +237,7 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
         await wait_until(lambda: delivered(count), 300)
         gc.enable()
         latencies = sorted((await http.call("GET", receiver + "/stats"))[1]["latencies_ms"])
-        rss = _rss_mb(proc.pid)
+        rss = max(_rss_mb(p.pid) for p in procs)
         return {
             "publish_rate": TOTAL / published,
             "delivery_rate": TOTAL / done,
@@ -225,8 +251,10 @@ async def run_daemon_bench(http: Http, bus_url: str, receiver: str) -> dict[str,
             "both_cpu_ms": both_cpu,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(30)
 
 
 def _rss_mb(pid: int) -> float:
@@ -343,7 +371,7 @@ async def bare_stock_txamqp(url: str) -> float:
 async def main(_: Any) -> None:
     # The broker only for the parts that use it; one started here is stopped at the end
     # (make bench starts and stops its own around all three benchmarks).
-    url = rabbitmq_url() if {"rabbitmq", "bare"} & set(ONLY) else ""
+    url = rabbitmq_url() if {"rabbitmq", "two", "bare"} & set(ONLY) else ""
     rport = free_port()
     receiver_proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "receiver.py"), str(rport)]
@@ -357,6 +385,8 @@ async def main(_: Any) -> None:
             results["embedded bus"] = await run_daemon_bench(http, "local:", receiver)
         if "rabbitmq" in ONLY:
             results["RabbitMQ bus"] = await run_daemon_bench(http, url, receiver)
+        if "two" in ONLY:
+            results["RabbitMQ, 2 nodes"] = await run_daemon_bench(http, url, receiver, nodes=2)
         bare = await bare_txamqp(url) if "bare" in ONLY else 0.0
         stock = await bare_stock_txamqp(url) if "bare" in ONLY else 0.0
     finally:
