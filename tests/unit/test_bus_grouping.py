@@ -80,6 +80,7 @@ def test_a_packed_batch_is_a_json_array_and_unpacks_to_the_same_bytes(
 def test_lengths_that_do_not_fit_the_body_are_not_trusted() -> None:
     bodies = [b'{"a":1}', b'{"b":"x,y"}']
     body, lengths = grouping.pack(bodies)
+    assert lengths == [7, 11]
     # Lengths that fit but cut elsewhere ([19] here) are taken: the header is this
     # bus's own, and the handler refuses a part that is not an event's JSON.
     for wrong in ([7, 10], [6, 12], [7], "7,11", [7.0, 11.0], [True, 11], []):
