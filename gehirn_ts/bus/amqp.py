@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from gehirn_ts.bus import txamqp_compat as compat
 from gehirn_ts.events import Event
 from gehirn_ts.interfaces import BusMessage, BusUnavailable, Handler, IEventBus, Requeue
 from gehirn_ts.logs import Logger
+from gehirn_ts.slots import Slots
 
 log = Logger()
 
@@ -156,8 +156,7 @@ class AmqpBus(Service):
         self._sleep: Any = None
         self._inflight: set[Deferred[None]] = set()
         self._binding: set[Deferred[None]] = set()
-        self._part_slots = prefetch
-        self._part_waiting: deque[Deferred[None]] = deque()
+        self._part_slots = Slots(prefetch)
         self._spec = compat.load_spec()
 
     # --- names ---
@@ -522,12 +521,7 @@ class AmqpBus(Service):
         waiting for its turn is only its bytes."""
         runs = []
         for n, part in enumerate(parts):
-            if self._part_slots > 0:
-                self._part_slots -= 1
-            else:
-                waiter: Deferred[None] = Deferred()
-                self._part_waiting.append(waiter)
-                await waiter  # a finished event hands its slot over
+            await self._part_slots.take()  # a finished event hands its slot over
             message = BusMessage(queue, part, routing_key, f"{tag}.{n}", attempt)
             run = Deferred.fromCoroutine(self._call(handler, message))
             run.addBoth(self._part_done)
@@ -537,10 +531,7 @@ class AmqpBus(Service):
         return [await run for run in runs]
 
     def _part_done(self, outcome: Any) -> Any:
-        if self._part_waiting:
-            self._part_waiting.popleft().callback(None)
-        else:
-            self._part_slots += 1
+        self._part_slots.release()
         return outcome
 
     async def _redeliver(

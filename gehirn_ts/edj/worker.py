@@ -11,7 +11,6 @@ attempt log; the bus holds when it is next due.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +39,7 @@ from gehirn_ts.interfaces import (
 )
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
+from gehirn_ts.slots import Slots
 from gehirn_ts.store.db import Delivery, NotFound, Store, Subscription
 
 log = Logger()
@@ -96,8 +96,7 @@ class EdjService(Service):
         # out together, up to the batch a request, so a slot each cut every batch to
         # the slots free in its turn (docs/performance.md, session 15); the messages
         # the bus hands out at once (its prefetch) bound them.
-        self._free_slots = attempts_at_once
-        self._waiting_slots: deque[Deferred[None]] = deque()
+        self._slots = Slots(attempts_at_once)
         self._batches = Batches(clock)
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -153,7 +152,7 @@ class EdjService(Service):
                 self._active.discard(delivery.id)
         finally:
             if slot:
-                self._release_slot()
+                self._slots.release()
 
     def _batch_send(self, sub: Subscription) -> Any | None:
         """The destination's batch request when ``sub`` takes its events in batches.
@@ -170,22 +169,8 @@ class EdjService(Service):
                 return False
         except ValueError:
             pass  # unusable: its attempt fails at once
-        if self._free_slots > 0:
-            self._free_slots -= 1
-        else:
-            waiter: Deferred[None] = Deferred()
-            self._waiting_slots.append(waiter)
-            await waiter  # a finished attempt hands its slot over
+        await self._slots.take()
         return True
-
-    def _release_slot(self) -> None:
-        """Hand a slot to the next waiting attempt, or free it."""
-        while self._waiting_slots:
-            waiter = self._waiting_slots.popleft()
-            if not waiter.called:  # not one cancelled while it waited (a stopping bus)
-                waiter.callback(None)
-                return
-        self._free_slots += 1
 
     # --- delivering ---
 
@@ -218,7 +203,7 @@ class EdjService(Service):
             await self._attempt_and_settle(delivery, event, sub, by_send=False)
         finally:
             if slot:
-                self._release_slot()
+                self._slots.release()
 
     async def _attempt_and_settle(
         self, delivery: Delivery, event: Event, sub: Subscription, *, by_send: bool

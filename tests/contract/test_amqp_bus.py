@@ -136,10 +136,11 @@ class AmqpMethodsSent(unittest.TestCase):
             assert (klass, method) in SENT_FIELDS, (klass, method)
 
 
-class AmqpBrokerRefusals(unittest.TestCase):
+class _OwnBus(unittest.TestCase):
     timeout = 60
 
     async def bus(self, **kwargs: Any) -> AmqpBus:
+        """A started bus in a namespace of its own, stopped after the test."""
         bus = AmqpBus(
             rabbitmq_url(), reactor, namespace="test-" + secrets.token_hex(4), heartbeat=0, **kwargs
         )
@@ -148,6 +149,8 @@ class AmqpBrokerRefusals(unittest.TestCase):
         await until(bus.connected)
         return bus
 
+
+class AmqpBrokerRefusals(_OwnBus):
     def refuse_beyond_one(self, bus: AmqpBus, queue: str) -> None:
         """A policy that makes the broker refuse (nack) publishes to ``queue`` beyond
         one queued message."""
@@ -220,19 +223,8 @@ class AmqpBrokerRefusals(unittest.TestCase):
         self.flushLoggedErrors(RuntimeError)
 
 
-class AmqpBatches(unittest.TestCase):
+class AmqpBatches(_OwnBus):
     """Events published together travel as one message per type (bus/grouping.py)."""
-
-    timeout = 60
-
-    async def bus(self, **kwargs: Any) -> AmqpBus:
-        bus = AmqpBus(
-            rabbitmq_url(), reactor, namespace="test-" + secrets.token_hex(4), heartbeat=0, **kwargs
-        )
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        await until(bus.connected)
-        return bus
 
     async def depth(self, bus: AmqpBus, queue: str) -> int:
         assert bus._conn is not None
