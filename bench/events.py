@@ -167,13 +167,13 @@ async def run_daemon_bench(
         async def load(events: Any, ctype: str, requests: int, clients: int) -> tuple:
             """POST ``events`` ``requests`` times from h2load, until all are delivered:
             the seconds to the last 202 and to the last delivery, and CPU ms an event."""
-            count = requests * (len(events) if isinstance(events, list) else 1)
+            share, flight = requests // nodes, clients // nodes
+            count = share * nodes * (len(events) if isinstance(events, list) else 1)
             body = workdir / "load.json"
             body.write_text(json.dumps(events))
             await http.call("POST", receiver + "/reset")
             cpu_before = cpu()
             start = time.monotonic()
-            share, flight = requests // nodes, clients // nodes
             await defer.gatherResults(
                 [h2load(b + "/v1/events", token, body, ctype, share, flight) for b in bases]
             )
