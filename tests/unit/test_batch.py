@@ -6,12 +6,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
 from twisted.trial import unittest
 
 from gehirn_ts.store.batch import BatchedDatabase
 from gehirn_ts.store.schema import CACHE_KIB
-from tests.support import inline
+from tests.support import inline, sleep
 
 
 class Boom(Exception):
@@ -105,3 +106,34 @@ class BatchTests(unittest.TestCase):
         assert await self.writer.run(cache) == -CACHE_KIB
         assert await self.reader.run(cache) == -CACHE_KIB
         assert CACHE_KIB < 2000
+
+    def _other_process_writes(self) -> sqlite3.Connection:
+        """A connection of its own (as a second node's) holding the write lock."""
+        other = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO t (v) VALUES ('other')")
+        self.addCleanup(other.close)
+        return other
+
+    @inline
+    async def test_a_write_waits_for_another_connection_s_lock_then_commits(self) -> None:
+        other = self._other_process_writes()
+        written = self.writer.run(insert, "mine")
+        await sleep(0.3)
+        assert not written.called  # still trying for the lock
+        other.execute("COMMIT")
+        assert await written == "mine"
+        assert self._rows() == ["mine", "other"]
+
+    @inline
+    async def test_a_write_gives_up_when_the_lock_stays_taken(self) -> None:
+        self.writer.busy_seconds = 0.3
+        other = self._other_process_writes()
+        reactor.callLater(2.0, other.execute, "COMMIT")  # SQLite alone would wait for this
+        with self.assertRaises(sqlite3.OperationalError) as raised:
+            await self.writer.run(insert, "mine")
+        assert "locked" in str(raised.exception)
+        await sleep(2.2)
+        assert self._rows() == ["other"]
+        # The lock is free again: the next batch goes through.
+        assert await self.writer.run(insert, "later") == "later"
