@@ -5,6 +5,10 @@ daemon at the disk's fsync rate. Here each interaction still runs atomically (in
 its own SAVEPOINT, rolled back alone if it raises) and its Deferred still fires only
 after the commit that made it durable; but the writes that arrive together are
 committed, and fsync'd, together.
+
+Interactions of one kind that arrive together can also run as one call
+(``run_merged``): the events of a bus message routed in a few statements, not five
+each (docs/performance.md, session 17).
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ BUSY_SECONDS = 10.0
 BUSY_POLL = 0.001
 
 Interaction = Callable[..., Any]
+# Called with a cursor and the items of the interactions merged into one call; returns
+# each item's value, in order.
+Merged = Callable[[sqlite3.Cursor, list[Any]], list[Any]]
+# What the group commit queues: the interaction, its arguments, and whether it is a
+# merged one (then ``args`` is its one item).
+_Job = tuple[Callable[..., Any], tuple[Any, ...], bool]
 
 
 class BatchedDatabase:
@@ -49,7 +59,7 @@ class BatchedDatabase:
         self._conn: sqlite3.Connection | None = None
         self._closed = False
         self._thread = Workers(reactor, f"sqlite:{path.name}{':r' if readonly else ''}")
-        self._group: GroupCommit[tuple[Interaction, tuple[Any, ...]]] = GroupCommit(
+        self._group: GroupCommit[_Job] = GroupCommit(
             self._thread, self._execute, max_batch=MAX_BATCH
         )
         # Transactions begun so far (counted in the worker thread): what an interaction
@@ -65,7 +75,16 @@ class BatchedDatabase:
             d: Deferred[Any] = Deferred()
             d.errback(RuntimeError(f"database {self._path.name} is closed"))
             return d
-        return self._group.submit((fn, args))
+        return self._group.submit((fn, args, False))
+
+    def run_merged(self, fn: Merged, item: Any) -> Deferred[Any]:
+        """Like ``run``, for interactions that can run together: the merged calls
+        queued next to each other (the same ``fn``) go in one ``fn(cursor, items)``,
+        which returns each item's value in order. If that call raises, each item runs
+        again alone, so one bad item fails alone."""
+        if self._closed:
+            return self.run(fn, [item])
+        return self._group.submit((fn, (item,), True))
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -91,7 +110,7 @@ class BatchedDatabase:
                     raise
             time.sleep(BUSY_POLL)
 
-    def _execute(self, batch: list[tuple[Interaction, tuple[Any, ...]]]) -> Outcomes:
+    def _execute(self, batch: list[_Job]) -> Outcomes:
         """In the worker thread: one transaction, a savepoint per interaction where one
         is needed: a read changes nothing to roll back, and a write alone in its batch
         is rolled back with its transaction. Each statement lets go of the interpreter
@@ -107,23 +126,28 @@ class BatchedDatabase:
             self._begin_writing(conn)
         self.transactions += 1
         try:
-            for fn, args in batch:
-                cur = conn.cursor()
-                if savepoints:
-                    cur.execute("SAVEPOINT one")
-                try:
-                    value = fn(cur, *args)
-                except Exception:
-                    if savepoints:
-                        cur.execute("ROLLBACK TO one")
-                        cur.execute("RELEASE one")
-                    outcomes.append((False, Failure()))
+            start = 0
+            while start < len(batch):
+                fn, args, merged = batch[start]
+                end = start + 1
+                while end < len(batch) and merged and batch[end][2] and batch[end][0] == fn:
+                    end += 1
+                if end - start == 1:
+                    if merged:
+                        outcomes.append(self._one(conn, savepoints, _first_of, fn, [args[0]]))
+                    else:
+                        outcomes.append(self._one(conn, savepoints, fn, *args))
                 else:
-                    if savepoints:
-                        cur.execute("RELEASE one")
-                    outcomes.append((True, value))
-                finally:
-                    cur.close()
+                    items = [job[1][0] for job in batch[start:end]]
+                    together = self._one(conn, savepoints, _all_of, fn, items)
+                    if together[0]:
+                        outcomes.extend((True, value) for value in together[1])
+                    else:
+                        # One item (or the call) failed: each alone, in its own savepoint.
+                        outcomes.extend(
+                            self._one(conn, savepoints, _first_of, fn, [item]) for item in items
+                        )
+                start = end
             if savepoints or self._readonly or outcomes[0][0]:
                 conn.execute("COMMIT")
             else:
@@ -133,6 +157,28 @@ class BatchedDatabase:
                 conn.execute("ROLLBACK")
             raise
         return outcomes
+
+    @staticmethod
+    def _one(
+        conn: sqlite3.Connection, savepoint: bool, fn: Callable[..., Any], *args: Any
+    ) -> tuple[bool, Any]:
+        """``fn(cursor, *args)``, rolled back to where it began if it raises."""
+        cur = conn.cursor()
+        if savepoint:
+            cur.execute("SAVEPOINT one")
+        try:
+            value = fn(cur, *args)
+        except Exception:
+            if savepoint:
+                cur.execute("ROLLBACK TO one")
+                cur.execute("RELEASE one")
+            return (False, Failure())
+        else:
+            if savepoint:
+                cur.execute("RELEASE one")
+            return (True, value)
+        finally:
+            cur.close()
 
     def _stop_threads(self) -> None:
         self._thread.stop()
@@ -154,3 +200,18 @@ class BatchedDatabase:
 
         finish()
         return done
+
+
+def _all_of(cur: sqlite3.Cursor, fn: Merged, items: list[Any]) -> list[Any]:
+    """The values of merged interactions, one an item (else it raises, and what ``fn``
+    did is rolled back)."""
+    values = fn(cur, items)
+    if len(values) != len(items):
+        raise ValueError(f"{len(values)} values for {len(items)} merged interactions")
+    return values
+
+
+def _first_of(cur: sqlite3.Cursor, fn: Merged, items: list[Any]) -> Any:
+    """A merged interaction's value for its one item."""
+    (value,) = _all_of(cur, fn, items)
+    return value

@@ -201,6 +201,26 @@ def _delivery(row: Sequence[Any]) -> Delivery:
     return delivery
 
 
+# Ids a statement asks for at once (SQLite allows 999 parameters before 3.32).
+_IN_CHUNK = 500
+
+
+def _chunks(ids: Sequence[str]) -> list[Sequence[str]]:
+    return [ids[i : i + _IN_CHUNK] for i in range(0, len(ids), _IN_CHUNK)]
+
+
+def _bodies(cur: Cursor, ids: Sequence[str]) -> dict[str, bytes]:
+    """The stored bodies of the events among ``ids`` (in one statement per 500)."""
+    found: dict[str, bytes] = {}
+    for part in _chunks(ids):
+        cur.execute(
+            f"SELECT id, body FROM events WHERE id IN ({','.join('?' * len(part))})",  # noqa: S608
+            part,
+        )
+        found.update(cur.fetchall())
+    return found
+
+
 class Store:
     def __init__(self, path: Path, clock: IReactorTime) -> None:
         self.path = path
@@ -473,26 +493,32 @@ class Store:
         def tx(cur: Cursor) -> list[bool | Conflict]:
             if before is not None:
                 before(cur)
+            # One read for all the ids and one insert for the new events: two statements
+            # an event were most of a request's transaction (docs/performance.md).
+            stored = _bodies(cur, [event.id for event, _ in rows])
             outcomes: list[bool | Conflict] = []
+            new: list[tuple[str, int | None, str, bytes, float]] = []
             for event, body in rows:
-                account_id = None
-                if event.account is not None:
-                    account_id = self._account_id(cur, event.account)
-                cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
-                row = cur.fetchone()
-                if row is None:
-                    cur.execute(
-                        "INSERT INTO events (id, account_id, type, body, received_at)"
-                        " VALUES (?,?,?,?,?)",
-                        (event.id, account_id, event.type, body, now),
-                    )
+                known = stored.get(event.id)
+                if known is None:
+                    account_id = None
+                    if event.account is not None:
+                        account_id = self._account_id(cur, event.account)
+                    new.append((event.id, account_id, event.type, body, now))
+                    stored[event.id] = body
                     outcomes.append(True)
-                elif json.loads(row[0]) == json.loads(body):
+                elif known == body or json.loads(known) == json.loads(body):
                     outcomes.append(False)
                 else:
                     outcomes.append(
                         Conflict("id", f"an event with id {event.id!r} exists with other content")
                     )
+            if new:
+                cur.executemany(
+                    "INSERT INTO events (id, account_id, type, body, received_at)"
+                    " VALUES (?,?,?,?,?)",
+                    new,
+                )
             return outcomes
 
         return self._run(tx)
@@ -515,67 +541,99 @@ class Store:
     ) -> Deferred[tuple[list[Delivery], list[Subscription]]]:
         """Routing in one transaction: the live subscriptions ``select`` picks, the event
         stored when missing, one delivery per picked subscription (idempotent). Returns
-        the deliveries not yet attempted and the picked subscriptions."""
-        create = self._deliveries_tx(event.id, event)
-        now = self._now()
+        the deliveries not yet attempted and the picked subscriptions. The events routed
+        together (a bus message's) are routed in one call (``_route_many``)."""
+        return self._db.run_merged(self._route_many, (event, select, self._now())).addErrback(
+            self._forget_kept
+        )
 
-        def tx(cur: Cursor) -> tuple[list[Delivery], list[Subscription]]:
-            chosen = select(self._live_subscriptions(cur, event.account))
-            if not chosen:
-                return [], []
-            wanted = {s.id for s in chosen}
-            deliveries = create(cur, [s.id for s in chosen])
+    def _route_many(
+        self,
+        cur: Cursor,
+        items: list[tuple[Event, Callable[[list[Subscription]], list[Subscription]], float]],
+    ) -> list[tuple[list[Delivery], list[Subscription]]]:
+        """``route_event``'s transaction for several events, in a few statements."""
+        chosen = [
+            select(self._live_subscriptions(cur, event.account)) for event, select, _ in items
+        ]
+        routed = [n for n, picked in enumerate(chosen) if picked]
+        if not routed:
+            return [([], [])] * len(items)
+        # The publisher has nearly always stored the event already: one read for all.
+        stored = _bodies(cur, [items[n][0].id for n in routed])
+        missing: list[tuple[str, int | None, str, bytes, float]] = []
+        foreign: set[int] = set()
+        for n in routed:
+            event, _, now = items[n]
+            body = event.to_json()
+            known = stored.get(event.id)
+            if known is None:
+                account_id = None if event.account is None else self._account_id(cur, event.account)
+                missing.append((event.id, account_id, event.type, body, now))
+                stored[event.id] = body
+            # Most often the publisher stored these very bytes; parse only if not.
+            elif known != body and json.loads(known) != json.loads(body):
+                foreign.add(n)  # the id belongs to another event: the publish got a 409
+        if missing:
+            cur.executemany(
+                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
+                missing,
+            )
+        live = [n for n in routed if n not in foreign]
+        cur.executemany(
+            "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "
+            "created_at, updated_at) VALUES (?,?,?,'pending',?,?)",
+            [
+                (new_id("dlv", items[n][2]), items[n][0].id, sub.id, items[n][2], items[n][2])
+                for n in live
+                for sub in chosen[n]
+            ],
+        )
+        pending: dict[str, list[Delivery]] = {}
+        for rows in _chunks(sorted({items[n][0].id for n in live})):
+            cur.execute(
+                f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE event_id IN "  # noqa: S608
+                f"({','.join('?' * len(rows))}) AND status = 'pending' AND attempts = 0 "
+                "ORDER BY id",
+                rows,
+            )
+            for row in cur.fetchall():
+                delivery = _delivery(row)
+                pending.setdefault(delivery.event_id, []).append(delivery)
+        out: list[tuple[list[Delivery], list[Subscription]]] = [
+            ([], chosen[n]) for n in range(len(items))
+        ]
+        stale: list[tuple[float, str]] = []
+        for n in live:
+            event, _, now = items[n]
+            wanted = {s.id for s in chosen[n]}
+            deliveries = pending.get(event.id, [])
             # A delivery made by an earlier routing of this event (a crash, a requeue)
             # for a subscription deleted since is cancelled, as a retry of one is.
-            stale = [(now, d.id) for d in deliveries if d.subscription_id not in wanted]
-            if stale:
-                cur.executemany(
-                    "UPDATE deliveries SET status = 'cancelled', updated_at = ? WHERE id = ?",
-                    stale,
-                )
+            gone = [d for d in deliveries if d.subscription_id not in wanted]
+            if gone:
+                stale.extend((now, d.id) for d in gone)
                 deliveries = [d for d in deliveries if d.subscription_id in wanted]
-            return deliveries, chosen
-
-        return self._run(tx)
+            out[n] = (deliveries, chosen[n])
+        if stale:
+            cur.executemany(
+                "UPDATE deliveries SET status = 'cancelled', updated_at = ? WHERE id = ?",
+                stale,
+            )
+        return out
 
     def create_deliveries(
         self, event_id: str, subscription_ids: Sequence[str]
     ) -> Deferred[list[Delivery]]:
         """One delivery per subscription (idempotent); those not yet attempted."""
-        return self._run(self._deliveries_tx(event_id, None), list(subscription_ids))
-
-    def _deliveries_tx(
-        self, event_id: str, event: Event | None
-    ) -> Callable[[Cursor, list[str]], list[Delivery]]:
-        """The deliveries' transaction; with ``event``, the event is stored first when
-        missing (a publisher may have died between the store and the bus)."""
         now = self._now()
-        body = b"" if event is None else event.to_json()
 
-        def tx(cur: Cursor, subscription_ids: list[str]) -> list[Delivery]:
-            if event is not None:
-                # Read first: the publisher has nearly always stored the event already
-                # (one statement then, not a refused insert and a read).
-                cur.execute("SELECT body FROM events WHERE id = ?", (event.id,))
-                row = cur.fetchone()
-                if row is None:
-                    account_id = (
-                        None if event.account is None else self._account_id(cur, event.account)
-                    )
-                    cur.execute(
-                        "INSERT INTO events (id, account_id, type, body, received_at) "
-                        "VALUES (?,?,?,?,?)",
-                        (event.id, account_id, event.type, body, now),
-                    )
-                # Most often the publisher stored these very bytes; parse only if not.
-                elif row[0] != body and json.loads(row[0]) != json.loads(body):
-                    return []  # the id belongs to another event: the publish got a 409
-            for sub_id in subscription_ids:
-                cur.execute(
-                    "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "
-                    "created_at, updated_at) VALUES (?,?,?,'pending',?,?)",
-                    (new_id("dlv", now), event_id, sub_id, now, now),
-                )
+        def tx(cur: Cursor) -> list[Delivery]:
+            cur.executemany(
+                "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "
+                "created_at, updated_at) VALUES (?,?,?,'pending',?,?)",
+                [(new_id("dlv", now), event_id, sub_id, now, now) for sub_id in subscription_ids],
+            )
             cur.execute(
                 f"SELECT {_DLV_COLUMNS} FROM deliveries WHERE event_id = ? "  # noqa: S608
                 "AND status = 'pending' AND attempts = 0 ORDER BY id",
@@ -583,7 +641,7 @@ class Store:
             )
             return [_delivery(r) for r in cur.fetchall()]
 
-        return tx
+        return self._run(tx)
 
     def get_delivery(self, delivery_id: str) -> Deferred[Delivery]:
         def tx(cur: Cursor) -> Delivery:
@@ -628,35 +686,43 @@ class Store:
         new_status: str,
         next_attempt_at: float | None,
         failed: bool,
-    ) -> Deferred[Delivery]:
-        """Log one attempt and move the delivery to its new status, atomically."""
-        now = self._now()
+    ) -> Deferred[None]:
+        """Log one attempt and move the delivery to its new status, atomically. The
+        attempts recorded together (a batch request's) go in one call."""
+        row = (
+            int(failed),
+            new_status,
+            next_attempt_at,
+            detail if failed else None,
+            self._now(),
+            delivery_id,
+        )
+        attempt = (started_at, duration, outcome, status_code, detail, delivery_id)
+        return self._db.run_merged(self._record_many, (row, attempt)).addErrback(self._forget_kept)
 
-        def tx(cur: Cursor) -> Delivery:
-            cur.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, failures = failures + ?, "  # noqa: S608
-                "status = ?, next_attempt_at = ?, last_error = ?, updated_at = ? "
-                f"WHERE id = ? RETURNING {_DLV_COLUMNS}",
-                (
-                    int(failed),
-                    new_status,
-                    next_attempt_at,
-                    detail if failed else None,
-                    now,
-                    delivery_id,
-                ),
-            )
-            # RETURNING gives the row as updated (SQLite 3.35+), so no SELECT after.
-            delivery = _delivery(cur.fetchone())
-            n = delivery.attempts
-            cur.execute(
-                "INSERT INTO attempts (delivery_id, n, started_at, duration, outcome, "
-                "status_code, detail) VALUES (?,?,?,?,?,?,?)",
-                (delivery_id, n, started_at, duration, outcome, status_code, detail),
-            )
-            return delivery
-
-        return self._run(tx)
+    @staticmethod
+    def _record_many(
+        cur: Cursor, items: list[tuple[tuple[Any, ...], tuple[Any, ...]]]
+    ) -> list[None]:
+        if len({row[-1] for row, _ in items}) < len(items):
+            # The same delivery twice: one after the other, so each attempt has its own n.
+            for item in items:
+                Store._record_many(cur, [item])
+            return [None] * len(items)
+        cur.executemany(
+            "UPDATE deliveries SET attempts = attempts + 1, failures = failures + ?, "
+            "status = ?, next_attempt_at = ?, last_error = ?, updated_at = ? WHERE id = ?",
+            [row for row, _ in items],
+        )
+        if cur.rowcount != len(items):
+            raise NotFound("a delivery recorded is not in the store")
+        # Numbered from the row just updated.
+        cur.executemany(
+            "INSERT INTO attempts (delivery_id, n, started_at, duration, outcome, "
+            "status_code, detail) SELECT id, attempts, ?, ?, ?, ?, ? FROM deliveries WHERE id = ?",
+            [attempt for _, attempt in items],
+        )
+        return [None] * len(items)
 
     def set_delivery_status(self, delivery_id: str, status: str) -> Deferred[None]:
         now = self._now()

@@ -33,6 +33,18 @@ def count(cur: sqlite3.Cursor, fail: bool = False) -> int:
     return int(cur.fetchone()[0])
 
 
+def insert_many(cur: sqlite3.Cursor, values: list[str]) -> list[str]:
+    """A merged interaction: one statement for all its items; ``bad`` fails."""
+    calls.append(list(values))
+    cur.executemany("INSERT INTO t (v) VALUES (?)", [(v,) for v in values])
+    if "bad" in values:
+        raise Boom("bad")
+    return [v.upper() for v in values]
+
+
+calls: list[list[str]] = []
+
+
 class BatchTests(unittest.TestCase):
     def setUp(self) -> None:
         self.path = Path(self.mktemp())
@@ -47,6 +59,7 @@ class BatchTests(unittest.TestCase):
         self.addCleanup(self.reader.close)
         self.addCleanup(self.writer.close)
         self.statements: list[str] = []
+        calls.clear()
 
     def _trace(self, db: BatchedDatabase) -> None:
         db._connection().set_trace_callback(self.statements.append)
@@ -84,6 +97,61 @@ class BatchTests(unittest.TestCase):
         assert results[2][1].check(Boom)
         assert self._rows() == ["first", "x", "z"]
         assert sum("SAVEPOINT" in s for s in self.statements) == 3
+
+    @inline
+    async def test_merged_interactions_queued_together_run_as_one_call(self) -> None:
+        self._trace(self.writer)
+        results = await DeferredList(
+            [
+                self.writer.run(insert, "first"),  # a batch of its own; the rest wait
+                self.writer.run_merged(insert_many, "a"),
+                self.writer.run_merged(insert_many, "b"),
+                self.writer.run_merged(insert_many, "c"),
+                self.writer.run(insert, "plain"),
+                self.writer.run_merged(insert_many, "d"),
+            ]
+        )
+        assert [value for _, value in results] == ["first", "A", "B", "C", "plain", "D"]
+        # Merged only next to each other: what was queued between keeps its place.
+        assert calls == [["a", "b", "c"], ["d"]]
+        assert self._rows() == ["a", "b", "c", "d", "first", "plain"]
+        # One savepoint for the three merged ones, one each for the others.
+        assert sum("SAVEPOINT" in s for s in self.statements) == 3
+
+    @inline
+    async def test_a_failing_merged_item_fails_alone(self) -> None:
+        results: list[Any] = await DeferredList(
+            [
+                self.writer.run(insert, "first"),
+                self.writer.run_merged(insert_many, "a"),
+                self.writer.run_merged(insert_many, "bad"),
+                self.writer.run_merged(insert_many, "c"),
+            ],
+            consumeErrors=True,
+        )
+        assert [ok for ok, _ in results] == [True, True, False, True]
+        assert results[2][1].check(Boom)
+        # Together first (rolled back), then each alone.
+        assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+        assert self._rows() == ["a", "c", "first"]
+
+    @inline
+    async def test_a_merged_call_that_miscounts_its_values_changes_nothing(self) -> None:
+        def short(cur: sqlite3.Cursor, values: list[str]) -> list[str]:
+            cur.executemany("INSERT INTO t (v) VALUES (?)", [(v,) for v in values])
+            return values[:1]
+
+        results: list[Any] = await DeferredList(
+            [
+                self.writer.run(insert, "first"),
+                self.writer.run_merged(short, "a"),
+                self.writer.run_merged(short, "b"),
+            ],
+            consumeErrors=True,
+        )
+        # Each alone then counts right: nothing is written twice.
+        assert [value for _, value in results] == ["first", "a", "b"]
+        assert self._rows() == ["a", "b", "first"]
 
     @inline
     async def test_reads_take_no_savepoint_and_a_failing_read_spoils_no_other(self) -> None:

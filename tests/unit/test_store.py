@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.trial import unittest
 
 from gehirn_ts.events import Event
@@ -164,7 +165,7 @@ class StoreTests(unittest.TestCase):
         first = await self.store.create_deliveries("e1", [sub.id])
         again = await self.store.create_deliveries("e1", [sub.id])
         assert len(first) == 1 and again == first
-        d = await self.store.record_attempt(
+        await self.store.record_attempt(
             first[0].id,
             started_at=1,
             duration=0.1,
@@ -175,6 +176,7 @@ class StoreTests(unittest.TestCase):
             next_attempt_at=10,
             failed=True,
         )
+        d = await self.store.get_delivery(first[0].id)
         assert (d.attempts, d.failures, d.status) == (1, 1, "pending")
         # Attempted: no longer handed out again by routing.
         assert await self.store.create_deliveries("e1", [sub.id]) == []
@@ -286,6 +288,137 @@ class StoreTests(unittest.TestCase):
         assert (await self.store.get_event("e1", None)).type == "a"
         assert (await self.store.get_event("e2", None)).type == "b"
         assert (await self.store.get_event("e3", None)).type == "c"
+
+    @inline
+    async def test_the_same_id_twice_in_one_request_is_stored_once(self) -> None:
+        await self.store.create_account("acme")
+        event = Event(type="a", source="/t", id="e5", account="acme")
+        outcomes = await self.store.insert_events(
+            [event, event, Event(type="b", source="/t", id="e5", account="acme")]
+        )
+        assert outcomes[:2] == [True, False]
+        assert isinstance(outcomes[2], Conflict)
+        assert (await self.store.get_event("e5", None)).type == "a"
+
+    def _count_calls(self, name: str) -> list[int]:
+        """The number of items of each call of the store's merged interaction ``name``."""
+        sizes: list[int] = []
+        inner = getattr(self.store, name)
+
+        def counted(cur: Any, items: list[Any]) -> Any:
+            sizes.append(len(items))
+            return inner(cur, items)
+
+        setattr(self.store, name, counted)
+        return sizes
+
+    @inline
+    async def test_events_routed_together_are_routed_in_one_call_each_as_if_alone(
+        self,
+    ) -> None:
+        acme, _, _ = await self.store.create_account("acme")
+        a = await self.store.create_subscription(acme.id, "a.#", "http://a.test/", None)
+        b = await self.store.create_subscription(acme.id, "#", "http://b.test/", None)
+        stored = Event(type="a.x", source="/t", id="e1", account="acme")
+        await self.store.insert_event(stored)
+        taken = Event(type="a.x", source="/t", id="e2", account="acme")
+        await self.store.insert_event(taken)
+        # Routed once, then b deleted: its delivery is stale when the event comes again.
+        again = Event(type="a.x", source="/t", id="e3", account="acme")
+        first, _ = await self.store.route_event(again, lambda subs: subs)
+        await self.store.delete_subscription(b.id, None)
+        missing = Event(type="b.y", source="/t", id="e4", account="acme")
+        foreign = Event(type="c.z", source="/t", id="e2", account="acme")  # e2 is another's
+        nobody = Event(type="a.x", source="/t", id="e5", account="acme")
+        sizes = self._count_calls("_route_many")
+
+        def live(subs: list[Subscription]) -> list[Subscription]:
+            return subs
+
+        results = await DeferredList(
+            [
+                self.store.route_event(stored, live),
+                self.store.route_event(missing, live),
+                self.store.route_event(foreign, live),
+                self.store.route_event(again, live),
+                self.store.route_event(nobody, lambda subs: []),
+                self.store.route_event(stored, live),  # the same event twice together
+            ]
+        )
+        # All asked while the store's thread was busy (this runs in the callback of the
+        # delete's commit): one call.
+        assert sizes == [6]
+        (stored_new, stored_subs), (missing_new, _), (foreign_new, foreign_subs) = [
+            value for _, value in results[:3]
+        ]
+        assert [d.subscription_id for d in stored_new] == [a.id]
+        assert [s.id for s in stored_subs] == [a.id]
+        assert [d.subscription_id for d in missing_new] == [a.id]
+        assert (await self.store.get_event("e4", None)).type == "b.y"
+        assert foreign_new == [] and [s.id for s in foreign_subs] == [a.id]
+        assert (await self.store.get_event("e2", None)).type == "a.x"
+        again_new, _ = results[3][1]
+        assert [d.id for d in again_new] == [d.id for d in first if d.subscription_id == a.id]
+        cancelled = [
+            d for d, _ in await self.store.deliveries_of_event("e3") if d.status != "pending"
+        ]
+        assert [(d.subscription_id, d.status) for d in cancelled] == [(b.id, "cancelled")]
+        assert results[4][1] == ([], [])
+        # Both routings of e1 hand out its one delivery (the worker attempts it once).
+        assert [d.id for d in results[5][1][0]] == [d.id for d in stored_new]
+
+    @inline
+    async def test_attempts_recorded_together_go_in_one_call_and_keep_their_numbers(
+        self,
+    ) -> None:
+        acme, _, _ = await self.store.create_account("acme")
+        sub = await self.store.create_subscription(acme.id, "#", "http://x.test/", None)
+        created = []
+        for n in range(3):
+            await self.store.insert_event(Event(type="a", source="/t", id=f"e{n}", account="acme"))
+            created += await self.store.create_deliveries(f"e{n}", [sub.id])
+        sizes = self._count_calls("_record_many")
+
+        def record(delivery_id: str, outcome: str, code: int) -> Deferred[None]:
+            return self.store.record_attempt(
+                delivery_id,
+                started_at=1,
+                duration=0.1,
+                outcome=outcome,
+                status_code=code,
+                detail=None if code == 200 else f"HTTP {code}",
+                new_status="delivered" if code == 200 else "pending",
+                next_attempt_at=None if code == 200 else 60,
+                failed=code != 200,
+            )
+
+        one, two, three = (d.id for d in created)
+        results: list[Any] = await DeferredList(
+            [
+                record(one, "retry", 503),
+                record(two, "delivered", 200),
+                record(three, "retry", 503),
+                record("dlv_missing", "delivered", 200),
+                record(three, "delivered", 200),
+            ],
+            consumeErrors=True,
+        )
+        assert [ok for ok, _ in results] == [True, True, True, False, True]
+        assert results[3][1].check(NotFound)
+        assert sizes == [5, 1, 1, 1, 1, 1]  # together, then each alone for the missing one
+        # The same delivery twice in one call: numbered one after the other.
+        await DeferredList([record(one, "retry", 503), record(one, "delivered", 200)])
+        assert sizes[6:] == [2]
+        history = {
+            d.id: (d.status, d.attempts, d.failures, [(a.n, a.status_code) for a in attempts])
+            for n in range(3)
+            for d, attempts in await self.store.deliveries_of_event(f"e{n}")
+        }
+        assert history == {
+            one: ("delivered", 3, 2, [(1, 503), (2, 503), (3, 200)]),
+            two: ("delivered", 1, 0, [(1, 200)]),
+            three: ("delivered", 2, 1, [(1, 503), (2, 200)]),
+        }
 
     @inline
     async def test_a_received_message_is_indexed_with_its_event_or_not_at_all(self) -> None:
