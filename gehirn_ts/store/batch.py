@@ -83,7 +83,7 @@ class BatchedDatabase:
         which returns each item's value in order. If that call raises, each item runs
         again alone, so one bad item fails alone."""
         if self._closed:
-            return self.run(fn, [item])
+            return self.run(fn, [item])  # fails as ``run`` does once closed
         return self._group.submit((fn, (item,), True))
 
     def _connection(self) -> sqlite3.Connection:
@@ -116,7 +116,8 @@ class BatchedDatabase:
         is rolled back with its transaction. Each statement lets go of the interpreter
         lock and waits to take it back while the reactor thread holds it; the two a
         savepoint adds were a share of the time a batch spent waiting
-        (docs/performance.md)."""
+        (docs/performance.md). Merged interactions next to each other run as one call,
+        in one savepoint."""
         conn = self._connection()
         outcomes: Outcomes = []
         savepoints = not self._readonly and len(batch) > 1
