@@ -487,17 +487,28 @@ class Store:
         when the same event (same id, same content) exists, a Conflict when its id is
         taken by a different event (that one alone is left out). ``before`` runs first,
         in the same transaction (what the events tell of, written with them)."""
-        now = self._now()
         rows = [(event, event.to_json()) for event in events]
+        return self._db.run_merged(self._insert_many, (rows, before, self._now())).addErrback(
+            self._forget_kept
+        )
 
-        def tx(cur: Cursor) -> list[bool | Conflict]:
+    def _insert_many(
+        self,
+        cur: Cursor,
+        items: list[tuple[list[tuple[Event, bytes]], Callable[[Cursor], object] | None, float]],
+    ) -> list[list[bool | Conflict]]:
+        """``insert_events``' transaction for several calls (the API requests and the
+        received messages that come together): one read for all their ids and one
+        insert for the new events. Two statements an event, and a savepoint a call,
+        were most of such a transaction (docs/performance.md)."""
+        for _, before, _ in items:
             if before is not None:
                 before(cur)
-            # One read for all the ids and one insert for the new events: two statements
-            # an event were most of a request's transaction (docs/performance.md).
-            stored = _bodies(cur, [event.id for event, _ in rows])
+        stored = _bodies(cur, [event.id for rows, _, _ in items for event, _ in rows])
+        new: list[tuple[str, int | None, str, bytes, float]] = []
+        out: list[list[bool | Conflict]] = []
+        for rows, _, now in items:
             outcomes: list[bool | Conflict] = []
-            new: list[tuple[str, int | None, str, bytes, float]] = []
             for event, body in rows:
                 known = stored.get(event.id)
                 if known is None:
@@ -513,15 +524,13 @@ class Store:
                     outcomes.append(
                         Conflict("id", f"an event with id {event.id!r} exists with other content")
                     )
-            if new:
-                cur.executemany(
-                    "INSERT INTO events (id, account_id, type, body, received_at)"
-                    " VALUES (?,?,?,?,?)",
-                    new,
-                )
-            return outcomes
-
-        return self._run(tx)
+            out.append(outcomes)
+        if new:
+            cur.executemany(
+                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
+                new,
+            )
+        return out
 
     def get_event(self, event_id: str, account_id: int | None) -> Deferred[Event]:
         def tx(cur: Cursor) -> Event:

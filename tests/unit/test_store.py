@@ -270,8 +270,8 @@ class StoreTests(unittest.TestCase):
         first = Event(type="a", source="/t", id="e1", account="acme")
         await self.store.insert_event(first)
         runs: list[Any] = []
-        run = self.store._db.run
-        self.store._db.run = lambda fn, *a: runs.append(fn) or run(fn, *a)  # type: ignore[method-assign]
+        run = self.store._db.run_merged
+        self.store._db.run_merged = lambda fn, item: runs.append(fn) or run(fn, item)  # type: ignore[method-assign]
         outcomes = await self.store.insert_events(
             [
                 Event(type="b", source="/t", id="e2", account="acme"),
@@ -440,8 +440,8 @@ class StoreTests(unittest.TestCase):
 
         publisher = Publisher(self.store, Bus())  # type: ignore[arg-type]
         runs: list[Any] = []
-        run = self.store._db.run
-        self.store._db.run = lambda fn, *a: runs.append(fn) or run(fn, *a)  # type: ignore[method-assign]
+        run = self.store._db.run_merged
+        self.store._db.run_merged = lambda fn, item: runs.append(fn) or run(fn, item)  # type: ignore[method-assign]
 
         def received(qid: str) -> Received:
             return Received(qid, "acme", f"{qid}.eml", "s@x.test", ["u@a.test"], 10, 1.0, {})

@@ -1,9 +1,10 @@
 """The store's merged interactions do what the same interactions one by one would.
 
-``Store._route_many`` and ``Store._record_many`` run the routings and attempts that
-arrive together in one call (docs/decisions.md, "Group commit"). Here each is run
-over random items once merged and once an item at a time, on two copies of one
-database, and the answers and the rows they leave must be the same.
+``Store._route_many``, ``_record_many`` and ``_insert_many`` run the routings, the
+attempts and the event writes that arrive together in one call (docs/decisions.md,
+"Group commit"). Here each is run over random items once merged and once an item at
+a time, on two copies of one database, and the answers and the rows they leave must
+be the same.
 """
 
 from __future__ import annotations
@@ -200,3 +201,37 @@ def test_recording_merged_is_recording_one_by_one(
         for item in items(scur):
             single._record_many(scur, [item])
         assert rows(mcur) == rows(scur)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=6),
+    st.sets(st.sampled_from(IDS[:3])),
+)
+def test_storing_merged_is_storing_one_by_one(
+    template: Path, requests: list[list[Event]], stored: set[str]
+) -> None:
+    with two_copies(template, stored) as ((merged, mcur), (single, scur)):
+
+        def before(cur: sqlite3.Cursor, n: int) -> None:
+            # What a received message writes with its event (its row in the KVS index).
+            cur.execute(
+                "INSERT INTO received (id, account_id, object, sender, recipients, size, "
+                "received_at, meta) VALUES (?, 1, 'o', '', '[]', 0, 0, '{}')",
+                (f"q{n}",),
+            )
+
+        items = [
+            ([(e, e.to_json()) for e in request], lambda cur, n=n: before(cur, n), 3.0)
+            for n, request in enumerate(requests)
+        ]
+        together = merged._insert_many(mcur, items)
+        alone = [single._insert_many(scur, [item])[0] for item in items]
+
+        def shown(results: list[list[Any]]) -> list[list[Any]]:
+            return [[o if isinstance(o, bool) else o.field for o in r] for r in results]
+
+        assert shown(together) == shown(alone)
+        assert rows(mcur) == rows(scur)
+        received = "SELECT id FROM received ORDER BY id"
+        assert mcur.execute(received).fetchall() == scur.execute(received).fetchall()
