@@ -221,6 +221,13 @@ def _bodies(cur: Cursor, ids: Sequence[str]) -> dict[str, bytes]:
     return found
 
 
+def _or_conflict(stored: bool | None, event: Event) -> bool | Conflict:
+    """``Store._store_events``' outcome as ``insert_events`` answers it."""
+    if stored is None:
+        return Conflict("id", f"an event with id {event.id!r} exists with other content")
+    return stored
+
+
 class Store:
     def __init__(self, path: Path, clock: IReactorTime) -> None:
         self.path = path
@@ -492,6 +499,34 @@ class Store:
             self._forget_kept
         )
 
+    def _store_events(
+        self, cur: Cursor, events: Sequence[tuple[Event, bytes, float]]
+    ) -> list[bool | None]:
+        """Store the (event, its JSON, time) not yet stored, with one read for all the
+        ids and one insert for the new ones. For each, in order: True when stored now,
+        False when the same event was there, None when its id is another event's."""
+        stored = _bodies(cur, [event.id for event, _, _ in events])
+        new: list[tuple[str, int | None, str, bytes, float]] = []
+        outcomes: list[bool | None] = []
+        for event, body, now in events:
+            known = stored.get(event.id)
+            if known is None:
+                account_id = None if event.account is None else self._account_id(cur, event.account)
+                new.append((event.id, account_id, event.type, body, now))
+                stored[event.id] = body
+                outcomes.append(True)
+            # Most often the stored bytes are these very bytes; parse only if not.
+            elif known == body or json.loads(known) == json.loads(body):
+                outcomes.append(False)
+            else:
+                outcomes.append(None)
+        if new:
+            cur.executemany(
+                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
+                new,
+            )
+        return outcomes
+
     def _insert_many(
         self,
         cur: Cursor,
@@ -504,33 +539,12 @@ class Store:
         for _, before, _ in items:
             if before is not None:
                 before(cur)
-        stored = _bodies(cur, [event.id for rows, _, _ in items for event, _ in rows])
-        new: list[tuple[str, int | None, str, bytes, float]] = []
-        out: list[list[bool | Conflict]] = []
-        for rows, _, now in items:
-            outcomes: list[bool | Conflict] = []
-            for event, body in rows:
-                known = stored.get(event.id)
-                if known is None:
-                    account_id = None
-                    if event.account is not None:
-                        account_id = self._account_id(cur, event.account)
-                    new.append((event.id, account_id, event.type, body, now))
-                    stored[event.id] = body
-                    outcomes.append(True)
-                elif known == body or json.loads(known) == json.loads(body):
-                    outcomes.append(False)
-                else:
-                    outcomes.append(
-                        Conflict("id", f"an event with id {event.id!r} exists with other content")
-                    )
-            out.append(outcomes)
-        if new:
-            cur.executemany(
-                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
-                new,
+        outcomes = iter(
+            self._store_events(
+                cur, [(event, body, now) for rows, _, now in items for event, body in rows]
             )
-        return out
+        )
+        return [[_or_conflict(next(outcomes), event) for event, _ in rows] for rows, _, _ in items]
 
     def get_event(self, event_id: str, account_id: int | None) -> Deferred[Event]:
         def tx(cur: Cursor) -> Event:
@@ -568,26 +582,13 @@ class Store:
         routed = [n for n, picked in enumerate(chosen) if picked]
         if not routed:
             return [([], [])] * len(items)
-        # The publisher has nearly always stored the event already: one read for all.
-        stored = _bodies(cur, [items[n][0].id for n in routed])
-        missing: list[tuple[str, int | None, str, bytes, float]] = []
-        foreign: set[int] = set()
-        for n in routed:
-            event, _, now = items[n]
-            body = event.to_json()
-            known = stored.get(event.id)
-            if known is None:
-                account_id = None if event.account is None else self._account_id(cur, event.account)
-                missing.append((event.id, account_id, event.type, body, now))
-                stored[event.id] = body
-            # Most often the publisher stored these very bytes; parse only if not.
-            elif known != body and json.loads(known) != json.loads(body):
-                foreign.add(n)  # the id belongs to another event: the publish got a 409
-        if missing:
-            cur.executemany(
-                "INSERT INTO events (id, account_id, type, body, received_at) VALUES (?,?,?,?,?)",
-                missing,
-            )
+        # The publisher has nearly always stored the event already (a publisher that
+        # died between the store and the bus has not): stored here when missing.
+        outcomes = self._store_events(
+            cur, [(items[n][0], items[n][0].to_json(), items[n][2]) for n in routed]
+        )
+        # None: the id belongs to another event (the publish got a 409).
+        foreign = {n for n, outcome in zip(routed, outcomes, strict=True) if outcome is None}
         live = [n for n in routed if n not in foreign]
         cur.executemany(
             "INSERT OR IGNORE INTO deliveries (id, event_id, subscription_id, status, "
