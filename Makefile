@@ -37,7 +37,7 @@ install: $(STAMP)
 	$(BIN)/pip install -q --no-deps --force-reinstall .
 
 run: install
-	$(BIN)/twistd --logger gehirn_ts.logs.text_observer --nodaemon --pidfile= gehirn-ts $(if $(CONFIG),--config $(CONFIG))
+	$(BIN)/gehirn-tsd --logger gehirn_ts.logs.text_observer --nodaemon --pidfile= gehirn-ts $(if $(CONFIG),--config $(CONFIG))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

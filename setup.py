@@ -15,9 +15,9 @@ setup(
         "treq>=23.11.0",
         "pyOpenSSL>=24.0.0",
         "service-identity>=24.1.0",
-        "dkimpy[ed25519]>=1.1.5",
+        # Without its [ed25519] extra: PyNaCl is not used (gehirn_ts/mta/libs.py).
+        "dkimpy>=1.1.5",
         "pyspf>=2.0.14",
-        "dnspython>=2.6.0",
         "zope.interface>=6.0",
         "prometheus_client>=0.20.0",
         "authres>=1.2.0",
@@ -27,6 +27,8 @@ setup(
             "pytest>=8.0",
             "hypothesis>=6.100",
             "standardwebhooks>=1.0.0",
+            # Only to compare Ed25519 signatures with (tests/unit/test_libs.py).
+            "PyNaCl>=1.5.0",
             "PyYAML>=6.0",
             "mypy>=1.10",
             "mypy-zope>=1.0",
@@ -34,5 +36,7 @@ setup(
             "types-PyYAML",
         ],
     },
-    entry_points={"console_scripts": ["gehirn-ts=gehirn_ts.cli:main"]},
+    entry_points={
+        "console_scripts": ["gehirn-ts=gehirn_ts.cli:main", "gehirn-tsd=gehirn_ts.launcher:main"]
+    },
 )

@@ -141,7 +141,7 @@ def start_gehirn(work: Path) -> subprocess.Popen[bytes]:
     log = (work / "twistd.log").open("wb")
     return subprocess.Popen(
         [
-            str(BIN / "twistd"),
+            str(BIN / "gehirn-tsd"),
             "--logger",
             "gehirn_ts.logs.text_observer",
             "-n",

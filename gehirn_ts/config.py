@@ -443,7 +443,7 @@ def _port(value: Any) -> int:
 
 @dataclass(frozen=True)
 class DnsConfig:
-    """The DNS resolver for SPF and DKIM lookups."""
+    """The DNS resolver: MX and addresses for deliveries, SPF and DKIM records."""
 
     nameservers: tuple[str, ...] = opt(
         (), _addresses, "Resolver addresses; empty: the system's /etc/resolv.conf."

@@ -1,5 +1,6 @@
-"""The DNS resolvers: the blocking one that pyspf and dkimpy use (in threads only), and
-the twisted.names one for MX and address lookups.
+"""The daemon's DNS resolver: twisted.names, with answers kept for their TTL. MX and
+address lookups ask it on the reactor; pyspf and dkimpy ask it from their threads
+(`threaddns.py`).
 
 Configurable (``[dns]``) so that tests, and operators with a local validating
 resolver, choose the server; empty ``nameservers`` means the system's resolv.conf.
@@ -10,29 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import dns.resolver
 from twisted.internet.defer import Deferred, succeed
 from twisted.names.common import ResolverBase
 from twisted.names.dns import SOA
 
 
-def make_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.resolver.Resolver:
-    if nameservers:
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = list(nameservers)
-        resolver.port = port
-    else:
-        resolver = dns.resolver.Resolver()
-    resolver.lifetime = timeout
-    resolver.timeout = timeout
-    # Answers are kept for their TTL (as a local caching resolver would): a busy MX asks
-    # for the same SPF and DKIM records again and again.
-    resolver.cache = dns.resolver.LRUCache(50_000)
-    return resolver
-
-
 def make_async_resolver(nameservers: Sequence[str], port: int, timeout: float, reactor: Any) -> Any:
-    """The twisted.names resolver for MX and address lookups (on the reactor)."""
+    """The twisted.names resolver, with its cache."""
     from twisted.names import client
 
     servers = [(ns, port) for ns in nameservers] or _system_nameservers()
@@ -43,12 +28,13 @@ def make_async_resolver(nameservers: Sequence[str], port: int, timeout: float, r
 
 
 class CachingResolver(ResolverBase):
-    """Answers kept for their smallest TTL, as the blocking resolver's LRU cache does
-    (and as a local caching resolver would): every delivery to a domain asked for its
-    MX and addresses again (three queries per message to one destination). An empty
-    answer (no record of the type, as for the AAAA of an IPv4-only MX host) is kept as
-    RFC 2308 says, by its SOA; errors are not kept. No timers: an entry is checked
-    when it is read, and a full cache drops its expired entries (or, if none, all)."""
+    """Answers kept for their smallest TTL, as a local caching resolver would: every
+    delivery to a domain asked for its MX and addresses again (three queries per
+    message to one destination), every received message for its sender's SPF. An
+    empty answer (no record of the type, as for the AAAA of an IPv4-only MX host) is
+    kept as RFC 2308 says, by its SOA; errors are not kept. No timers: an entry is
+    checked when it is read, and a full cache drops its expired entries (or, if none,
+    all)."""
 
     def __init__(self, upstream: Any, clock: Any, size: int = 10_000) -> None:
         super().__init__()

@@ -22,7 +22,7 @@ from twisted.web.client import HTTPConnectionPool
 from gehirn_ts import gc_tuning, logs
 from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
-from gehirn_ts.dnsresolver import make_async_resolver, make_resolver
+from gehirn_ts.dnsresolver import make_async_resolver
 from gehirn_ts.edj import registry
 from gehirn_ts.edj.destinations.irc import IrcNetwork
 from gehirn_ts.edj.httppool import DestinationPool
@@ -55,6 +55,7 @@ from gehirn_ts.store.db import (
 from gehirn_ts.store.keys import DkimKeyStore, bootstrap_dkim_key
 from gehirn_ts.store.queue import QueueStore
 from gehirn_ts.store.schema import SchemaError, migrate
+from gehirn_ts.threaddns import ThreadDNS
 from gehirn_ts.threads import Workers
 from gehirn_ts.web.api import Api, make_site
 
@@ -176,7 +177,10 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     metrics = Metrics()
     publisher = Publisher(store, bus, metrics)
     mail = MailStore(store)
-    queue, outbound = _outbound(config, reactor, store, publisher, metrics, threads)
+    names = make_async_resolver(
+        config.dns.nameservers, config.dns.port, config.dns.timeout, reactor
+    )
+    queue, outbound = _outbound(config, reactor, names, store, publisher, metrics, threads)
     irc_bots = IrcNetwork(
         reactor,
         policy,
@@ -215,7 +219,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
 
     routes = RouteStore(store, config.smtp.routes)
     spool = Spool(config.spool_dir, threads)
-    resolver = make_resolver(config.dns.nameservers, config.dns.port, config.dns.timeout)
+    resolver = ThreadDNS(names, reactor, config.dns.timeout)
     inbound = Inbound(
         spool=spool,
         kvs=config.state_dir / "kvs",
@@ -398,6 +402,7 @@ class _Reloader(Service):
 def _outbound(
     config: Config,
     reactor: Any,
+    names: Any,
     store: Store,
     publisher: Publisher,
     metrics: Metrics,
@@ -409,9 +414,6 @@ def _outbound(
     if ob.smarthost:
         host, _, port = ob.smarthost.rpartition(":")
         smarthost = Host(host.strip("[]"), int(port))
-    names = make_async_resolver(
-        config.dns.nameservers, config.dns.port, config.dns.timeout, reactor
-    )
     courier = MxCourier(
         reactor,
         names,

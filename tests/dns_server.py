@@ -3,10 +3,10 @@
     python tests/dns_server.py PORT ZONE.json
 
 The file maps names to record sets, e.g. {"example.org": {"TXT": ["v=spf1 -all"],
-"A": ["192.0.2.1"], "MX": [[10, "mx.example.org"]]}}. It is read again for every
-query, so a test changes the zone by rewriting the file. A name that is absent is
-NXDOMAIN; a present name without the asked type is an empty answer with the SOA of
-its zone (the name's last two labels).
+"A": ["192.0.2.1"], "MX": [[10, "mx.example.org"]]}, "www.example.org": {"CNAME":
+["example.org"]}}. It is read again for every query, so a test changes the zone by
+rewriting the file. A name that is absent is NXDOMAIN; a present name without the
+asked type is an empty answer with the SOA of its zone (the name's last two labels).
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ class JsonZone(common.ResolverBase):
             return defer.fail(error.DomainError(name))
         records = zone[key]
         answers = []
+        if "CNAME" in records and type != dns.CNAME:
+            # An alias: the CNAME and the target's records, as a server that has both
+            # answers (RFC 1034 section 4.3.2, step 3a).
+            target = records["CNAME"][0]
+            alias = dns.Record_CNAME(target.encode(), ttl=60)
+            answers.append(dns.RRHeader(name, dns.CNAME, dns.IN, 60, alias, auth=True))
+            name, records = target.encode(), zone.get(target.lower(), {})
         for rtype, values in records.items():
             code = dns.REV_TYPES.get(rtype)
             if code is None or (type != dns.ALL_RECORDS and code != type):

@@ -1,4 +1,4 @@
-"""DKIM verification (RFC 6376) with dkimpy, in a thread, against the configured resolver."""
+"""DKIM verification (RFC 6376) with dkimpy, in a thread, against the daemon's resolver."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import dkim
-import dns.exception
-import dns.resolver
+from gehirn_ts.mta.libs import dkim
+from gehirn_ts.threaddns import DnsTemporary, ThreadDNS
 
 
 @dataclass(frozen=True)
@@ -37,18 +36,15 @@ class _Temporary(Exception):
     pass
 
 
-def verify(message: bytes, resolver: dns.resolver.Resolver) -> list[DkimResult]:
+def verify(message: bytes, resolver: ThreadDNS) -> list[DkimResult]:
     """One result per DKIM-Signature header (blocking: call in a thread)."""
 
     def txt(name: Any, timeout: float = 5) -> bytes:
-        qname = name.decode() if isinstance(name, bytes) else name
+        qname = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         try:
-            answer = resolver.resolve(qname, "TXT", lifetime=timeout)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return b""
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
-            raise _Temporary(str(e))
-        return b"".join(b"".join(r.strings) for r in answer)
+            return b"".join(resolver.txt(qname))
+        except DnsTemporary as e:
+            raise _Temporary(str(e)) from None
 
     if not is_signed(message):
         # No signature to check (most mail): dkimpy would still parse the whole message.

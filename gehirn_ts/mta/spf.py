@@ -1,7 +1,8 @@
-"""SPF (RFC 7208) with pyspf, in a thread, against the configured resolver.
+"""SPF (RFC 7208) with pyspf, in a thread, against the daemon's resolver.
 
 pyspf looks names up through its module-level ``DNSLookup``; it is replaced here, once,
-by one that asks our resolver (same return shape as pyspf's dnspython driver).
+by one that asks twisted.names through `ThreadDNS` (the same return shape as pyspf's
+dnspython driver).
 """
 
 from __future__ import annotations
@@ -9,37 +10,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import dns.exception
-import dns.resolver
-import spf
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from gehirn_ts.mta.libs import spf
 from gehirn_ts.recent import Recent
+from gehirn_ts.threaddns import DnsTemporary, ThreadDNS, spf_answer
 from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
-_resolver: dns.resolver.Resolver | None = None
+_dns: ThreadDNS | None = None
 
 
 def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> list[Any]:
-    assert _resolver is not None
-    out: list[Any] = []
+    assert _dns is not None
     try:
-        answers = _resolver.resolve(name, qtype, lifetime=min(timeout, _resolver.lifetime))
-    except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
-        return out
-    except (dns.exception.Timeout, dns.resolver.NoNameservers) as e:
-        raise spf.TempError(f"DNS {e}")
-    for rdata in answers:
-        if qtype in ("A", "AAAA"):
-            out.append(((name, qtype), rdata.address))
-        elif qtype == "MX":
-            out.append(((name, qtype), (rdata.preference, rdata.exchange)))
-        elif qtype == "PTR":
-            out.append(((name, qtype), rdata.target.to_text(True)))
-        elif qtype in ("TXT", "SPF"):
-            out.append(((name, qtype), rdata.strings))
-    return out
+        return spf_answer(name, qtype, _dns.records(name, qtype))
+    except DnsTemporary as e:
+        raise spf.TempError(f"DNS {e}") from None
 
 
 @dataclass(frozen=True)
@@ -69,14 +56,14 @@ VERDICT_SECONDS = 60.0
 class SpfChecker:
     def __init__(
         self,
-        resolver: dns.resolver.Resolver,
+        resolver: ThreadDNS,
         receiver: str,
         clock: IReactorTime,
         threads: ThreadRunner = REACTOR_THREADS,
     ) -> None:
         self._threads = threads
-        global _resolver
-        _resolver = resolver
+        global _dns
+        _dns = resolver
         spf.DNSLookup = _lookup
         self._receiver = receiver
         self._verdicts = Recent(clock.seconds, seconds=VERDICT_SECONDS)

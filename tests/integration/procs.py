@@ -1,4 +1,4 @@
-"""The daemon as a real process (twistd -n gehirn-ts), and a webhook receiver thread."""
+"""The daemon as a real process (gehirn-tsd -n gehirn-ts), and a webhook receiver thread."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class Daemon:
         self.log = (self.workdir / f"twistd-{self.runs}.log").open("wb")
         self.proc = subprocess.Popen(
             [
-                str(BIN / "twistd"),
+                str(BIN / "gehirn-tsd"),
                 *self.twistd_args,
                 "--nodaemon",
                 "--pidfile=",

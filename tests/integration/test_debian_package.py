@@ -72,7 +72,7 @@ def test_the_package_builds_installs_runs_as_its_user_and_purges(tmp_path: Path)
         unit = Path("/lib/systemd/system/gehirn-ts.service").read_text()
         for line in (
             "User=gehirn-ts",
-            "ExecStart=/opt/venvs/gehirn-ts/bin/twistd --logger gehirn_ts.logs.text_observer "
+            "ExecStart=/opt/venvs/gehirn-ts/bin/gehirn-tsd --logger gehirn_ts.logs.text_observer "
             "--nodaemon --pidfile= gehirn-ts "
             "--config /etc/gehirn-ts/gehirn-ts.toml",
             "NoNewPrivileges=yes",
@@ -100,7 +100,7 @@ def test_the_package_builds_installs_runs_as_its_user_and_purges(tmp_path: Path)
                 "-u",
                 "gehirn-ts",
                 "--",
-                str(VENV / "bin" / "twistd"),
+                str(VENV / "bin" / "gehirn-tsd"),
                 "--logger",
                 "gehirn_ts.logs.text_observer",
                 "--nodaemon",

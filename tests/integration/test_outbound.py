@@ -13,13 +13,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import dns.resolver
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from gehirn_ts.dnsresolver import make_async_resolver
 from gehirn_ts.mta.dkim import SigningKey, dns_record, generate, verify
 from gehirn_ts.store.db import MailStore
 from gehirn_ts.store.keys import DkimKeyStore
+from gehirn_ts.threaddns import ThreadDNS
 from tests.dnstest import dns_server
 from tests.harness import Daemon, Receiver
 from tests.sink import Sink
@@ -131,9 +133,9 @@ class OutboundTests(TestCase):
         )
         lines = perl.stdout.decode().splitlines()
         assert "pass sender1.test r1 rsa-sha256" in lines, (lines, perl.stderr)
-        resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = ["127.0.0.1"]
-        resolver.port = zone.port
+        resolver = ThreadDNS(
+            make_async_resolver(["127.0.0.1"], zone.port, 2.0, reactor), reactor, 2.0
+        )
         results = await deferToThread(verify, cap.raw, resolver)
         assert sorted((r.result, r.selector) for r in results) == [("pass", "e1"), ("pass", "r1")]
         signature = str(msg["DKIM-Signature"])

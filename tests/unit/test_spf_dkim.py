@@ -6,6 +6,7 @@ import base64
 import re
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate
+from typing import Any
 
 import dkim
 import pytest
@@ -13,19 +14,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import example, given
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import reactor
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
 
-from gehirn_ts.dnsresolver import make_resolver
+from gehirn_ts.dnsresolver import make_async_resolver
 from gehirn_ts.mta.dkim import _compress_whitespace, verify
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.spf import VERDICT_SECONDS, SpfChecker, SpfResult
 from gehirn_ts.stamps import date_text
+from gehirn_ts.threaddns import ThreadDNS
 from tests.dnstest import dns_server
+from tests.support import inline
 
 
-@pytest.fixture(scope="module")
-def dns():
+def _zone() -> Any:
     server = dns_server()
     server.set("pass.example", "TXT", "v=spf1 ip4:192.0.2.10 -all")
     server.set("fail.example", "TXT", "v=spf1 -all")
@@ -33,81 +37,150 @@ def dns():
     server.set("neutral.example", "TXT", "v=spf1 ?all")
     server.set("helo.example", "TXT", "v=spf1 ip4:192.0.2.10 -all")
     server.set("nospf.example", "A", "192.0.2.99")
+    # pyspf's mechanisms that look up other types: a, mx and a CNAME'd include.
+    server.set("mech.example", "TXT", "v=spf1 a mx include:alias.example -all")
+    server.set("mech.example", "A", "192.0.2.20")
+    server.set("mech.example", "MX", [10, "mx1.mech.example"])
+    server.set("mx1.mech.example", "A", "192.0.2.21")
+    server.set("mx1.mech.example", "AAAA", "2001:db8::21")
+    server.set("alias.example", "CNAME", "real.example")
+    server.set("real.example", "TXT", "v=spf1 ip4:192.0.2.22 -all")
     return server
 
 
-@pytest.fixture(scope="module")
-def resolver(dns):
-    return make_resolver(["127.0.0.1"], dns.port, 2.0)
+def _dns(port: int, timeout: float = 2.0) -> ThreadDNS:
+    return ThreadDNS(make_async_resolver(["127.0.0.1"], port, timeout, reactor), reactor, timeout)
 
 
-@pytest.mark.parametrize(
-    ("sender", "expected"),
-    [
-        ("a@pass.example", "pass"),
-        ("a@fail.example", "fail"),
-        ("a@soft.example", "softfail"),
-        ("a@neutral.example", "neutral"),
-        ("a@nospf.example", "none"),
-        ("a@nxdomain.example", "none"),
-    ],
-)
-def test_spf_results(resolver, sender, expected):
-    result = SpfChecker(resolver, "mx.test", Clock())._check("192.0.2.10", sender, "client.test")
-    assert result.result == expected
-    assert result.identity == "mailfrom" and result.domain == sender.split("@")[1]
-    assert result.header.lower().startswith(expected)
-
-
-def test_null_sender_checks_the_helo_identity(resolver):
-    result = SpfChecker(resolver, "mx.test", Clock())._check("192.0.2.10", "", "helo.example")
-    assert (result.result, result.identity, result.domain) == ("pass", "helo", "helo.example")
-
-
-def test_spf_against_an_unreachable_server_is_a_temperror():
-    dead = make_resolver(["127.0.0.1"], 9, 0.5)
-    result = SpfChecker(dead, "mx.test", Clock())._check("192.0.2.10", "a@pass.example", "h.test")
-    assert result.result == "temperror"
-
-
-class _CountingThreads:
-    """Runs a job at once, counting them (a ThreadRunner)."""
+class _Threads:
+    """Runs each job in a thread of its own (a ThreadRunner), counting them."""
 
     def __init__(self) -> None:
         self.jobs = 0
 
     def run(self, fn, *args):  # type: ignore[no-untyped-def]
         self.jobs += 1
-        return succeed(fn(*args))
+        return deferToThread(fn, *args)
 
 
-def _verdict(d: Deferred[SpfResult]) -> str:
-    out: list[SpfResult] = []
-    d.addCallback(out.append)
-    return out[0].result
+class SpfAndDkimAgainstTheServer(TestCase):
+    """pyspf and dkimpy in threads, their lookups answered by twisted.names on the
+    running reactor (`ThreadDNS`)."""
+
+    def setUp(self) -> None:
+        self.zone = _zone()
+        self.resolver = _dns(self.zone.port)
+
+    async def _spf(
+        self, sender: str, helo: str = "client.test", ip: str = "192.0.2.10"
+    ) -> SpfResult:
+        checker = SpfChecker(self.resolver, "mx.test", Clock())
+        return await deferToThread(checker._check, ip, sender, helo)
+
+    @inline
+    async def test_spf_results(self) -> None:
+        for sender, expected in [
+            ("a@pass.example", "pass"),
+            ("a@fail.example", "fail"),
+            ("a@soft.example", "softfail"),
+            ("a@neutral.example", "neutral"),
+            ("a@nospf.example", "none"),
+            ("a@nxdomain.example", "none"),
+        ]:
+            result = await self._spf(sender)
+            assert result.result == expected, (sender, result)
+            assert result.identity == "mailfrom" and result.domain == sender.split("@")[1]
+            assert result.header.lower().startswith(expected)
+
+    @inline
+    async def test_spf_mechanisms_that_look_up_a_mx_and_a_cname(self) -> None:
+        # a (the domain's A), mx (the MX host's addresses), include: through a CNAME.
+        for ip, expected in [
+            ("192.0.2.20", "pass"),
+            ("192.0.2.21", "pass"),
+            ("2001:db8::21", "pass"),
+            ("192.0.2.22", "pass"),
+            ("192.0.2.23", "fail"),
+        ]:
+            result = await self._spf("a@mech.example", ip=ip)
+            assert result.result == expected, (ip, result)
+
+    @inline
+    async def test_null_sender_checks_the_helo_identity(self) -> None:
+        result = await self._spf("", helo="helo.example")
+        assert (result.result, result.identity, result.domain) == ("pass", "helo", "helo.example")
+
+    @inline
+    async def test_spf_against_an_unreachable_server_is_a_temperror(self) -> None:
+        self.resolver = _dns(9, 0.5)
+        result = await self._spf("a@pass.example", helo="h.test")
+        assert result.result == "temperror"
+
+    @inline
+    async def test_a_verdict_is_kept_a_minute_and_a_temperror_not(self) -> None:
+        clock, threads = Clock(), _Threads()
+        checker = SpfChecker(self.resolver, "mx.test", clock, threads)  # type: ignore[arg-type]
+
+        async def verdict(c: SpfChecker, ip: str, sender: str, helo: str) -> str:
+            return (await c.check(ip, sender, helo)).result
+
+        for _ in range(3):
+            assert await verdict(checker, "192.0.2.10", "a@pass.example", "h.test") == "pass"
+        assert threads.jobs == 1
+        # Another client, sender or HELO is another check.
+        assert await verdict(checker, "192.0.2.11", "a@pass.example", "h.test") == "fail"
+        assert await verdict(checker, "192.0.2.10", "b@pass.example", "h.test") == "pass"
+        assert await verdict(checker, "192.0.2.10", "a@pass.example", "h2.test") == "pass"
+        assert threads.jobs == 4
+        clock.advance(VERDICT_SECONDS)
+        assert await verdict(checker, "192.0.2.10", "a@pass.example", "h.test") == "pass"
+        assert threads.jobs == 5
+        dead = SpfChecker(_dns(9, 0.2), "mx.test", clock, threads)  # type: ignore[arg-type]
+        for _ in range(2):
+            assert await verdict(dead, "192.0.2.10", "a@pass.example", "h.test") == "temperror"
+        assert threads.jobs == 7
+
+    @inline
+    async def test_dkim_pass_fail_and_none(self) -> None:
+        private = _key(self.zone, "signed.example", "s1")
+        signature = dkim.sign(
+            MESSAGE,
+            b"s1",
+            b"signed.example",
+            private,
+            include_headers=[b"from", b"to", b"subject", b"message-id"],
+        )
+        signed = signature + MESSAGE
+        (result,) = await deferToThread(verify, signed, self.resolver)
+        assert (result.result, result.domain, result.selector) == ("pass", "signed.example", "s1")
+        tampered = signed.replace(b"Hello", b"Jello")
+        assert [r.result for r in await deferToThread(verify, tampered, self.resolver)] == ["fail"]
+        assert await deferToThread(verify, MESSAGE, self.resolver) == []
+
+    @inline
+    async def test_dkim_key_missing_is_a_failure_and_no_answer_a_temperror(self) -> None:
+        private = _key(self.zone, "gone.example", "s9")
+        signed = dkim.sign(MESSAGE, b"s9", b"gone.example", private) + MESSAGE
+        self.zone.zone.pop("s9._domainkey.gone.example")
+        self.zone.write()
+        assert [r.result for r in await deferToThread(verify, signed, self.resolver)] == ["fail"]
+        dead = _dns(9, 0.2)
+        assert [r.result for r in await deferToThread(verify, signed, dead)] == ["temperror"]
+
+    @inline
+    async def test_authentication_results_header(self) -> None:
+        spf = await self._spf("a@pass.example", helo="h.test")
+        header = authentication_results("mx.test", spf, [])
+        assert header == (
+            b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=pass.example; dkim=none\r\n"
+        )
+
+    def test_a_lookup_on_the_reactor_thread_raises_rather_than_waiting_for_ever(self) -> None:
+        with pytest.raises(RuntimeError, match="reactor thread"):
+            self.resolver.txt("pass.example")
 
 
-def test_a_verdict_is_kept_a_minute_and_a_temperror_not(resolver):
-    clock, threads = Clock(), _CountingThreads()
-    checker = SpfChecker(resolver, "mx.test", clock, threads)  # type: ignore[arg-type]
-    for _ in range(3):
-        assert _verdict(checker.check("192.0.2.10", "a@pass.example", "h.test")) == "pass"
-    assert threads.jobs == 1
-    # Another client, sender or HELO is another check.
-    assert _verdict(checker.check("192.0.2.11", "a@pass.example", "h.test")) == "fail"
-    assert _verdict(checker.check("192.0.2.10", "b@pass.example", "h.test")) == "pass"
-    assert _verdict(checker.check("192.0.2.10", "a@pass.example", "h2.test")) == "pass"
-    assert threads.jobs == 4
-    clock.advance(VERDICT_SECONDS)
-    assert _verdict(checker.check("192.0.2.10", "a@pass.example", "h.test")) == "pass"
-    assert threads.jobs == 5
-    dead = SpfChecker(make_resolver(["127.0.0.1"], 9, 0.2), "mx.test", clock, threads)  # type: ignore[arg-type]
-    for _ in range(2):
-        assert _verdict(dead.check("192.0.2.10", "a@pass.example", "h.test")) == "temperror"
-    assert threads.jobs == 7
-
-
-def _key(dns, domain: str, selector: str) -> bytes:
+def _key(dns: Any, domain: str, selector: str) -> bytes:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -130,52 +203,6 @@ MESSAGE = (
 )
 
 
-def test_dkim_pass_fail_and_none(dns, resolver):
-    private = _key(dns, "signed.example", "s1")
-    signature = dkim.sign(
-        MESSAGE,
-        b"s1",
-        b"signed.example",
-        private,
-        include_headers=[b"from", b"to", b"subject", b"message-id"],
-    )
-    signed = signature + MESSAGE
-    (result,) = verify(signed, resolver)
-    assert (result.result, result.domain, result.selector) == ("pass", "signed.example", "s1")
-    tampered = signed.replace(b"Hello", b"Jello")
-    assert [r.result for r in verify(tampered, resolver)] == ["fail"]
-    assert verify(MESSAGE, resolver) == []
-
-
-def test_dkim_key_missing_is_a_failure(dns, resolver):
-    private = _key(dns, "gone.example", "s9")
-    signed = dkim.sign(MESSAGE, b"s9", b"gone.example", private) + MESSAGE
-    dns.zone.pop("s9._domainkey.gone.example")
-    dns.write()
-    assert [r.result for r in verify(signed, resolver)] == ["fail"]
-
-
-def test_authentication_results_header(resolver):
-    spf = SpfChecker(resolver, "mx.test", Clock())._check("192.0.2.10", "a@pass.example", "h.test")
-    header = authentication_results("mx.test", spf, [])
-    assert header == (
-        b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=pass.example; dkim=none\r\n"
-    )
-
-
-def test_answers_are_kept_for_their_ttl(dns):
-    # A busy MX asks for the same SPF and DKIM records again and again: answers are
-    # cached for their TTL (60 s in the test zone), as a local caching resolver would.
-    resolver = make_resolver(["127.0.0.1"], dns.port, 2.0)
-    dns.set("cached.example", "TXT", "v=spf1 -all")
-    first = resolver.resolve("cached.example", "TXT")
-    dns.set("cached.example", "TXT", "v=spf1 +all")
-    again = resolver.resolve("cached.example", "TXT")
-    assert [r.to_text() for r in again] == [r.to_text() for r in first]
-    fresh = make_resolver(["127.0.0.1"], dns.port, 2.0).resolve("cached.example", "TXT")
-    assert [r.to_text() for r in fresh] == ['"v=spf1 +all"']
-
-
 def test_unsigned_mail_skips_dkimpy_and_any_signature_field_reaches_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -187,7 +214,7 @@ def test_unsigned_mail_skips_dkimpy_and_any_signature_field_reaches_it(
             self.headers: list[tuple[bytes, bytes]] = []
 
     monkeypatch.setattr(dkim, "DKIM", Recorder)
-    resolver = make_resolver(["127.0.0.1"], port=1, timeout=1)
+    resolver = ThreadDNS(None, None, 1)  # never asked: no signature is checked here
     unsigned = b"From: a@x.test\r\nSubject: DKIM-Signature: no\r\n\r\nDKIM-Signature: body\r\n"
     assert verify(unsigned, resolver) == [] and parsed == []
     for field in (b"DKIM-Signature: v=1", b"dkim-signature\t: v=1"):
