@@ -3,9 +3,9 @@
 It takes twistd's options and runs the same service as ``twistd gehirn-ts`` does
 (`twisted/plugins/gehirn_ts_plugin.py`, which stays for twistd users). Two things
 differ, both for memory (docs/decisions.md, "Memory"):
-- twistd finds its commands by loading every plugin in ``twisted.plugins``; Twisted's
-  own name interfaces that import ``twisted.trial`` and ``unittest`` (1 MB the daemon
-  never uses). Here the one plugin is named directly.
+- twistd finds its commands by loading every plugin in ``twisted.plugins``. Twisted's
+  own are among them, and trial's name interfaces whose module imports ``unittest``
+  (1 MB the daemon never uses). Here the one plugin is named directly.
 - glibc gives each thread that allocates an arena of its own (up to eight a core).
   The daemon's threads mostly wait for the interpreter lock, so one arena costs them
   no waiting, and it keeps about 0.5-1 MB less memory.
