@@ -175,6 +175,16 @@ class SpfAndDkimAgainstTheServer(TestCase):
             b"Authentication-Results: mx.test; spf=pass smtp.mailfrom=pass.example; dkim=none\r\n"
         )
 
+    @inline
+    async def test_a_name_idna_cannot_write_is_no_record_not_an_error(self) -> None:
+        # An SPF record may name anything; a label over 63 octets or an empty one
+        # cannot be asked (RFC 1035 section 2.3.4), so it has no records.
+        for name in ("x" * 70 + ".example", "a..example"):
+            assert await deferToThread(self.resolver.records, name, "TXT") == []
+        assert await deferToThread(self.resolver.txt, "pass.example") == [
+            b"v=spf1 ip4:192.0.2.10 -all"
+        ]
+
     def test_a_lookup_on_the_reactor_thread_raises_rather_than_waiting_for_ever(self) -> None:
         with pytest.raises(RuntimeError, match="reactor thread"):
             self.resolver.txt("pass.example")
