@@ -11,7 +11,6 @@ raises at once.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from queue import Empty, SimpleQueue
 from typing import Any
@@ -84,20 +83,3 @@ class ThreadDNS:
         """Each TXT record's strings joined, as RFC 7208 section 3.3 and RFC 6376
         section 3.6.2.2 read a record."""
         return [b"".join(r.data) for r in self.records(name, "TXT")]
-
-
-def spf_answer(name: str, qtype: str, records: list[Any]) -> list[Any]:
-    """Records in the shape pyspf's own dnspython driver returns (``DNSLookup``)."""
-    out: list[Any] = []
-    for r in records:
-        if qtype == "A":
-            out.append(((name, qtype), r.dottedQuad()))
-        elif qtype == "AAAA":
-            out.append(((name, qtype), str(ipaddress.IPv6Address(r.address))))
-        elif qtype == "MX":
-            out.append(((name, qtype), (r.preference, str(r.name))))
-        elif qtype == "PTR":
-            out.append(((name, qtype), str(r.name)))
-        else:  # TXT, SPF
-            out.append(((name, qtype), list(r.data)))
-    return out

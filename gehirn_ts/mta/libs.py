@@ -24,6 +24,9 @@ import sys
 import types
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 
 class NoDefaultLookups(RuntimeError):
     pass
@@ -71,13 +74,9 @@ def _raw_key(text: bytes, encoder: Any) -> bytes:
 
 class VerifyKey:
     def __init__(self, key: bytes, encoder: Any) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
         self._key = Ed25519PublicKey.from_public_bytes(_raw_key(key, encoder))
 
     def verify(self, message: bytes, signature: bytes) -> bytes:
-        from cryptography.exceptions import InvalidSignature
-
         try:
             self._key.verify(signature, message)
         except InvalidSignature:
@@ -88,8 +87,6 @@ class VerifyKey:
 
 class SigningKey:
     def __init__(self, seed: bytes, encoder: Any) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         self._key = Ed25519PrivateKey.from_private_bytes(_raw_key(seed, encoder))
 
     def sign(self, message: bytes) -> _Signed:

@@ -7,6 +7,7 @@ dnspython driver).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from gehirn_ts.mta.libs import spf
 from gehirn_ts.recent import Recent
-from gehirn_ts.threaddns import DnsTemporary, ThreadDNS, spf_answer
+from gehirn_ts.threaddns import DnsTemporary, ThreadDNS
 from gehirn_ts.threads import REACTOR_THREADS, ThreadRunner
 
 _dns: ThreadDNS | None = None
@@ -24,9 +25,26 @@ _dns: ThreadDNS | None = None
 def _lookup(name: str, qtype: str, strict: Any = True, timeout: float = 20) -> list[Any]:
     assert _dns is not None
     try:
-        return spf_answer(name, qtype, _dns.records(name, qtype))
+        return _answer(name, qtype, _dns.records(name, qtype))
     except DnsTemporary as e:
         raise spf.TempError(f"DNS {e}") from None
+
+
+def _answer(name: str, qtype: str, records: list[Any]) -> list[Any]:
+    """Records in the shape pyspf's own dnspython driver returns (``DNSLookup``)."""
+    out: list[Any] = []
+    for r in records:
+        if qtype == "A":
+            out.append(((name, qtype), r.dottedQuad()))
+        elif qtype == "AAAA":
+            out.append(((name, qtype), str(ipaddress.IPv6Address(r.address))))
+        elif qtype == "MX":
+            out.append(((name, qtype), (r.preference, str(r.name))))
+        elif qtype == "PTR":
+            out.append(((name, qtype), str(r.name)))
+        else:  # TXT, SPF
+            out.append(((name, qtype), list(r.data)))
+    return out
 
 
 @dataclass(frozen=True)
