@@ -1,7 +1,9 @@
 """SMTP receiving benchmark (make bench): messages/s accepted, 20 sessions, 1 KiB and
 100 KiB, load from Postfix's smtp-source, beside aiosmtpd (write + fsync per message)
 and a Postfix instance accepting into its own queue, all in one run. Also the
-gehirn-ts daemon's peak RSS, and its RSS with 100 sessions open.
+gehirn-ts daemon's peak RSS, and its RSS with 100 sessions open. gehirn-ts runs twice a
+round: as one process (the default), and with one SMTP worker process (``[smtp]
+workers = 1``, docs/operations.md).
 
 The three take turns, ``BENCH_ROUNDS`` times (3): on a shared machine the rate of one
 run moves by a third from one minute to the next, and a peer measured minutes apart
@@ -38,6 +40,7 @@ RUNS = [
     (100 * 1024, int(os.environ.get("BENCH_LARGE", "600"))),
 ]
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+WORKERS_ROW = "  1 SMTP worker"
 # A row: 1 KiB rate, 100 KiB rate, CPU ms a 1 KiB message, peak RSS, RSS with 100
 # sessions; None where not measured.
 Row = list[float | None]
@@ -136,6 +139,20 @@ def rss_mb(pid: int, field: str) -> float:
     return 0.0
 
 
+def processes(pid: int) -> list[int]:
+    """A process and its children (the daemon and its SMTP workers)."""
+    found = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def start_gehirn(work: Path) -> subprocess.Popen[bytes]:
     """The daemon on ``work/c.toml``, its output in ``work/twistd.log``."""
     log = (work / "twistd.log").open("wb")
@@ -157,7 +174,9 @@ def start_gehirn(work: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def gehirn() -> Row:
+def gehirn(workers: int = 0) -> Row:
+    """The daemon's row; with ``workers``, SMTP worker processes take the sessions, and
+    the CPU and RSS figures are those of all its processes added up."""
     work = workdir("bench-gehirn-")
     port, http = free_port(), free_port()
     dns = dns_server()
@@ -165,16 +184,29 @@ def gehirn() -> Row:
         f'[http]\nlisten = "tcp:{http}:interface=127.0.0.1"\n'
         f'[smtp]\nlisten = "tcp:{port}:interface=127.0.0.1"\nsubmission = ""\n'
         f'submissions = ""\nbootstrap_domain = "bench.test"\nmax_connections_per_ip = 200\n'
+        f"workers = {workers}\n"
         f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\n'
     )
     proc = start_gehirn(work)
     try:
         wait_port(port)
+        pids = processes(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(pids) < 1 + workers and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = processes(proc.pid)
+
+        def cpu_now() -> float:
+            return sum(cpu_seconds(pid) for pid in pids)
+
+        def rss(field: str) -> float:
+            return sum(rss_mb(pid, field) for pid in pids)
+
         row: Row = []
         done = 0
         cpu = None
         for size, count in RUNS:
-            before = cpu_seconds(proc.pid)
+            before = cpu_now()
             row.append(smtp_source(port, size, count))
             # Everything accepted is also stored and published (the event, durably).
             done += count
@@ -184,7 +216,7 @@ def gehirn() -> Row:
                     raise RuntimeError("not all messages were processed")
                 time.sleep(0.1)
             if size == RUNS[0][0]:
-                cpu = (cpu_seconds(proc.pid) - before) / count * 1000
+                cpu = (cpu_now() - before) / count * 1000
         req = urllib.request.Request(f"http://127.0.0.1:{http}/healthz")
         urllib.request.urlopen(req, timeout=5).read()
         # 100 concurrent sessions, idle after EHLO, for the RSS figure.
@@ -197,10 +229,10 @@ def gehirn() -> Row:
             s.sendall(b"EHLO c.test\r\n")
             socks.append(s)
         time.sleep(1)
-        rss100 = rss_mb(proc.pid, "VmRSS")
+        rss100 = rss("VmRSS")
         for s in socks:
             s.close()
-        return [*row, cpu, rss_mb(proc.pid, "VmHWM"), rss100]
+        return [*row, cpu, rss("VmHWM"), rss100]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -316,10 +348,16 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def main() -> None:
-    rounds: dict[str, list[Row]] = {"gehirn-ts": [], "aiosmtpd (fsync)": [], "Postfix (queue)": []}
+    rounds: dict[str, list[Row]] = {
+        "gehirn-ts": [],
+        WORKERS_ROW: [],
+        "aiosmtpd (fsync)": [],
+        "Postfix (queue)": [],
+    }
     settle()  # after whatever ran before (make bench: the event benchmark)
     for _ in range(ROUNDS):
         rounds["gehirn-ts"].append(gehirn())
+        rounds[WORKERS_ROW].append(gehirn(workers=1))
         rounds["aiosmtpd (fsync)"].append(aiosmtpd())
         peer = postfix()
         if peer is not None:
@@ -347,16 +385,19 @@ def main() -> None:
             )
         )
     if rounds["Postfix (queue)"]:
-        for i, label in enumerate(("1 KiB", "100 KiB")):
-            ratios = [
-                f"{(ours[i] or 0.0) / (theirs[i] or 1.0):.0%}"
-                for ours, theirs in zip(rounds["gehirn-ts"], rounds["Postfix (queue)"], strict=True)
-            ]
-            print(f"gehirn-ts / Postfix at {label}, round by round: {', '.join(ratios)}")
+        for name in ("gehirn-ts", WORKERS_ROW):
+            for i, label in enumerate(("1 KiB", "100 KiB")):
+                ratios = [
+                    f"{(ours[i] or 0.0) / (theirs[i] or 1.0):.0%}"
+                    for ours, theirs in zip(rounds[name], rounds["Postfix (queue)"], strict=True)
+                ]
+                print(f"{name} / Postfix at {label}, round by round: {', '.join(ratios)}")
     print(
         "gehirn-ts: each 250 after the spool fsync; the run waits until every message is "
         "also in the KVS with its mail.received event. CPU ms: the process's CPU time per "
-        "1 KiB message (Postfix runs many processes: not measured). RSS in MB."
+        "1 KiB message (Postfix runs many processes: not measured). RSS in MB. "
+        f"{WORKERS_ROW.strip()}: [smtp] workers = 1, CPU and RSS of its two processes "
+        "added up."
     )
 
 

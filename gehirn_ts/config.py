@@ -67,6 +67,12 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected a whole number from 0 to {MAX_WORKERS}")
+    return value
+
+
 def _duration(value: Any) -> float:
     return parse_duration(value)
 
@@ -106,6 +112,7 @@ def _networks(value: Any) -> tuple[str, ...]:
 
 
 _ENDPOINT_KINDS = ("tcp", "tcp6", "ssl", "unix", "systemd")
+MAX_WORKERS = 64
 
 
 def _endpoint(value: Any) -> str:
@@ -387,9 +394,14 @@ class SmtpConfig:
     idle_timeout: float = opt(
         300.0, _duration, "A session idle this long is closed (421).", format_duration
     )
-    max_connections_per_ip: int = opt(20, _positive_int, "Concurrent sessions per client IP.")
+    max_connections_per_ip: int = opt(
+        20, _positive_int, "Concurrent sessions per client IP (per worker, with workers)."
+    )
     auth_failures: int = opt(
-        5, _positive_int, "Failed AUTH attempts per client IP within auth_failure_window ..."
+        5,
+        _positive_int,
+        "Failed AUTH attempts per client IP within auth_failure_window (per worker, with "
+        "workers) ...",
     )
     auth_failure_window: float = opt(
         600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration
@@ -399,6 +411,13 @@ class SmtpConfig:
         _keywords,
         "EHLO extensions not offered, of DSN, 8BITMIME, PIPELINING (Postfix: "
         "smtpd_discard_ehlo_keywords).",
+    )
+    workers: int = opt(
+        0,
+        _workers,
+        "Processes that take the SMTP sessions, beside the main one, for more cores (the "
+        "main process then binds the listeners and processes what they spool); 0: the "
+        "main process takes them.",
     )
     routes: tuple[str, ...] = opt(
         (),

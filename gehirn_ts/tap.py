@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
 from gehirn_ts import gc_tuning, logs
@@ -44,6 +46,7 @@ from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import ReloadableTLS, make_self_signed, server_options
+from gehirn_ts.mta.workers import Listening, MainChannel, NoAccept, SmtpWorkers
 from gehirn_ts.store.db import (
     EXPIRE_BATCH,
     MailStore,
@@ -98,7 +101,7 @@ class OrderedService(MultiService):
 class _Closer(Service):
     """Closes shared resources after every other service has stopped."""
 
-    def __init__(self, store: Store, pool: HTTPConnectionPool, threads: Workers) -> None:
+    def __init__(self, store: Store, pool: HTTPConnectionPool | None, threads: Workers) -> None:
         self._store = store
         self._pool = pool
         self._threads = threads
@@ -106,7 +109,10 @@ class _Closer(Service):
     def stopService(self) -> Any:
         super().stopService()
         self._threads.stop()  # nothing is left to hand them: every other service stopped
-        return defer.gatherResults([self._store.close(), self._pool.closeCachedConnections()])
+        closing = [self._store.close()]
+        if self._pool is not None:
+            closing.append(self._pool.closeCachedConnections())
+        return defer.gatherResults(closing)
 
 
 def prepare_state(config: Config, now: float) -> Path:
@@ -259,51 +265,50 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
 
     smtp = config.smtp
     tls = ReloadableTLS(_tls_options(config))
-    relay = RelayPolicy(
-        mail.domain_owner,
-        mail.smtp_authenticate,
-        smtp.trusted_networks,
-        spf=SpfChecker(resolver, smtp.hostname, reactor, threads),
-        spf_fail=smtp.spf_fail,
-        routes=routes.resolve,
-    )
-    settings = _smtp_settings(config)
+    relay = _relay_policy(config, mail, routes, resolver, reactor, threads)
     factories: list[EsmtpFactory] = []
-    for listener, description in (
-        ("smtp", smtp.listen),
-        ("submission", smtp.submission),
-        ("submissions", smtp.submissions),
-    ):
-        if not description:
-            continue
-        implicit = listener == "submissions"
-        factory: Any = EsmtpFactory(
-            settings=settings,
-            listener=listener,
-            policy=relay,
-            spool=spool,
-            accepted=inbound.accepted,
-            clock=reactor,
-            tls=tls,
-            implicit_tls=implicit,
+    workers: SmtpWorkers | None = None
+    if smtp.workers:
+        tls_ports = [d for d in _listeners(config).values() if d.startswith("ssl:")]
+        if tls_ports:
+            # A worker takes a bound socket, not the endpoint's TLS around it.
+            raise ConfigError([f"smtp.workers: not with an ssl: listener ({', '.join(tls_ports)})"])
+
+        # The main process binds the listeners, the workers take the sessions
+        # (mta/workers.py); the messages they spool are processed here.
+        def spooled(qid: str) -> None:
+            envelope = spool.load(qid)
+            if envelope is None:
+                log.error("an SMTP worker reported {qid}, which is not spooled", qid=qid)
+            else:
+                inbound.accepted(envelope)
+
+        workers = SmtpWorkers(
+            reactor=reactor,
+            count=smtp.workers,
+            listen=lambda: _listen_for_workers(config, reactor),
+            command=lambda index, listening: worker_command(config_path, index, listening),
+            accepted=spooled,
             metrics=metrics,
         )
-        factories.append(factory)
-        if implicit:
-            factory = TLSMemoryBIOFactory(tls, False, factory)
-        service = StreamServerEndpointService(serverFromString(reactor, description), factory)
-        service._raiseSynchronously = True
-        service.setServiceParent(top)
+        workers.setServiceParent(top)
+    else:
+        for listener, factory, wrapped in _smtp_factories(
+            config, reactor, relay, spool, inbound.accepted, tls, metrics
+        ):
+            factories.append(factory)
+            service = StreamServerEndpointService(
+                serverFromString(reactor, _listeners(config)[listener]), wrapped
+            )
+            service._raiseSynchronously = True
+            service.setServiceParent(top)
 
     def apply(new: Config) -> None:
         """What a SIGHUP changes: the TLS certificate, the SMTP limits and relay policy,
         the config's routes; the rest is read at start only."""
-        tls.options = _tls_options(new)
-        for factory in factories:
-            factory.settings = _smtp_settings(new)
-        relay.reconfigure(new.smtp.trusted_networks, new.smtp.spf_fail)
-        routes.set_static(new.smtp.routes)
-        logs.set_level(new.log.level)
+        _apply_smtp(new, tls, factories, relay, routes)
+        if workers is not None:
+            workers.hangup()
         fixed = _restart_only_changes(config, new)
         if fixed:
             log.warn(
@@ -315,6 +320,184 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
 
     _Reloader(config_path, apply, reactor).setServiceParent(top)
     return top
+
+
+def _listeners(config: Config) -> dict[str, str]:
+    """The SMTP listeners that are on, by name, with their endpoint descriptions."""
+    smtp = config.smtp
+    named = (
+        ("smtp", smtp.listen),
+        ("submission", smtp.submission),
+        ("submissions", smtp.submissions),
+    )
+    return {name: description for name, description in named if description}
+
+
+def _relay_policy(
+    config: Config,
+    mail: MailStore,
+    routes: RouteStore,
+    resolver: ThreadDNS,
+    reactor: Any,
+    threads: Workers,
+) -> RelayPolicy:
+    smtp = config.smtp
+    return RelayPolicy(
+        mail.domain_owner,
+        mail.smtp_authenticate,
+        smtp.trusted_networks,
+        spf=SpfChecker(resolver, smtp.hostname, reactor, threads),
+        spf_fail=smtp.spf_fail,
+        routes=routes.resolve,
+    )
+
+
+def _smtp_factories(
+    config: Config,
+    reactor: Any,
+    relay: RelayPolicy,
+    spool: Spool,
+    accepted: Any,
+    tls: ReloadableTLS,
+    metrics: Metrics,
+    names: Sequence[str] | None = None,
+) -> list[tuple[str, EsmtpFactory, Any]]:
+    """For each listener that is on (or each of ``names``): its name, its ESMTP factory
+    and the factory to listen with (TLS around it for implicit TLS)."""
+    settings = _smtp_settings(config)
+    out = []
+    for listener in _listeners(config) if names is None else names:
+        implicit = listener == "submissions"
+        factory = EsmtpFactory(
+            settings=settings,
+            listener=listener,
+            policy=relay,
+            spool=spool,
+            accepted=accepted,
+            clock=reactor,
+            tls=tls,
+            implicit_tls=implicit,
+            metrics=metrics,
+        )
+        wrapped: Any = TLSMemoryBIOFactory(tls, False, factory) if implicit else factory
+        out.append((listener, factory, wrapped))
+    return out
+
+
+def _apply_smtp(
+    new: Config,
+    tls: ReloadableTLS,
+    factories: Sequence[EsmtpFactory],
+    relay: RelayPolicy,
+    routes: RouteStore,
+) -> None:
+    """What a SIGHUP changes of the SMTP sessions (in the main process or a worker)."""
+    tls.options = _tls_options(new)
+    for factory in factories:
+        factory.settings = _smtp_settings(new)
+    relay.reconfigure(new.smtp.trusted_networks, new.smtp.spf_fail)
+    routes.set_static(new.smtp.routes)
+    logs.set_level(new.log.level)
+
+
+def _listen_for_workers(config: Config, reactor: Any) -> list[Listening]:
+    """Bind every SMTP listener that is on, for the workers: the ports never accept
+    here. Raises at once when one cannot be bound, as the listeners do without
+    workers (an endpoint's listen has its port, or its error, when it returns)."""
+    out: list[Listening] = []
+    for name, description in _listeners(config).items():
+        result: list[Any] = []
+        serverFromString(reactor, description).listen(NoAccept()).addBoth(result.append)
+        if not result:
+            raise ConfigError([f"smtp: the listener {description!r} did not bind at once"])
+        if isinstance(result[0], Failure):
+            for done in out:
+                done.port.stopListening()
+            result[0].raiseException()
+        port = result[0]
+        port.stopReading()
+        out.append(Listening(name, port.fileno(), port.socket.family, port))
+    return out
+
+
+def worker_command(
+    config_path: str | None, index: int, listening: Sequence[Listening]
+) -> list[str]:
+    """The command line of SMTP worker ``index``; its listeners are descriptors 3, 4..."""
+    argv = [sys.executable, "-m", "gehirn_ts.smtpworker", "--index", str(index)]
+    if config_path is not None:
+        argv += ["--config", os.path.abspath(config_path)]
+    for n, item in enumerate(listening):
+        argv += ["--listener", f"{item.name}:{3 + n}:{item.family}"]
+    return argv
+
+
+def build_smtp_worker(
+    config: Config,
+    reactor: Any,
+    index: int,
+    listeners: Sequence[tuple[str, int, int]],
+    config_path: str | None,
+    channel_fd: int = 1,
+) -> MultiService:
+    """An SMTP worker process's services: the sessions on the listeners it was handed
+    (name, descriptor, address family), its own spool directory for messages being
+    received, and its reports to the main process on ``channel_fd``."""
+    logs.set_level(config.log.level)
+    top = OrderedService()
+    store = Store(config.state_dir / DB_FILE, reactor)
+    threads = Workers(reactor, "io", IO_THREADS)
+    _Closer(store, None, threads).setServiceParent(top)
+    metrics = Metrics()
+    mail = MailStore(store)
+    routes = RouteStore(store, config.smtp.routes)
+    names = make_async_resolver(
+        config.dns.nameservers, config.dns.port, config.dns.timeout, reactor
+    )
+    resolver = ThreadDNS(names, reactor, config.dns.timeout)
+    spool = Spool(config.spool_dir, threads, tmp=f"tmp-{index}")
+    channel = MainChannel(channel_fd, metrics, reactor, gone=reactor.stop)
+    channel.setServiceParent(top)
+    tls = ReloadableTLS(_tls_options(config))
+    relay = _relay_policy(config, mail, routes, resolver, reactor, threads)
+    fds = {name: (fd, family) for name, fd, family in listeners}
+    made = _smtp_factories(
+        config, reactor, relay, spool, channel.accepted, tls, metrics, names=list(fds)
+    )
+    for listener, _, wrapped in made:
+        fd, family = fds[listener]
+        _Adopted(reactor, fd, family, wrapped).setServiceParent(top)
+    factories = [factory for _, factory, _ in made]
+
+    def apply(new: Config) -> None:
+        _apply_smtp(new, tls, factories, relay, routes)
+        log.info("reloaded the configuration and the TLS certificate")
+
+    _Reloader(config_path, apply, reactor).setServiceParent(top)
+    return top
+
+
+class _Adopted(Service):
+    """A listening socket handed over by the main process, taken by this reactor."""
+
+    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+        self._factory = factory
+        self._port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # adoptStreamPort takes a duplicate: the inherited descriptor is closed here.
+        self._port = self._reactor.adoptStreamPort(self._fd, self._family, self._factory)
+        os.close(self._fd)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._port is not None:
+            return self._port.stopListening()
+        return None
 
 
 RELOADABLE = frozenset(

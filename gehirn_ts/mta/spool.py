@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ ENVELOPE_ATTRIBUTE = "user.gehirn-ts.envelope"
 # The largest envelope kept there (the probe's size): ext4 takes a value up to a block
 # (4 KiB) less its headers. Larger ones (a few dozen recipients) get a file.
 ATTRIBUTE_BYTES = 2048
+
+
+_QID = re.compile(r"[0-9A-Z]{1,64}")
 
 
 def new_queue_id() -> str:
@@ -176,12 +180,14 @@ class Spool:
         root: Path,
         threads: ThreadRunner = REACTOR_THREADS,
         attributes: bool | None = None,
+        tmp: str = "tmp",
     ) -> None:
         """``attributes``: keep envelopes in the message files' extended attributes;
-        None: where the file system allows it."""
+        None: where the file system allows it. ``tmp``: the directory of messages being
+        received (an SMTP worker process has one of its own: ``tmp-N``)."""
         self.root = root
         self.threads = threads  # for the blocking file work of this spool and its readers
-        self.tmp = root / "tmp"
+        self.tmp = root / tmp
         self.incoming = root / "incoming"
         # The per-message paths are made as strings: pathlib's parsing and formatting
         # were about a seventh of processing a received message (docs/performance.md).
@@ -290,6 +296,12 @@ class Spool:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
                 return None
             raise
+
+    def load(self, queue_id: str) -> Envelope | None:
+        """The envelope of a committed message; None if there is none (yet)."""
+        if not _QID.fullmatch(queue_id):
+            return None
+        return self._envelope(self.incoming / f"{queue_id}.eml")
 
     def message_path(self, queue_id: str) -> Path:
         return self.incoming / f"{queue_id}.eml"

@@ -10,6 +10,8 @@ import ssl
 import time
 from pathlib import Path
 
+import pytest
+
 from gehirn_ts.mta.tls import make_self_signed
 from tests.integration.procs import Daemon, Receiver, wait_for
 
@@ -28,13 +30,18 @@ def _relay_allowed(port: int) -> bool:
         return s.rcpt("someone@far.example")[0] == 250
 
 
-def test_sighup_reloads_the_certificate_and_the_relay_policy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sighup_reloads_the_certificate_and_the_relay_policy(tmp_path: Path, workers: int) -> None:
+    """In the main process, or in each SMTP worker (the main process passes SIGHUP on):
+    every session after the reload has the new settings, whichever worker takes it."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     make_self_signed(cert, key, "mx.ops.test")
-    d = Daemon(tmp_path, smtp={"tls_cert": str(cert), "tls_key": str(key)}).start()
+    d = Daemon(
+        tmp_path, smtp={"tls_cert": str(cert), "tls_key": str(key), "workers": workers}
+    ).start()
     try:
         first = _fingerprint(d.submission_port)
-        assert not _relay_allowed(d.smtp_port)
+        assert not any(_relay_allowed(d.smtp_port) for _ in range(6))
         # A renewed certificate and a trusted network, then SIGHUP.
         cert.unlink()
         key.unlink()
@@ -45,14 +52,14 @@ def test_sighup_reloads_the_certificate_and_the_relay_policy(tmp_path: Path) -> 
         d.config.write_text(text)
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: _fingerprint(d.submission_port) != first)
-        assert _relay_allowed(d.smtp_port)
+        wait_for(lambda: all(_fingerprint(d.submission_port) != first for _ in range(6)))
+        wait_for(lambda: all(_relay_allowed(d.smtp_port) for _ in range(6)))
         # A config with an error is refused whole: nothing changes, the daemon runs on.
         d.config.write_text(text.replace("[smtp]\n", "[smtp]\nmax_recipients = -1\n", 1))
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "smtp.max_recipients" in d.output())
         assert "not reloaded" in d.output()
-        assert _relay_allowed(d.smtp_port) and d.proc.poll() is None
+        assert all(_relay_allowed(d.smtp_port) for _ in range(6)) and d.proc.poll() is None
     finally:
         d.stop()
 

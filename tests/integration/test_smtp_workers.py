@@ -1,0 +1,168 @@
+"""``[smtp] workers``: SMTP sessions in worker processes, the rest in the main process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.procs import Daemon, wait_for
+from tests.integration.test_smtp_daemon import insecure, message, queue_id, wire
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def workers_of(d: Daemon) -> list[int] | None:
+    """The daemon's two workers, once both run."""
+    assert d.proc is not None
+    found = children(d.proc.pid)
+    return found if len(found) == 2 else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path, smtp={"workers": 2}).start()
+    d.token = d.cli("account", "create", "acme")["api_key"]
+    d.cli("domain", "add", "mail.test", "acme")
+    d.password = d.cli("smtp-user", "create", "acme", "app")["password"]
+    wait_for(lambda: workers_of(d))
+    yield d
+    d.stop()
+
+
+def counter(d: Daemon, name: str, listener: str) -> float:
+    with urllib.request.urlopen(d.base + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{listener="{listener}"}} '):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def stored(d: Daemon, qid: str) -> bool:
+    return d.call("GET", f"/v1/received/{qid}", token=d.token)[0] == 200
+
+
+def test_workers_take_the_sessions_and_the_main_process_stores_and_relays(daemon) -> None:
+    assert daemon.proc is not None
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("remote-mx.test")
+        s.mail("someone@example.org")
+        assert s.rcpt("victim@elsewhere.example") == (554, b"5.7.1 Relay access denied")
+        # The domain was added (by the CLI) after the workers started: they read the store.
+        assert s.rcpt("user@mail.test")[0] == 250
+        code, reply = s.data(wire(message()))
+        assert code == 250
+    qid = queue_id(reply)
+    wait_for(lambda: stored(daemon, qid))
+    status, event = daemon.call("GET", f"/v1/events/received.{qid}.acme", token=daemon.token)
+    assert status == 200 and "Hello" in json.dumps(event)
+    # Submission: STARTTLS and AUTH in the worker, the outbound queue in the main process.
+    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
+        s.starttls(context=insecure())
+        s.login("app", daemon.password)
+        s.mail("app@mail.test")
+        assert s.rcpt("friend@elsewhere.example")[0] == 250
+        code, reply = s.data(wire(message(to="friend@elsewhere.example")))
+        assert code == 250
+    relayed = queue_id(reply)
+    wait_for(lambda: daemon.call("GET", f"/v1/messages/{relayed}", token=daemon.token)[0] == 200)
+    # The workers' counters reach the main process's /metrics.
+    wait_for(lambda: counter(daemon, "gehirn_mail_received_total", "smtp") == 1.0, timeout=10)
+    wait_for(lambda: counter(daemon, "gehirn_smtp_sessions_total", "submission") == 1.0)
+    assert counter(daemon, "gehirn_smtp_tls_sessions_total", "submission") == 1.0
+    # The workers' log lines are in the main process's log, marked with the worker.
+    wait_for(lambda: f"received {qid} from 127.0.0.1" in daemon.output())
+    line = next(x for x in daemon.output().splitlines() if f"received {qid} from" in x)
+    assert "[smtp-worker-" in line
+    assert "Traceback" not in daemon.output()
+
+
+def test_a_killed_worker_starts_again_and_nothing_acknowledged_is_lost(daemon) -> None:
+    assert daemon.proc is not None
+    before = children(daemon.proc.pid)
+    accepted: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        for i in range(200):
+            if stop.is_set():
+                return
+            try:
+                with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+                    s.ehlo("client.test")
+                    s.mail("sender@example.org")
+                    s.rcpt("user@mail.test")
+                    code, reply = s.data(wire(message(f"{n}-{i}")))
+                    if code == 250:
+                        with lock:
+                            accepted.append(queue_id(reply))
+            except (OSError, smtplib.SMTPException):
+                continue  # the session's worker was killed: nothing was acknowledged
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(accepted) >= 60, timeout=120)
+    os.kill(before[0], signal.SIGKILL)
+    count_at_kill = len(accepted)
+    wait_for(lambda: len(accepted) >= count_at_kill + 60, timeout=120)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    after = wait_for(lambda: workers_of(daemon))
+    assert before[0] not in after and before[1] in after
+    wait_for(lambda: all(stored(daemon, q) for q in accepted), timeout=120)
+    assert "SMTP worker 1 ended" in daemon.output() or "SMTP worker 2 ended" in daemon.output()
+
+
+def test_the_workers_end_with_the_main_process(daemon) -> None:
+    assert daemon.proc is not None
+    workers = children(daemon.proc.pid)
+    assert daemon.terminate() in (0, -signal.SIGTERM)
+    assert "Server Shut Down." in daemon.output()
+    assert not any(alive(pid) for pid in workers)
+    # Killed, the main process leaves its workers a closed pipe, and they end too.
+    daemon.start()
+    assert daemon.proc is not None
+    workers = wait_for(lambda: workers_of(daemon))
+    daemon.kill()
+    wait_for(lambda: not any(alive(pid) for pid in workers), timeout=15)
+    # And the next start binds the listeners again and takes mail.
+    daemon.start()
+    with smtplib.SMTP("127.0.0.1", daemon.smtp_port, timeout=10) as s:
+        s.ehlo("client.test")
+        s.mail("sender@example.org")
+        s.rcpt("user@mail.test")
+        code, reply = s.data(wire(message()))
+    assert code == 250
+    wait_for(lambda: stored(daemon, queue_id(reply)))
+    time.sleep(0.1)
