@@ -46,7 +46,13 @@ from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import ReloadableTLS, make_self_signed, server_options
-from gehirn_ts.mta.workers import Listening, MainChannel, NoAccept, SmtpWorkers
+from gehirn_ts.mta.workers import (
+    Listening,
+    MainChannel,
+    NoAccept,
+    WorkerProcesses,
+    smtp_reports,
+)
 from gehirn_ts.store.db import (
     EXPIRE_BATCH,
     MailStore,
@@ -267,7 +273,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
     tls = ReloadableTLS(_tls_options(config))
     relay = _relay_policy(config, mail, routes, resolver, reactor, threads)
     factories: list[EsmtpFactory] = []
-    workers: SmtpWorkers | None = None
+    workers: WorkerProcesses | None = None
     if smtp.workers:
         tls_ports = [d for d in _listeners(config).values() if d.startswith("ssl:")]
         if tls_ports:
@@ -283,13 +289,13 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
             else:
                 inbound.accepted(envelope)
 
-        workers = SmtpWorkers(
+        workers = WorkerProcesses(
             reactor=reactor,
             count=smtp.workers,
+            name="SMTP worker",
             listen=lambda: _listen_for_workers(config, reactor),
             command=lambda index, listening: worker_command(config_path, index, listening),
-            accepted=spooled,
-            metrics=metrics,
+            on_line=smtp_reports(spooled, metrics),
         )
         workers.setServiceParent(top)
     else:

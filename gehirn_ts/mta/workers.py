@@ -118,6 +118,21 @@ def count_lines(before: Mapping[tuple[str, str], int], now: Mapping[tuple[str, s
     )
 
 
+def smtp_reports(accepted: Callable[[str], None], metrics: Metrics) -> Callable[[int, bytes], None]:
+    """What the main process does with an SMTP worker's report lines."""
+
+    def on_line(index: int, line: bytes) -> None:
+        found = parse_report(line)
+        if isinstance(found, Accepted):
+            accepted(found.queue_id)
+        elif isinstance(found, Count):
+            getattr(metrics, found.counter).labels(found.listener).inc(found.amount)
+        else:
+            log.warn("SMTP worker {index} wrote a line that is no report", index=index)
+
+    return on_line
+
+
 class NoAccept(Factory):
     """The main process's factory on listeners the workers take: it never accepts (the
     port stops reading as soon as it listens), and would close a connection if it did."""
@@ -185,7 +200,7 @@ class MainChannel(Service):
 
 
 class _Worker(ProcessProtocol):
-    def __init__(self, owner: SmtpWorkers, index: int) -> None:
+    def __init__(self, owner: WorkerProcesses, index: int) -> None:
         self.owner = owner
         self.index = index
         self.out = b""
@@ -197,9 +212,13 @@ class _Worker(ProcessProtocol):
         self.out += data
         *lines, self.out = self.out.split(b"\n")
         for line in lines:
-            self.owner.report(self.index, line)
+            self.owner.on_line(self.index, line)
         if len(self.out) > REPORT_LINE:
-            log.warn("SMTP worker {index} wrote a line that is no report", index=self.index)
+            log.warn(
+                "{name} {index} wrote a line that is too long",
+                name=self.owner.label,
+                index=self.index,
+            )
             self.out = b""
 
     def errReceived(self, data: bytes) -> None:
@@ -218,27 +237,28 @@ class _Worker(ProcessProtocol):
         self.ended.callback(None)
 
 
-class SmtpWorkers(Service):
-    """The main process's side: starts ``count`` workers on the listeners, starts one
-    again when it ends, tells the accepted messages to ``accepted``, and stops them."""
+class WorkerProcesses(Service):
+    """The main process's side of ``count`` worker processes: starts them on the
+    listeners ``listen`` binds, hands each line they report to ``on_line``, starts one
+    again when it ends, and stops them."""
 
     def __init__(
         self,
         *,
         reactor: Any,
         count: int,
-        listen: Callable[[], list[Listening]],
+        name: str,
         command: Callable[[int, Sequence[Listening]], list[str]],
-        accepted: Callable[[str], None],
-        metrics: Metrics,
+        on_line: Callable[[int, bytes], None],
+        listen: Callable[[], list[Listening]] = list,
     ) -> None:
         self.reactor = reactor
         self.clock = reactor
         self.count = count
+        self.label = name
+        self.on_line = on_line
         self._listen = listen
         self._command = command
-        self._accepted = accepted
-        self._metrics = metrics
         self._listening: list[Listening] = []
         self._workers: dict[int, _Worker] = {}
         self._waits: dict[int, float] = {}
@@ -266,16 +286,7 @@ class SmtpWorkers(Service):
         self.reactor.spawnProcess(
             worker, argv[0], argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
         )
-        log.info("started SMTP worker {index}", index=index)
-
-    def report(self, index: int, line: bytes) -> None:
-        found = parse_report(line)
-        if isinstance(found, Accepted):
-            self._accepted(found.queue_id)
-        elif isinstance(found, Count):
-            getattr(self._metrics, found.counter).labels(found.listener).inc(found.amount)
-        else:
-            log.warn("SMTP worker {index} wrote a line that is no report", index=index)
+        log.info("started {name} {index}", name=self.label, index=index)
 
     def log_line(self, index: int, line: bytes) -> None:
         # jsonFileLogObserver starts each record with RS (RFC 7464).
@@ -287,9 +298,9 @@ class SmtpWorkers(Service):
         except ValueError:
             event = None
         if not isinstance(event, dict) or "log_level" not in event:
-            log.warn("SMTP worker {index}: {line}", index=index, line=text.rstrip())
+            log.warn("{name} {index}: {line}", name=self.label, index=index, line=text.rstrip())
             return
-        event["log_system"] = f"smtp-worker-{index}"
+        event["log_system"] = f"{self.label.lower().replace(' ', '-')}-{index}"
         globalLogPublisher(event)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:
@@ -304,7 +315,8 @@ class SmtpWorkers(Service):
             wait = RESTART_FIRST
         self._waits[worker.index] = min(wait * 2, RESTART_MAX)
         log.warn(
-            "SMTP worker {index} ended ({reason}); starting it again in {wait:.1f} s",
+            "{name} {index} ended ({reason}); starting it again in {wait:.1f} s",
+            name=self.label,
             index=worker.index,
             reason=reason.getErrorMessage(),
             wait=wait,

@@ -21,12 +21,13 @@ from gehirn_ts.mta.workers import (
     Count,
     Listening,
     MainChannel,
-    SmtpWorkers,
+    WorkerProcesses,
     accepted_line,
     count_line,
     count_lines,
     counter_values,
     parse_report,
+    smtp_reports,
 )
 from gehirn_ts.smtpworker import parse_args
 from gehirn_ts.tap import worker_command
@@ -143,19 +144,19 @@ def _ended(protocol: Any) -> None:
     protocol.processEnded(Failure(Exception("killed")))
 
 
-class SmtpWorkersTests(TestCase):
+class WorkerProcessesTests(TestCase):
     def setUp(self) -> None:
         self.reactor = _Reactor()
         self.accepted: list[str] = []
         self.metrics = Metrics()
         self.port = _Port()
-        self.workers = SmtpWorkers(
+        self.workers = WorkerProcesses(
             reactor=self.reactor,
             count=2,
+            name="SMTP worker",
             listen=lambda: [Listening("smtp", 7, 2, self.port)],
             command=lambda index, listening: ["python", "-m", "w", str(index)],
-            accepted=self.accepted.append,
-            metrics=self.metrics,
+            on_line=smtp_reports(self.accepted.append, self.metrics),
         )
         self.workers.startService()
 
