@@ -3,7 +3,7 @@
     python -m gehirn_ts.smtpworker --index N [--config PATH] --listener NAME:FD:FAMILY ...
 
 Its listeners are sockets the main process bound and handed down; it reports to the
-main process on stdout, logs twisted.logger JSON events to stderr, and ends when its
+main process on stdout, logs to stderr (one JSON object a line), and ends when its
 stdin closes (the main process ended) or at SIGTERM (gehirn_ts/mta/workers.py).
 """
 
@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import globalLogBeginner, jsonFileLogObserver
+from twisted.logger import globalLogBeginner
 from zope.interface import implementer
 
 from gehirn_ts import gc_tuning
 from gehirn_ts.config import ConfigError, load
 from gehirn_ts.launcher import one_malloc_arena
+from gehirn_ts.logs import WorkerLineObserver
 
 
 def _listener(text: str) -> tuple[str, int, int]:
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"gehirn-ts SMTP worker {args.index}: {e}", file=sys.stderr)
         return 2
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([WorkerLineObserver(sys.stderr)], redirectStandardIO=False)
     from twisted.internet import reactor
 
     from gehirn_ts.tap import build_smtp_worker

@@ -755,7 +755,10 @@ class EsmtpFactory(ServerFactory):
         self._auth_failures: dict[str, deque[float]] = {}
 
     def buildProtocol(self, addr: Any) -> Esmtp:
-        protocol = Esmtp(self, getattr(addr, "host", str(addr)))
+        # str() of an address only where it has no host (a UNIX socket): it is an attrs
+        # repr, made for every session otherwise.
+        host = getattr(addr, "host", None)
+        protocol = Esmtp(self, host if host is not None else str(addr))
         protocol.factory = self
         return protocol
 

@@ -12,8 +12,8 @@ A worker talks to the main process over its standard streams:
 - stdout, written by the worker: one line a report, ``accepted QID`` before the 250 of
   that message is sent (written to the pipe at once, so a worker killed after its 250
   has told the main process), and ``count METRIC LISTENER N`` for its counters;
-- stderr: its log, as twisted.logger JSON events, which the main process logs as its
-  own (or any other line, as text);
+- stderr: its log, one JSON object a line (``logs.WorkerLineObserver``), which the
+  main process logs as its own (and any other line, as text);
 - stdin: closed by the main process when it ends, and the worker then ends too.
 """
 
@@ -30,10 +30,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import eventFromJSON, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from gehirn_ts.logs import Logger
+from gehirn_ts.logs import Logger, event_from_worker
 from gehirn_ts.metrics import Metrics
 
 log = Logger()
@@ -289,18 +289,15 @@ class WorkerProcesses(Service):
         log.info("started {name} {index}", name=self.label, index=index)
 
     def log_line(self, index: int, line: bytes) -> None:
-        # jsonFileLogObserver starts each record with RS (RFC 7464).
-        text = line.decode("utf-8", "replace").lstrip("\x1e")
+        text = line.decode("utf-8", "replace")
         if not text.strip():
             return
-        try:
-            event = eventFromJSON(text)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict) or "log_level" not in event:
+        system = f"{self.label.lower().replace(' ', '-')}-{index}"
+        event = event_from_worker(text, system)
+        if event is None:
+            # Not the worker's log: what Python wrote before it ran (an import error).
             log.warn("{name} {index}: {line}", name=self.label, index=index, line=text.rstrip())
             return
-        event["log_system"] = f"{self.label.lower().replace(' ', '-')}-{index}"
         globalLogPublisher(event)
 
     def ended(self, worker: _Worker, reason: Failure) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, eventAsJSON, globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from gehirn_ts.config import ConfigError, from_mapping
+from gehirn_ts.logs import Logger, TextLineObserver, WorkerLineObserver, event_from_worker
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import workers
 from gehirn_ts.mta.workers import (
@@ -191,12 +193,11 @@ class WorkerProcessesTests(TestCase):
         globalLogPublisher.addObserver(seen.append)
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         protocol = self.reactor.spawned[1][0]
-        event = {"log_format": "hello {who}", "who": "there", "log_namespace": "x"}
-        event["log_level"] = LogLevel.info
-        event["log_time"] = 1.0
-        protocol.errReceived(b"\x1e" + eventAsJSON(event).encode() + b"\nnot json\n")
+        out = io.StringIO()
+        Logger(namespace="x", observer=WorkerLineObserver(out)).info("hello {who}", who="there")
+        protocol.errReceived(out.getvalue().encode() + b"not json\n")
         mine = [e for e in seen if e.get("log_system") == "smtp-worker-2"]
-        assert mine and mine[0]["who"] == "there"
+        assert mine and mine[0]["who"] == "there" and mine[0]["log_text"] == "hello there"
         assert any(e.get("line") == "not json" for e in seen)
 
     def test_stop_signals_the_workers_waits_for_them_and_closes_the_listeners(self) -> None:
@@ -233,3 +234,44 @@ def test_workers_config() -> None:
             assert "smtp.workers" in str(e)
         else:
             raise AssertionError(bad)
+
+
+def _through_a_worker(emit: Any) -> dict[str, Any]:
+    """An event a worker's Logger made, as the main process publishes it."""
+    out = io.StringIO()
+    emit(Logger(namespace="gehirn_ts.mta.esmtp", observer=WorkerLineObserver(out)))
+    event = event_from_worker(out.getvalue(), "smtp-worker-1")
+    assert event is not None
+    return event
+
+
+def test_worker_events_keep_their_text_fields_and_level() -> None:
+    event = _through_a_worker(
+        lambda log: log.warn("received {qid} from {ip}", qid="Q1", ip="192.0.2.1")
+    )
+    assert event["log_text"] == "received Q1 from 192.0.2.1"
+    assert (event["qid"], event["ip"]) == ("Q1", "192.0.2.1")
+    assert event["log_level"] == LogLevel.warn
+    assert event["log_namespace"] == "gehirn_ts.mta.esmtp"
+    out = io.StringIO()
+    TextLineObserver(out)(event)
+    assert out.getvalue().endswith(" [smtp-worker-1] received Q1 from 192.0.2.1\n")
+
+
+def test_worker_failures_carry_their_traceback() -> None:
+    def fail(log: Logger) -> None:
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            log.failure("it broke {qid}", qid="Q2")
+
+    event = _through_a_worker(fail)
+    assert event["log_text"].startswith("it broke Q2\n")
+    assert "ZeroDivisionError" in event["traceback"]
+    assert event["log_level"] == LogLevel.critical
+
+
+@given(st.text(max_size=300))
+def test_any_worker_line_is_an_event_or_none(line: str) -> None:
+    event = event_from_worker(line, "w")
+    assert event is None or isinstance(event["log_text"], str)
