@@ -35,7 +35,7 @@ from gehirn_ts.edj.worker import ATTEMPTS_AT_ONCE, EdjService, RetryPolicy
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.dkim import verify as dkim_verify
-from gehirn_ts.mta.esmtp import EsmtpFactory, Settings
+from gehirn_ts.mta.esmtp import EsmtpFactory, Settings, log_received
 from gehirn_ts.mta.inbound import Inbound
 from gehirn_ts.mta.outbound import Outbound, Reporter
 from gehirn_ts.mta.policy import RelayPolicy
@@ -287,6 +287,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
             if envelope is None:
                 log.error("an SMTP worker reported {qid}, which is not spooled", qid=qid)
             else:
+                log_received(envelope)
                 inbound.accepted(envelope)
 
         workers = WorkerProcesses(
@@ -367,6 +368,7 @@ def _smtp_factories(
     tls: ReloadableTLS,
     metrics: Metrics,
     names: Sequence[str] | None = None,
+    log_received: bool = True,
 ) -> list[tuple[str, EsmtpFactory, Any]]:
     """For each listener that is on (or each of ``names``): its name, its ESMTP factory
     and the factory to listen with (TLS around it for implicit TLS)."""
@@ -384,6 +386,7 @@ def _smtp_factories(
             tls=tls,
             implicit_tls=implicit,
             metrics=metrics,
+            log_received=log_received,
         )
         wrapped: Any = TLSMemoryBIOFactory(tls, False, factory) if implicit else factory
         out.append((listener, factory, wrapped))
@@ -468,7 +471,15 @@ def build_smtp_worker(
     relay = _relay_policy(config, mail, routes, resolver, reactor, threads)
     fds = {name: (fd, family) for name, fd, family in listeners}
     made = _smtp_factories(
-        config, reactor, relay, spool, channel.accepted, tls, metrics, names=list(fds)
+        config,
+        reactor,
+        relay,
+        spool,
+        channel.accepted,
+        tls,
+        metrics,
+        names=list(fds),
+        log_received=False,  # the main process logs it when it is told
     )
     for listener, _, wrapped in made:
         fd, family = fds[listener]

@@ -682,17 +682,14 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             incoming.discard()
             self._reply(replies.LOCAL_ERROR)
             return
-        # Durable (file and directory fsync'd): now, and only now, the 250.
-        self._reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+        # Durable (file and directory fsync'd): now, and only now, the 250. The message
+        # is handed on first: an SMTP worker's report is in the main process's pipe
+        # before the client can have its 250 (mta/workers.py).
         self.f.received_counter.inc()
-        log.info(
-            "received {qid} from {ip}: {size} bytes for {n} recipients",
-            qid=envelope.queue_id,
-            ip=envelope.client_ip,
-            size=envelope.size,
-            n=len(envelope.recipients),
-        )
+        if self.f.log_received:
+            log_received(envelope)
         self.f.accepted(envelope, kinds)
+        self._reply(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
 
     def _abort_data(self) -> None:
         if self._incoming is not None:
@@ -722,6 +719,17 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         self._reply(Reply(214, "2.0.0", "See RFC 5321"))
 
 
+def log_received(envelope: Envelope) -> None:
+    """The log line of a message accepted (by this process's sessions or a worker's)."""
+    log.info(
+        "received {qid} from {ip}: {size} bytes for {n} recipients",
+        qid=envelope.queue_id,
+        ip=envelope.client_ip,
+        size=envelope.size,
+        n=len(envelope.recipients),
+    )
+
+
 class EsmtpFactory(ServerFactory):
     def __init__(
         self,
@@ -735,7 +743,11 @@ class EsmtpFactory(ServerFactory):
         tls: Any = None,
         implicit_tls: bool = False,
         metrics: Metrics | None = None,
+        log_received: bool = True,
     ) -> None:
+        """``log_received``: log each message accepted (an SMTP worker leaves it to the
+        main process, which logs it with the same text when it is told)."""
+        self.log_received = log_received
         self.metrics = metrics or Metrics()
         # The listener's counters, looked up once (prometheus_client's labels() takes a
         # lock and builds a key for every call).

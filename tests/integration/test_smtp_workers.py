@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import smtplib
+import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import Daemon, wait_for
+from tests.integration.procs import BIN, ENV, Daemon, wait_for
 from tests.integration.test_smtp_daemon import insecure, message, queue_id, wire
 
 
@@ -98,10 +100,12 @@ def test_workers_take_the_sessions_and_the_main_process_stores_and_relays(daemon
     wait_for(lambda: counter(daemon, "gehirn_mail_received_total", "smtp") == 1.0, timeout=10)
     wait_for(lambda: counter(daemon, "gehirn_smtp_sessions_total", "submission") == 1.0)
     assert counter(daemon, "gehirn_smtp_tls_sessions_total", "submission") == 1.0
-    # The workers' log lines are in the main process's log, marked with the worker.
-    wait_for(lambda: f"received {qid} from 127.0.0.1" in daemon.output())
-    line = next(x for x in daemon.output().splitlines() if f"received {qid} from" in x)
-    assert "[smtp-worker-" in line
+    # The main process logs what a worker accepted; the workers' own lines are in its
+    # log too, marked with the worker.
+    wait_for(lambda: f"received {qid} from 127.0.0.1: " in daemon.output())
+    lines = daemon.output().splitlines()
+    assert any("[smtp-worker-1] EsmtpFactory starting on" in x for x in lines)
+    assert any("[smtp-worker-2] EsmtpFactory starting on" in x for x in lines)
     assert "Traceback" not in daemon.output()
 
 
@@ -166,3 +170,44 @@ def test_the_workers_end_with_the_main_process(daemon) -> None:
     assert code == 250
     wait_for(lambda: stored(daemon, queue_id(reply)))
     time.sleep(0.1)
+
+
+def _start_fails(tmp_path: Path, smtp: dict[str, object]) -> str:
+    """Start a daemon that must refuse to run; its output."""
+    tmp_path.mkdir()
+    d = Daemon(tmp_path, smtp=smtp)
+    out = subprocess.run(
+        [
+            str(BIN / "gehirn-tsd"),
+            "--nodaemon",
+            "--pidfile=",
+            "gehirn-ts",
+            "--config",
+            str(d.config),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    return out.stdout + out.stderr
+
+
+def test_workers_refuse_an_ssl_listener_and_a_port_that_is_taken(tmp_path: Path) -> None:
+    text = _start_fails(
+        tmp_path / "a",
+        {"workers": 1, "submissions": "ssl:0:privateKey=key.pem:certKey=cert.pem"},
+    )
+    assert "smtp.workers" in text and "ssl:" in text
+    # A port another process holds: the start fails, as it does without workers.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        text = _start_fails(
+            tmp_path / "b", {"workers": 1, "listen": f"tcp:{port}:interface=127.0.0.1"}
+        )
+    assert "Address already in use" in text or "CannotListenError" in text or str(port) in text
