@@ -260,16 +260,26 @@ class WorkerProcesses(Service):
         self._listen = listen
         self._command = command
         self._listening: list[Listening] = []
+        self._bound = False
         self._workers: dict[int, _Worker] = {}
         self._waits: dict[int, float] = {}
         self._timers: dict[int, Any] = {}
         self._stopping = False
 
+    def privilegedStartService(self) -> None:
+        # Bound before twistd gives up root (--uid), as the listeners are without
+        # workers, and at once: one that cannot be bound fails the start.
+        super().privilegedStartService()
+        self._bind()
+
+    def _bind(self) -> None:
+        if not self._bound:
+            self._listening = self._listen()
+            self._bound = True
+
     def startService(self) -> None:
         super().startService()
-        # Bound at once: a listener that cannot be bound fails the start, as without
-        # workers.
-        self._listening = self._listen()
+        self._bind()
         for index in range(1, self.count + 1):
             self._spawn(index)
 

@@ -162,6 +162,21 @@ class WorkerProcessesTests(TestCase):
         )
         self.workers.startService()
 
+    def test_the_listeners_are_bound_once_before_privileges_go(self) -> None:
+        binds: list[int] = []
+        pool = WorkerProcesses(
+            reactor=self.reactor,
+            count=1,
+            name="SMTP worker",
+            listen=lambda: binds.append(1) or [],
+            command=lambda index, listening: ["python"],
+            on_line=lambda index, line: None,
+        )
+        pool.privilegedStartService()
+        assert binds == [1] and len(self.reactor.spawned) == 2  # setUp's two only
+        pool.startService()
+        assert binds == [1] and len(self.reactor.spawned) == 3
+
     def test_workers_get_the_listening_sockets_and_report(self) -> None:
         assert [args[-1] for _, args, _ in self.reactor.spawned] == ["1", "2"]
         first, _, fds = self.reactor.spawned[0]
