@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import authres
 
 from gehirn_ts.mta.dkim import DkimResult
@@ -12,6 +14,16 @@ def authentication_results(
     authserv_id: str, spf: SpfResult | None, dkim: list[DkimResult]
 ) -> bytes:
     """An Authentication-Results field (RFC 8601), CRLF-terminated."""
+    return _authentication_results(authserv_id, spf, tuple(dkim))
+
+
+# Most received mail repeats a few verdicts (the same SPF result for a sender's domain,
+# no DKIM signature), and authres builds each field through several objects: 4% of a
+# received message's processing (docs/performance.md, session 19).
+@functools.lru_cache(maxsize=1024)
+def _authentication_results(
+    authserv_id: str, spf: SpfResult | None, dkim: tuple[DkimResult, ...]
+) -> bytes:
     results: list[authres.AuthenticationResult] = []
     if spf is not None:
         if spf.identity == "mailfrom":

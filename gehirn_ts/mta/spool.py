@@ -301,7 +301,21 @@ class Spool:
         """The envelope of a committed message; None if there is none (yet)."""
         if not _QID.fullmatch(queue_id):
             return None
-        return self._envelope(self.incoming / f"{queue_id}.eml")
+        eml = f"{self.incoming_dir}/{queue_id}.eml"
+        if self.attributes:
+            # Where this spool keeps envelopes: asked first, without pathlib and
+            # without the failed open of an envelope file (each message of an SMTP
+            # worker is loaded so; docs/performance.md, session 19).
+            try:
+                return Envelope.from_json(os.getxattr(eml, ENVELOPE_ATTRIBUTE))
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+        elif not os.path.exists(eml):
+            return None
+        return self._envelope(Path(eml))
 
     def message_path(self, queue_id: str) -> Path:
         return self.incoming / f"{queue_id}.eml"

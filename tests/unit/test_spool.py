@@ -154,3 +154,27 @@ class SpoolTests(unittest.TestCase):
         assert spool.pending() == [envelope]
         # The probe leaves nothing behind.
         assert list(spool.tmp.iterdir()) == []
+
+    @inline
+    async def test_load_finds_an_envelope_wherever_it_is_kept(self) -> None:
+        """What an SMTP worker spooled, read by the main process: from the attribute,
+        from a file beside a large envelope, from a file where there are no
+        attributes; a queue id that is not spooled, or no queue id, is no envelope."""
+        spool = self._attribute_spool()
+        small = await self._commit(spool)
+        assert spool.load(small.queue_id) == small
+        incoming = spool.begin()
+        incoming.write(MESSAGE)
+        large = spooled_envelope(incoming)
+        large.recipients = [Recipient(f"user{n}@y.test", ["SUCCESS"]) for n in range(100)]
+        await incoming.commit(large)
+        assert spool.load(large.queue_id) == large
+        plain = self._spool(attributes=False)
+        kept = await self._commit(plain)
+        assert plain.load(kept.queue_id) == kept
+        # Two workers' spools share incoming/, each with a tmp directory of its own.
+        other = Spool(spool.root, attributes=spool.attributes, tmp="tmp-1")
+        theirs = await self._commit(other)
+        assert other.tmp_dir != spool.tmp_dir and spool.load(theirs.queue_id) == theirs
+        assert spool.load("0123456789ABCDEF") is None
+        assert spool.load("../gehirn-ts.sqlite") is None
