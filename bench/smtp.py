@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.dnstest import dns_server  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from tests.support import child_processes, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -141,16 +141,7 @@ def rss_mb(pid: int, field: str) -> float:
 
 def processes(pid: int) -> list[int]:
     """A process and its children (the daemon and its SMTP workers)."""
-    found = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
+    return [pid, *child_processes(pid)]
 
 
 def start_gehirn(work: Path) -> subprocess.Popen[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import socket
 import time
@@ -51,6 +52,21 @@ async def until(
 # either port is bound never return the same one (random picks did, once in a run).
 _PORTS = range(20_000, 32_000)
 _next_port = random.randrange(len(_PORTS))
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc), in pid order."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
 
 
 def free_port() -> int:

@@ -145,7 +145,8 @@ def test_inbound_mx_accepts_local_mail_and_is_no_open_relay(daemon) -> None:
     )
 
 
-def test_authenticated_relay_goes_into_the_outbound_queue(daemon) -> None:
+def submit_for_relay(daemon: Daemon) -> str:
+    """Submission with STARTTLS and AUTH, to an outside address: the queue id."""
     with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
         s.starttls(context=insecure())
         s.login("app", daemon.password)
@@ -153,7 +154,11 @@ def test_authenticated_relay_goes_into_the_outbound_queue(daemon) -> None:
         assert s.rcpt("friend@elsewhere.example")[0] == 250
         code, reply = s.data(wire(message(to="friend@elsewhere.example")))
         assert code == 250
-    qid = queue_id(reply)
+    return queue_id(reply)
+
+
+def test_authenticated_relay_goes_into_the_outbound_queue(daemon) -> None:
+    qid = submit_for_relay(daemon)
     _, queued = wait_for(
         lambda: (r := daemon.call("GET", f"/v1/messages/{qid}", token=daemon.token))[0] == 200 and r
     )

@@ -17,26 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.integration.procs import BIN, ENV, Daemon, wait_for
-from tests.integration.test_smtp_daemon import insecure, message, queue_id, wire
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
+from tests.integration.test_smtp_daemon import message, queue_id, submit_for_relay, wire
+from tests.support import child_processes
 
 
 def workers_of(d: Daemon) -> list[int] | None:
     """The daemon's two workers, once both run."""
     assert d.proc is not None
-    found = children(d.proc.pid)
+    found = child_processes(d.proc.pid)
     return found if len(found) == 2 else None
 
 
@@ -87,14 +75,7 @@ def test_workers_take_the_sessions_and_the_main_process_stores_and_relays(daemon
     status, event = daemon.call("GET", f"/v1/events/received.{qid}.acme", token=daemon.token)
     assert status == 200 and "Hello" in json.dumps(event)
     # Submission: STARTTLS and AUTH in the worker, the outbound queue in the main process.
-    with smtplib.SMTP("127.0.0.1", daemon.submission_port, timeout=10) as s:
-        s.starttls(context=insecure())
-        s.login("app", daemon.password)
-        s.mail("app@mail.test")
-        assert s.rcpt("friend@elsewhere.example")[0] == 250
-        code, reply = s.data(wire(message(to="friend@elsewhere.example")))
-        assert code == 250
-    relayed = queue_id(reply)
+    relayed = submit_for_relay(daemon)
     wait_for(lambda: daemon.call("GET", f"/v1/messages/{relayed}", token=daemon.token)[0] == 200)
     # The workers' counters reach the main process's /metrics.
     wait_for(lambda: counter(daemon, "gehirn_mail_received_total", "smtp") == 1.0, timeout=10)
@@ -111,7 +92,7 @@ def test_workers_take_the_sessions_and_the_main_process_stores_and_relays(daemon
 
 def test_a_killed_worker_starts_again_and_nothing_acknowledged_is_lost(daemon) -> None:
     assert daemon.proc is not None
-    before = children(daemon.proc.pid)
+    before = child_processes(daemon.proc.pid)
     accepted: list[str] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -150,7 +131,7 @@ def test_a_killed_worker_starts_again_and_nothing_acknowledged_is_lost(daemon) -
 
 def test_the_workers_end_with_the_main_process(daemon) -> None:
     assert daemon.proc is not None
-    workers = children(daemon.proc.pid)
+    workers = child_processes(daemon.proc.pid)
     assert daemon.terminate() in (0, -signal.SIGTERM)
     assert "Server Shut Down." in daemon.output()
     assert not any(alive(pid) for pid in workers)
