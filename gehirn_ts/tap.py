@@ -19,30 +19,14 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool
 
 from gehirn_ts import gc_tuning, logs
-from gehirn_ts.bus.local import LocalBus
 from gehirn_ts.config import Config, ConfigError, load
 from gehirn_ts.dnsresolver import make_async_resolver
-from gehirn_ts.edj import registry
-from gehirn_ts.edj.destinations.irc import IrcNetwork
-from gehirn_ts.edj.httppool import DestinationPool
-from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
-from gehirn_ts.edj.publisher import Publisher
-from gehirn_ts.edj.webclient import WebClient
-from gehirn_ts.edj.worker import ATTEMPTS_AT_ONCE, EdjService, RetryPolicy
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
-from gehirn_ts.mta.dkim import verify as dkim_verify
 from gehirn_ts.mta.esmtp import EsmtpFactory, Settings, log_received
-from gehirn_ts.mta.inbound import Inbound
-from gehirn_ts.mta.outbound import Outbound, Reporter
 from gehirn_ts.mta.policy import RelayPolicy
-from gehirn_ts.mta.queue import MailQueue
-from gehirn_ts.mta.relay import Host, MxCourier
-from gehirn_ts.mta.relay import Settings as RelaySettings
-from gehirn_ts.mta.schedule import MailRetry
 from gehirn_ts.mta.spf import SpfChecker
 from gehirn_ts.mta.spool import Spool
 from gehirn_ts.mta.tls import ReloadableTLS, make_self_signed, server_options
@@ -61,15 +45,20 @@ from gehirn_ts.store.db import (
     bootstrap_admin_key,
     bootstrap_domain,
 )
-from gehirn_ts.store.keys import DkimKeyStore, bootstrap_dkim_key
-from gehirn_ts.store.queue import QueueStore
+from gehirn_ts.store.keys import bootstrap_dkim_key
 from gehirn_ts.store.schema import SchemaError, migrate
 from gehirn_ts.threaddns import ThreadDNS
 from gehirn_ts.threads import Workers
-from gehirn_ts.web.api import Api, make_site
 
 if TYPE_CHECKING:
+    from twisted.web.client import HTTPConnectionPool
+
     from gehirn_ts.bus.amqp import AmqpBus
+    from gehirn_ts.bus.local import LocalBus
+    from gehirn_ts.edj.publisher import Publisher
+    from gehirn_ts.mta.inbound import Inbound
+    from gehirn_ts.mta.outbound import Outbound
+    from gehirn_ts.mta.queue import MailQueue
 
 DB_FILE = "gehirn-ts.sqlite"
 BUS_FILE = "bus.sqlite"
@@ -154,6 +143,21 @@ def prepare_state(config: Config, now: float) -> Path:
 
 
 def build(config: Config, reactor: Any, config_path: str | None = None) -> MultiService:
+    # The main process's parts, imported here: an SMTP worker imports this module for
+    # build_smtp_worker and needs none of them (5.4 MB of its memory; docs/decisions.md,
+    # "SMTP worker processes").
+    from gehirn_ts.bus.local import LocalBus
+    from gehirn_ts.edj import registry
+    from gehirn_ts.edj.destinations.irc import IrcNetwork
+    from gehirn_ts.edj.httppool import DestinationPool
+    from gehirn_ts.edj.netguard import AddressPolicy, guarded_agent
+    from gehirn_ts.edj.publisher import Publisher
+    from gehirn_ts.edj.webclient import WebClient
+    from gehirn_ts.edj.worker import ATTEMPTS_AT_ONCE, EdjService, RetryPolicy
+    from gehirn_ts.mta.dkim import verify as dkim_verify
+    from gehirn_ts.mta.inbound import Inbound
+    from gehirn_ts.web.api import Api, make_site
+
     logs.set_level(config.log.level)
     db = prepare_state(config, reactor.seconds())
     top = OrderedService()
@@ -608,6 +612,14 @@ def _outbound(
     metrics: Metrics,
     threads: Workers,
 ) -> tuple[MailQueue, Outbound]:
+    from gehirn_ts.mta.outbound import Outbound, Reporter
+    from gehirn_ts.mta.queue import MailQueue
+    from gehirn_ts.mta.relay import Host, MxCourier
+    from gehirn_ts.mta.relay import Settings as RelaySettings
+    from gehirn_ts.mta.schedule import MailRetry
+    from gehirn_ts.store.keys import DkimKeyStore
+    from gehirn_ts.store.queue import QueueStore
+
     ob = config.outbound
     hostname = config.smtp.hostname
     smarthost = None
