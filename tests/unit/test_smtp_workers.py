@@ -290,17 +290,3 @@ def test_worker_failures_carry_their_traceback() -> None:
 def test_any_worker_line_is_an_event_or_none(line: str) -> None:
     event = event_from_worker(line, "w")
     assert event is None or isinstance(event["log_text"], str)
-
-
-def test_authentication_results_are_made_once_for_the_same_verdicts() -> None:
-    from gehirn_ts.mta.dkim import DkimResult
-    from gehirn_ts.mta.headers import _authentication_results, authentication_results
-    from gehirn_ts.mta.spf import SpfResult
-
-    spf = SpfResult("pass", "", "mailfrom", "example.org", "")
-    first = authentication_results("mx.test", spf, [])
-    hits = _authentication_results.cache_info().hits
-    assert authentication_results("mx.test", spf, []) == first
-    assert _authentication_results.cache_info().hits == hits + 1
-    signed = authentication_results("mx.test", spf, [DkimResult("pass", "example.org", "s1")])
-    assert signed != first and b"header.d=example.org" in signed

@@ -20,8 +20,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from gehirn_ts.dnsresolver import make_async_resolver
-from gehirn_ts.mta.dkim import _compress_whitespace, verify
-from gehirn_ts.mta.headers import authentication_results
+from gehirn_ts.mta.dkim import DkimResult, _compress_whitespace, verify
+from gehirn_ts.mta.headers import _authentication_results, authentication_results
 from gehirn_ts.mta.spf import VERDICT_SECONDS, SpfChecker, SpfResult
 from gehirn_ts.stamps import date_text
 from gehirn_ts.threaddns import ThreadDNS
@@ -337,3 +337,13 @@ def test_the_received_date_is_what_formatdate_writes(times: list[float]) -> None
         assert date_text(t) == formatdate(t, usegmt=True)
         # A Date field's form, kept beside the other.
         assert date_text(t, gmt=False) == format_datetime(datetime.fromtimestamp(t, UTC))
+
+
+def test_authentication_results_are_made_once_for_the_same_verdicts() -> None:
+    spf = SpfResult("pass", "", "mailfrom", "example.org", "")
+    first = authentication_results("mx.test", spf, [])
+    hits = _authentication_results.cache_info().hits
+    assert authentication_results("mx.test", spf, []) == first
+    assert _authentication_results.cache_info().hits == hits + 1
+    signed = authentication_results("mx.test", spf, [DkimResult("pass", "example.org", "s1")])
+    assert signed != first and b"header.d=example.org" in signed
