@@ -434,6 +434,14 @@ class SmtpConfig:
         "for ever).",
         format_duration,
     )
+    spool_retry: float = opt(
+        300.0,
+        _duration,
+        "How often received mail still in the spool a minute after it was written (its "
+        "processing failed, or an SMTP worker died before handing it on) is processed "
+        "again, as Postfix's queue_run_delay (0: only at start).",
+        format_duration,
+    )
     spf_fail: str = opt(
         "reject",
         _choice("reject", "tag"),

@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 DB_FILE = "gehirn-ts.sqlite"
 BUS_FILE = "bus.sqlite"
 IO_THREADS = 10
+# A spooled message this old is looked at again if still there: a message being
+# processed, or committed and not yet handed on (by an SMTP worker), is younger.
+STALE_AFTER = 60.0
 ADMIN_KEY_FILE = "admin.key"
 DEV_CERT = "tls/dev-cert.pem"
 DEV_KEY = "tls/dev-key.pem"
@@ -249,7 +252,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         account_id=mail.account_id,
         forward_sender=config.outbound.forward_sender,
     )
-    _Resume(inbound).setServiceParent(top)
+    _Resume(inbound, config.smtp.spool_retry, reactor).setServiceParent(top)
     if config.smtp.retention > 0:
         _Retention(
             routes, config.state_dir / "kvs", config.smtp.retention, reactor
@@ -670,20 +673,51 @@ def _outbound(
 
 
 class _Resume(Service):
-    """At start, processes the received mail a previous run left in the spool."""
+    """At start, processes the received mail a previous run left in the spool; then,
+    every ``interval`` seconds, what is still there ``STALE_AFTER`` seconds after it
+    was written (docs/mta.md, "Durability")."""
 
-    def __init__(self, inbound: Inbound) -> None:
+    def __init__(self, inbound: Inbound, interval: float, clock: Any) -> None:
         self._inbound = inbound
+        self._interval = interval
+        self._clock = clock
+        self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
         d = Deferred.fromCoroutine(self._resume())
         d.addErrback(lambda f: log.failure("resuming the spool failed", f))
+        # The first look again after the start's resume, never beside it.
+        d.addBoth(lambda _: self._start_loop())
+
+    def _start_loop(self) -> None:
+        if not self.running or self._interval <= 0:
+            return
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.retry()))
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=False).addErrback(
+            lambda f: log.failure("looking through the spool stopped", f)
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
 
     async def _resume(self) -> None:
         n = await self._inbound.resume()
         if n:
             log.info("resumed {n} spooled messages", n=n)
+
+    async def retry(self) -> int:
+        try:
+            n = await self._inbound.retry(self._clock.seconds() - STALE_AFTER)
+        except Exception:
+            log.failure("looking through the spool failed")
+            return 0
+        if n:
+            log.info("processed {n} messages left in the spool", n=n)
+        return n
 
 
 class _Retention(Service):

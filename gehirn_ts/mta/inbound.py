@@ -86,6 +86,10 @@ def summarize(head: bytes) -> dict[str, Any]:
         return summarize_bytes(b"")
 
 
+# Spooled messages looked at again at a time (``Inbound.retry``).
+RETRY_BATCH = 500
+
+
 class Inbound:
     def __init__(
         self,
@@ -123,7 +127,7 @@ class Inbound:
         d = Deferred.fromCoroutine(self.process(envelope))
         d.addErrback(
             lambda f: log.failure(
-                "processing received {qid} failed; it stays spooled for the next start",
+                "processing received {qid} failed; it stays spooled and is tried again later",
                 f,
                 qid=envelope.queue_id,
             )
@@ -139,6 +143,39 @@ class Inbound:
                     "processing spooled {qid} failed; it stays spooled", qid=envelope.queue_id
                 )
         return len(pending)
+
+    async def retry(self, before: float) -> int:
+        """Process the committed messages still spooled that were written before
+        ``before`` and are not being processed: a processing that failed (a store or a
+        disk that failed for a while), or a message an SMTP worker committed and died
+        before reporting. Returns how many were processed.
+
+        A batch at a time, oldest first, until one has a failure: a store that still
+        fails is tried again at the next look, not once per message now, and the log
+        gets one traceback a look, not one a message."""
+        done = 0
+        while True:
+            stale = await self._spool.threads.run(self._spool.stale, before, RETRY_BATCH)
+            failed, done_before = 0, done
+            for envelope in stale:
+                if envelope.queue_id in self._active:
+                    continue
+                try:
+                    await self.process(envelope)
+                except Exception:
+                    failed += 1
+                    if failed == 1:
+                        log.failure(
+                            "processing spooled {qid} failed again; it stays spooled",
+                            qid=envelope.queue_id,
+                        )
+                else:
+                    done += 1
+            if failed > 1:
+                log.warn("{n} more spooled messages failed again", n=failed - 1)
+            # A batch all being processed already would come back as it was.
+            if failed or len(stale) < RETRY_BATCH or done == done_before:
+                return done
 
     async def process(self, envelope: Envelope) -> None:
         qid = envelope.queue_id

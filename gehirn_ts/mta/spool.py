@@ -297,6 +297,32 @@ class Spool:
                 return None
             raise
 
+    def stale(self, before: float, limit: int | None = None) -> list[Envelope]:
+        """The (first ``limit``) committed messages whose file was written before
+        ``before`` (seconds since the epoch), oldest first (blocking: a directory
+        scan). Unlike ``pending`` it moves nothing: a file without its envelope yet may
+        be one an SMTP worker is committing (in the envelope-file layout, the message
+        is renamed first)."""
+        found: list[tuple[float, str]] = []
+        with os.scandir(self.incoming_dir) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".eml"):
+                    continue
+                try:
+                    written = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # processed meanwhile
+                if written < before:
+                    found.append((written, entry.name[: -len(".eml")]))
+        out: list[Envelope] = []
+        for _, queue_id in sorted(found):
+            if len(out) == limit:
+                break
+            envelope = self.load(queue_id)
+            if envelope is not None:
+                out.append(envelope)
+        return out
+
     def load(self, queue_id: str) -> Envelope | None:
         """The envelope of a committed message; None if there is none (yet)."""
         if not _QID.fullmatch(queue_id):

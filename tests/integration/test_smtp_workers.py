@@ -192,3 +192,43 @@ def test_workers_refuse_an_ssl_listener_and_a_port_that_is_taken(tmp_path: Path)
             tmp_path / "b", {"workers": 1, "listen": f"tcp:{port}:interface=127.0.0.1"}
         )
     assert "Address already in use" in text or "CannotListenError" in text or str(port) in text
+
+
+def test_a_message_a_worker_spooled_and_never_reported_is_processed_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    from gehirn_ts.mta.spool import ENVELOPE_ATTRIBUTE, Envelope, Recipient
+
+    d = Daemon(tmp_path, smtp={"workers": 1, "spool_retry": "1s"}).start()
+    try:
+        token = d.cli("account", "create", "acme")["api_key"]
+        d.cli("domain", "add", "mail.test", "acme")
+        # What a worker killed between its commit and its report leaves: the message in
+        # incoming/ with its envelope, and no 250 sent (so never handed on).
+        qid = "1A2B3C4D5E6F7A8B9C0D1"
+        incoming = d.state / "spool" / "incoming"
+        envelope = Envelope(
+            qid,
+            "sender@example.org",
+            [Recipient("user@mail.test")],
+            0,
+            time.time() - 120,
+            "192.0.2.7",
+            "client.test",
+            "smtp",
+            False,
+        )
+        data = wire(message("left behind"))
+        envelope.size = len(data)
+        partial = incoming / f".{qid}.part"
+        partial.write_bytes(data)
+        os.setxattr(partial, ENVELOPE_ATTRIBUTE, envelope.to_json())
+        os.utime(partial, (time.time() - 120, time.time() - 120))
+        os.replace(partial, incoming / f"{qid}.eml")
+        wait_for(lambda: d.call("GET", f"/v1/received/{qid}", token=token)[0] == 200)
+        status, event = d.call("GET", f"/v1/events/received.{qid}.acme", token=token)
+        assert status == 200 and "left behind" in json.dumps(event)
+        wait_for(lambda: not (incoming / f"{qid}.eml").exists())
+        assert "processed 1 messages left in the spool" in d.output()
+    finally:
+        d.stop()
