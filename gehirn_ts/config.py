@@ -395,13 +395,12 @@ class SmtpConfig:
         300.0, _duration, "A session idle this long is closed (421).", format_duration
     )
     max_connections_per_ip: int = opt(
-        20, _positive_int, "Concurrent sessions per client IP (per worker, with workers)."
+        20, _positive_int, "Concurrent sessions per client IP on a listener (over all workers)."
     )
     auth_failures: int = opt(
         5,
         _positive_int,
-        "Failed AUTH attempts per client IP within auth_failure_window (per worker, with "
-        "workers) ...",
+        "Failed AUTH attempts per client IP within auth_failure_window (over all workers) ...",
     )
     auth_failure_window: float = opt(
         600.0, _duration, "... after which AUTH is refused (454) for that IP.", format_duration

@@ -22,7 +22,10 @@ from zope.interface import implementer
 from gehirn_ts import gc_tuning
 from gehirn_ts.config import ConfigError, load
 from gehirn_ts.launcher import one_malloc_arena
-from gehirn_ts.logs import WorkerLineObserver
+from gehirn_ts.logs import Logger, WorkerLineObserver
+from gehirn_ts.mta.anvil import LINE, SharedLimits
+
+log = Logger()
 
 
 def _listener(text: str) -> tuple[str, int, int]:
@@ -40,10 +43,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 @implementer(IReadDescriptor)
 class _MainProcess:
-    """The worker's stdin: nothing comes; its end means the main process ended."""
+    """The worker's stdin: the per-IP limits in force over all workers, a line each
+    (mta/anvil.py); its end means the main process ended."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, shared: SharedLimits) -> None:
         self._reactor = reactor
+        self._shared = shared
+        self._partial = b""
         os.set_blocking(0, False)
 
     def fileno(self) -> int:
@@ -61,6 +67,13 @@ class _MainProcess:
             data = b""
         if not data:
             self.connectionLost(None)
+            return
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            if not self._shared.notice(line):
+                log.warn("the main process wrote a line that is no notice")
+        if len(self._partial) > LINE:
+            self._partial = b""
 
     def connectionLost(self, reason: Any) -> None:
         self._reactor.removeReader(self)
@@ -81,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from gehirn_ts.tap import build_smtp_worker
 
-    service = build_smtp_worker(config, reactor, args.index, args.listener, args.config)
-    reactor.addReader(_MainProcess(reactor))
+    shared = SharedLimits(reactor.seconds)
+    service = build_smtp_worker(config, reactor, args.index, args.listener, args.config, shared)
+    reactor.addReader(_MainProcess(reactor, shared))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.callWhenRunning(gc_tuning.tune)

@@ -25,6 +25,7 @@ from gehirn_ts.config import Config, ConfigError, load
 from gehirn_ts.dnsresolver import make_async_resolver
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
+from gehirn_ts.mta.anvil import Anvil, Limits, SharedLimits
 from gehirn_ts.mta.esmtp import EsmtpFactory, Settings, log_received
 from gehirn_ts.mta.policy import RelayPolicy
 from gehirn_ts.mta.spf import SpfChecker
@@ -297,13 +298,22 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
                 log_received(envelope)
                 inbound.accepted(envelope)
 
+        # The per-IP limits counted over all workers, as Postfix's anvil(8).
+        anvil = Anvil(_anvil_limits(config), reactor.seconds)
+
+        def broadcast(data: bytes) -> None:
+            assert workers is not None
+            workers.broadcast(data)
+
         workers = WorkerProcesses(
             reactor=reactor,
             count=smtp.workers,
             name="SMTP worker",
             listen=lambda: _listen_for_workers(config, reactor),
             command=lambda index, listening: worker_command(config_path, index, listening),
-            on_line=smtp_reports(spooled, metrics),
+            on_line=smtp_reports(spooled, metrics, anvil, broadcast),
+            greeting=anvil.state,
+            on_end=lambda index: broadcast(anvil.worker_gone(index)),
         )
         workers.setServiceParent(top)
     else:
@@ -322,6 +332,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         the config's routes; the rest is read at start only."""
         _apply_smtp(new, tls, factories, relay, routes)
         if workers is not None:
+            anvil.limits = _anvil_limits(new)
             workers.hangup()
         fixed = _restart_only_changes(config, new)
         if fixed:
@@ -400,6 +411,11 @@ def _smtp_factories(
     return out
 
 
+def _anvil_limits(config: Config) -> Limits:
+    smtp = config.smtp
+    return Limits(smtp.max_connections_per_ip, smtp.auth_failures, smtp.auth_failure_window)
+
+
 def _apply_smtp(
     new: Config,
     tls: ReloadableTLS,
@@ -454,6 +470,7 @@ def build_smtp_worker(
     index: int,
     listeners: Sequence[tuple[str, int, int]],
     config_path: str | None,
+    shared: SharedLimits | None = None,
     channel_fd: int = 1,
 ) -> MultiService:
     """An SMTP worker process's services: the sessions on the listeners it was handed
@@ -488,7 +505,10 @@ def build_smtp_worker(
         names=list(fds),
         log_received=False,  # the main process logs it when it is told
     )
-    for listener, _, wrapped in made:
+    for listener, factory, wrapped in made:
+        # The per-IP limits over all workers (mta/anvil.py).
+        factory.shared = shared
+        factory.report = channel.report
         fd, family = fds[listener]
         _Adopted(reactor, fd, family, wrapped).setServiceParent(top)
     factories = [factory for _, factory, _ in made]

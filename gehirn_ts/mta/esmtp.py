@@ -37,6 +37,8 @@ from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox, parse_path
+from gehirn_ts.mta.anvil import SharedLimits
+from gehirn_ts.mta.anvil import line as anvil_line
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
 from gehirn_ts.mta.replies import Reply, SmtpError
 from gehirn_ts.mta.spool import Envelope, Incoming, Recipient, Spool
@@ -765,6 +767,10 @@ class EsmtpFactory(ServerFactory):
         self.implicit_tls = implicit_tls
         self._connections: dict[str, int] = {}
         self._auth_failures: dict[str, deque[float]] = {}
+        # In an SMTP worker: the limits counted over all workers (mta/anvil.py), and
+        # where this worker's sessions and AUTH failures are reported for them.
+        self.shared: SharedLimits | None = None
+        self.report: Callable[[bytes], None] | None = None
 
     def buildProtocol(self, addr: Any) -> Esmtp:
         # str() of an address only where it has no host (a UNIX socket): it is an attrs
@@ -777,7 +783,11 @@ class EsmtpFactory(ServerFactory):
     def connection_opened(self, ip: str) -> bool:
         if self._connections.get(ip, 0) >= self.settings.max_connections_per_ip:
             return False
+        if self.shared is not None and self.shared.full(self.listener, ip):
+            return False
         self._connections[ip] = self._connections.get(ip, 0) + 1
+        if self.report is not None:
+            self.report(anvil_line("open", self.listener, ip))
         return True
 
     def connection_closed(self, ip: str) -> None:
@@ -786,11 +796,17 @@ class EsmtpFactory(ServerFactory):
             self._connections.pop(ip, None)
         else:
             self._connections[ip] = left
+        if self.report is not None:
+            self.report(anvil_line("close", self.listener, ip))
 
     def auth_failed(self, ip: str) -> None:
         self._auth_failures.setdefault(ip, deque()).append(self.clock.seconds())
+        if self.report is not None:
+            self.report(anvil_line("authfail", self.listener, ip))
 
     def auth_blocked(self, ip: str) -> bool:
+        if self.shared is not None and self.shared.blocked(self.listener, ip):
+            return True
         failures = self._auth_failures.get(ip)
         if not failures:
             return False

@@ -24,7 +24,7 @@ import re
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -35,6 +35,9 @@ from twisted.python.failure import Failure
 
 from gehirn_ts.logs import Logger, event_from_worker
 from gehirn_ts.metrics import Metrics
+
+if TYPE_CHECKING:
+    from gehirn_ts.mta.anvil import Anvil
 
 log = Logger()
 
@@ -118,8 +121,14 @@ def count_lines(before: Mapping[tuple[str, str], int], now: Mapping[tuple[str, s
     )
 
 
-def smtp_reports(accepted: Callable[[str], None], metrics: Metrics) -> Callable[[int, bytes], None]:
-    """What the main process does with an SMTP worker's report lines."""
+def smtp_reports(
+    accepted: Callable[[str], None],
+    metrics: Metrics,
+    anvil: Anvil | None = None,
+    broadcast: Callable[[bytes], None] | None = None,
+) -> Callable[[int, bytes], None]:
+    """What the main process does with an SMTP worker's report lines; the per-IP
+    counts go to ``anvil``, and what it answers to every worker (``broadcast``)."""
 
     def on_line(index: int, line: bytes) -> None:
         found = parse_report(line)
@@ -128,7 +137,11 @@ def smtp_reports(accepted: Callable[[str], None], metrics: Metrics) -> Callable[
         elif isinstance(found, Count):
             getattr(metrics, found.counter).labels(found.listener).inc(found.amount)
         else:
-            log.warn("SMTP worker {index} wrote a line that is no report", index=index)
+            notices = anvil.report(index, line) if anvil is not None else None
+            if notices is None:
+                log.warn("SMTP worker {index} wrote a line that is no report", index=index)
+            elif notices and broadcast is not None:
+                broadcast(notices)
 
     return on_line
 
@@ -167,6 +180,10 @@ class MainChannel(Service):
 
     def accepted(self, envelope: Any, kinds: Any = None) -> None:
         self._write(accepted_line(envelope.queue_id))
+
+    def report(self, line: bytes) -> None:
+        """A line for the main process's per-IP counts (mta/anvil.py)."""
+        self._write(line)
 
     def flush_counts(self) -> None:
         now = counter_values(self._metrics)
@@ -251,7 +268,13 @@ class WorkerProcesses(Service):
         command: Callable[[int, Sequence[Listening]], list[str]],
         on_line: Callable[[int, bytes], None],
         listen: Callable[[], list[Listening]] = list,
+        greeting: Callable[[], bytes] | None = None,
+        on_end: Callable[[int], None] | None = None,
     ) -> None:
+        """``greeting``: what to write to a worker's stdin as soon as it starts;
+        ``on_end``: told of each worker that ended (with its index)."""
+        self.greeting = greeting
+        self.on_end = on_end
         self.reactor = reactor
         self.clock = reactor
         self.count = count
@@ -297,6 +320,13 @@ class WorkerProcesses(Service):
             worker, argv[0], argv, env=dict(os.environ), path=os.getcwd(), childFDs=child_fds
         )
         log.info("started {name} {index}", name=self.label, index=index)
+        if self.greeting is not None:
+            _write_to(worker, self.greeting())
+
+    def broadcast(self, data: bytes) -> None:
+        """``data`` to every worker's stdin."""
+        for worker in self._workers.values():
+            _write_to(worker, data)
 
     def log_line(self, index: int, line: bytes) -> None:
         text = line.decode("utf-8", "replace")
@@ -314,6 +344,8 @@ class WorkerProcesses(Service):
         if self._workers.get(worker.index) is not worker:
             return
         del self._workers[worker.index]
+        if self.on_end is not None:
+            self.on_end(worker.index)
         if self._stopping:
             return
         lived = self.clock.seconds() - worker.started_at
@@ -371,3 +403,9 @@ def _signal(worker: _Worker, signum: int) -> None:
         transport.signalProcess(signum)
     except (ProcessExitedAlready, OSError):
         pass
+
+
+def _write_to(worker: _Worker, data: bytes) -> None:
+    transport = worker.transport
+    if data and transport is not None:
+        transport.writeToChild(0, data)

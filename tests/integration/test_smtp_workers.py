@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -17,7 +18,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.procs import BIN, ENV, Daemon, wait_for
-from tests.integration.test_smtp_daemon import message, queue_id, submit_for_relay, wire
+from tests.integration.test_smtp_daemon import (
+    insecure,
+    message,
+    queue_id,
+    submit_for_relay,
+    wire,
+)
 from tests.support import child_processes
 
 
@@ -230,5 +237,47 @@ def test_a_message_a_worker_spooled_and_never_reported_is_processed_without_a_re
         assert status == 200 and "left behind" in json.dumps(event)
         wait_for(lambda: not (incoming / f"{qid}.eml").exists())
         assert "processed 1 messages left in the spool" in d.output()
+    finally:
+        d.stop()
+
+
+def test_the_per_ip_limits_hold_over_all_workers(tmp_path: Path) -> None:
+    d = Daemon(
+        tmp_path, smtp={"workers": 2, "max_connections_per_ip": 2, "auth_failures": 3}
+    ).start()
+    try:
+        wait_for(lambda: workers_of(d))
+        # Sessions: each one to whichever worker the kernel hands it; the third and
+        # later are refused wherever they land (a worker alone would take two).
+        greetings, held = [], []
+        for _ in range(8):
+            sock = socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10)
+            greetings.append(sock.makefile("rb").readline()[:3])
+            held.append(sock)
+            time.sleep(0.3)  # the notice from the main process reaches both workers
+        assert greetings.count(b"220") == 2, greetings
+        assert greetings.count(b"421") == 6
+        for sock in held:
+            sock.close()
+
+        def greeted() -> bool:
+            with socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10) as sock:
+                return sock.makefile("rb").readline().startswith(b"220")
+
+        wait_for(greeted)  # room again once they closed
+
+        # AUTH failures on sessions in either worker count together.
+        def auth(password: bytes) -> int:
+            with smtplib.SMTP_SSL(
+                "127.0.0.1", d.submissions_port, context=insecure(), timeout=10
+            ) as s:
+                s.ehlo("client.test")
+                plain = base64.b64encode(b"\0someone\0" + password).decode()
+                return s.docmd("AUTH", "PLAIN " + plain)[0]
+
+        for _ in range(3):
+            assert auth(b"wrong") == 535
+            time.sleep(0.3)
+        assert [auth(b"wrong") for _ in range(6)] == [454] * 6
     finally:
         d.stop()

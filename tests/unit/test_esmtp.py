@@ -18,6 +18,7 @@ from twisted.trial import unittest
 
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox
+from gehirn_ts.mta.anvil import SharedLimits
 from gehirn_ts.mta.esmtp import Esmtp, EsmtpFactory, Session, Settings
 from gehirn_ts.mta.policy import LOCAL, RelayPolicy
 from gehirn_ts.mta.replies import SmtpError
@@ -341,6 +342,33 @@ class ProtocolTests(unittest.TestCase):
         p1.connectionLost(None)
         _p4, t4 = h.connect()
         assert codes(t4)[0].startswith("220")
+
+    def test_in_a_worker_the_limits_over_all_workers_apply_too(self) -> None:
+        # mta/anvil.py: the worker reports its sessions and AUTH failures, and refuses
+        # what the main process says is at a limit over all workers.
+        h = Harness(self, listener="submissions", implicit_tls=True, max_connections_per_ip=5)
+        reported: list[bytes] = []
+        h.factory.shared = SharedLimits(h.clock.seconds)
+        h.factory.report = reported.append
+        p1, _t1 = h.connect()
+        ip = p1.session.client_ip
+        assert reported == [f"open submissions {ip}\n".encode()]
+        send(p1, b"EHLO c.test", b"AUTH PLAIN " + base64.b64encode(b"\0user\0wrong"))
+        assert reported[-1] == f"authfail submissions {ip}\n".encode()
+        h.factory.shared.notice(f"full submissions {ip}".encode())
+        _p2, t2 = h.connect()  # one session here, the rest in other workers
+        assert codes(t2) == ["421 4.7.0 Too many connections from your address, try later"]
+        assert len(reported) == 2  # a refused session is not counted
+        h.factory.shared.notice(f"block submissions {ip} 60.000".encode())
+        send(p1, b"AUTH PLAIN " + base64.b64encode(b"\0user\0secret"))
+        assert codes(_t1)[-1] == "454 4.7.0 Too many failed authentication attempts, try later"
+        p1.connectionLost(None)
+        assert reported[-1] == f"close submissions {ip}\n".encode()
+        h.factory.shared.notice(f"room submissions {ip}".encode())
+        h.clock.advance(61)
+        p3, t3 = h.connect()
+        send(p3, b"EHLO c.test", b"AUTH PLAIN " + base64.b64encode(b"\0user\0secret"))
+        assert codes(t3)[-1] == "235 2.7.0 Authentication succeeded"
 
     def test_too_many_recipients(self) -> None:
         proto, t = Harness(self, max_recipients=2).connect()

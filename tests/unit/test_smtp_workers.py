@@ -18,6 +18,7 @@ from gehirn_ts.config import ConfigError, from_mapping
 from gehirn_ts.logs import Logger, TextLineObserver, WorkerLineObserver, event_from_worker
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import workers
+from gehirn_ts.mta.anvil import Anvil, Limits
 from gehirn_ts.mta.workers import (
     Accepted,
     Count,
@@ -118,9 +119,14 @@ class MainChannelTests(TestCase):
 class _Transport:
     def __init__(self) -> None:
         self.signals: list[int] = []
+        self.stdin = b""
 
     def signalProcess(self, signum: int) -> None:
         self.signals.append(signum)
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        assert fd == 0
+        self.stdin += data
 
 
 class _Port:
@@ -202,6 +208,38 @@ class WorkerProcessesTests(TestCase):
         _ended(self.reactor.spawned[3][0])
         self.reactor.advance(workers.RESTART_FIRST)
         assert len(self.reactor.spawned) == 5
+
+    def test_per_ip_counts_over_the_workers_go_to_every_worker(self) -> None:
+        self.workers.stopService()
+        self.reactor.spawned.clear()
+        anvil = Anvil(Limits(2, 5, 600.0), self.reactor.seconds)
+        pool = WorkerProcesses(
+            reactor=self.reactor,
+            count=2,
+            name="SMTP worker",
+            command=lambda index, listening: ["python", "-m", "w", str(index)],
+            on_line=smtp_reports(
+                self.accepted.append, self.metrics, anvil, lambda d: pool.broadcast(d)
+            ),
+            greeting=anvil.state,
+            on_end=lambda index: pool.broadcast(anvil.worker_gone(index)),
+        )
+        pool.startService()
+        (one, _, _), (two, _, _) = self.reactor.spawned
+        one.outReceived(b"open smtp 192.0.2.1\n")
+        two.outReceived(b"open smtp 192.0.2.1\naccepted AB12\n")
+        assert one.transport.stdin == two.transport.stdin == b"full smtp 192.0.2.1\n"
+        assert self.accepted == ["AB12"]
+        # A worker that starts again is told what is in force; the sessions of the one
+        # that ended are gone with it.
+        one.transport.stdin = two.transport.stdin = b""
+        two.outReceived(b"open smtp 192.0.2.9\n")
+        _ended(one)
+        assert two.transport.stdin == b"room smtp 192.0.2.1\n"
+        two.outReceived(b"open smtp 192.0.2.9\n")
+        self.reactor.advance(workers.RESTART_FIRST)
+        again = self.reactor.spawned[2][0]
+        assert again.transport.stdin == b"full smtp 192.0.2.9\n"
 
     def test_log_lines_are_logged_here(self) -> None:
         seen: list[dict[str, Any]] = []
