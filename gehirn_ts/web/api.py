@@ -475,13 +475,17 @@ class Api:
 
     async def _queue_message(self, call: Call, request: dict[str, Any], **kw: Any) -> Response:
         assert self._outbound is not None
-        digest = hashlib.sha256(
-            (call.request.path.decode() + json.dumps(request, sort_keys=True)).encode()
-        ).hexdigest()
+        key = self._idempotency(call)
+        # What a repeat with the same Idempotency-Key is compared by (only then needed).
+        digest = (
+            hashlib.sha256(
+                (call.request.path.decode() + json.dumps(request, sort_keys=True)).encode()
+            ).hexdigest()
+            if key is not None
+            else None
+        )
         try:
-            mid, _ = await self._outbound.submit(
-                idempotency_key=self._idempotency(call), request_hash=digest, **kw
-            )
+            mid, _ = await self._outbound.submit(idempotency_key=key, request_hash=digest, **kw)
         except Conflict as e:
             raise ApiError(409, "conflict", e.message, e.field)
         return Response(202, {"id": mid}, {"Location": f"/v1/messages/{mid}"})
