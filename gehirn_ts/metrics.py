@@ -40,6 +40,11 @@ class Metrics:
             "Age of the oldest message still queued (0 when empty).",
             registry=r,
         )
+        self.spool_messages = Gauge(
+            "gehirn_spool_messages",
+            "Received messages in the spool, not yet processed.",
+            registry=r,
+        )
         self.mail_latency = Histogram(
             "gehirn_mail_delivery_seconds",
             "From queueing to delivery, per recipient.",

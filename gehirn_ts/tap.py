@@ -252,6 +252,7 @@ def build(config: Config, reactor: Any, config_path: str | None = None) -> Multi
         outbound=outbound,
         account_id=mail.account_id,
         forward_sender=config.outbound.forward_sender,
+        metrics=metrics,
     )
     _Resume(inbound, config.smtp.spool_retry, reactor).setServiceParent(top)
     if config.smtp.retention > 0:

@@ -23,6 +23,7 @@ from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
 from gehirn_ts.groupcommit import DirectorySync, fsync_directory
 from gehirn_ts.logs import Logger
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.outbound import Outbound
@@ -105,7 +106,11 @@ class Inbound:
         outbound: Outbound | None = None,
         account_id: AccountId | None = None,
         forward_sender: str = "",
+        metrics: Metrics | None = None,
     ) -> None:
+        if metrics is not None:
+            metrics.refreshers.append(self._refresh_gauges)
+            self._metrics = metrics
         self._outbound_queue = outbound
         self._account_id = account_id
         self._forward_sender = forward_sender or f"postmaster@{hostname}"
@@ -143,6 +148,10 @@ class Inbound:
                     "processing spooled {qid} failed; it stays spooled", qid=envelope.queue_id
                 )
         return len(pending)
+
+    async def _refresh_gauges(self) -> None:
+        """The spool's gauge, counted when it is scraped."""
+        self._metrics.spool_messages.set(await self._spool.threads.run(self._spool.count))
 
     async def retry(self, before: float) -> int:
         """Process the committed messages still spooled that were written before

@@ -297,6 +297,11 @@ class Spool:
                 return None
             raise
 
+    def count(self) -> int:
+        """Messages in incoming/, processed or not yet (blocking: a directory scan)."""
+        with os.scandir(self.incoming_dir) as entries:
+            return sum(1 for entry in entries if entry.name.endswith(".eml"))
+
     def stale(self, before: float, limit: int | None = None) -> list[Envelope]:
         """The (first ``limit``) committed messages whose file was written before
         ``before`` (seconds since the epoch), oldest first (blocking: a directory

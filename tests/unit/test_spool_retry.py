@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import inbound as inbound_module
 from gehirn_ts.mta.inbound import Inbound
 from gehirn_ts.mta.spool import Envelope, Spool
@@ -136,6 +137,26 @@ class SpoolRetryTests(unittest.TestCase):
         self.publisher.held[0].callback(None)
         await first
         assert list(self.spool.incoming.iterdir()) == []
+
+    @inline
+    async def test_the_spool_gauge_counts_what_is_not_processed_yet(self) -> None:
+        metrics = Metrics()
+        inbound = Inbound(
+            spool=self.spool,
+            kvs=self.kvs,
+            mail=self.mail,  # type: ignore[arg-type]
+            publisher=self.publisher,  # type: ignore[arg-type]
+            owner=lambda domain: succeed("acme"),
+            hostname="mx.test",
+            metrics=metrics,
+        )
+        first = await self._spooled("one")
+        await self._spooled("two")
+        await metrics.refresh()
+        assert b"gehirn_spool_messages 2.0" in metrics.render()
+        await inbound.process(first)
+        await metrics.refresh()
+        assert b"gehirn_spool_messages 1.0" in metrics.render()
 
     @inline
     async def test_the_service_looks_again_every_interval(self) -> None:
