@@ -38,6 +38,23 @@ class _Publisher:
         return succeed(None)
 
 
+def acme_inbound(spool: Spool, kvs: Path, mail: Any, publisher: Any, **kw: Any) -> Inbound:
+    """Inbound on ``spool``, for which every domain is account acme's."""
+
+    async def owner(domain: str) -> str | None:
+        return "acme"
+
+    return Inbound(
+        spool=spool,
+        kvs=kvs,
+        mail=mail,
+        publisher=publisher,
+        owner=owner,
+        hostname="mx.test",
+        **kw,
+    )
+
+
 class ExamineTests(unittest.TestCase):
     def setUp(self) -> None:
         self.workers, self.jobs = recording_workers(self)
@@ -51,18 +68,8 @@ class ExamineTests(unittest.TestCase):
             return []
 
         self.mail, self.publisher = _Mail(), _Publisher()
-
-        async def owner(domain: str) -> str | None:
-            return "acme"
-
-        self.inbound = Inbound(
-            spool=self.spool,
-            kvs=self.kvs,
-            mail=self.mail,  # type: ignore[arg-type]
-            publisher=self.publisher,  # type: ignore[arg-type]
-            owner=owner,
-            hostname="mx.test",
-            dkim_verify=dkim_verify,
+        self.inbound = acme_inbound(
+            self.spool, self.kvs, self.mail, self.publisher, dkim_verify=dkim_verify
         )
 
     async def _spooled(self, message: bytes) -> tuple[str, Any]:

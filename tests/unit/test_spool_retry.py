@@ -14,11 +14,10 @@ from twisted.trial import unittest
 
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import inbound as inbound_module
-from gehirn_ts.mta.inbound import Inbound
 from gehirn_ts.mta.spool import Envelope, Spool
 from gehirn_ts.tap import STALE_AFTER, _Resume
 from tests.support import inline, recording_workers, spooled_envelope, until
-from tests.unit.test_inbound_threads import _Mail
+from tests.unit.test_inbound_threads import _Mail, acme_inbound
 
 
 class _FlakyPublisher:
@@ -52,18 +51,7 @@ class SpoolRetryTests(unittest.TestCase):
         self.spool = Spool(root / "spool", self.workers)
         self.kvs = root / "kvs"
         self.mail, self.publisher = _Mail(), _FlakyPublisher()
-
-        async def owner(domain: str) -> str | None:
-            return "acme"
-
-        self.inbound = Inbound(
-            spool=self.spool,
-            kvs=self.kvs,
-            mail=self.mail,  # type: ignore[arg-type]
-            publisher=self.publisher,  # type: ignore[arg-type]
-            owner=owner,
-            hostname="mx.test",
-        )
+        self.inbound = acme_inbound(self.spool, self.kvs, self.mail, self.publisher)
 
     async def _spooled(
         self, subject: str, age: float = 0.0, written: float | None = None
@@ -141,15 +129,7 @@ class SpoolRetryTests(unittest.TestCase):
     @inline
     async def test_the_spool_gauge_counts_what_is_not_processed_yet(self) -> None:
         metrics = Metrics()
-        inbound = Inbound(
-            spool=self.spool,
-            kvs=self.kvs,
-            mail=self.mail,  # type: ignore[arg-type]
-            publisher=self.publisher,  # type: ignore[arg-type]
-            owner=lambda domain: succeed("acme"),
-            hostname="mx.test",
-            metrics=metrics,
-        )
+        inbound = acme_inbound(self.spool, self.kvs, self.mail, self.publisher, metrics=metrics)
         first = await self._spooled("one")
         await self._spooled("two")
         await metrics.refresh()
