@@ -89,6 +89,7 @@ class Anvil:
         self._full: set[tuple[str, str]] = set()
         self._failures: dict[tuple[str, str], deque[float]] = {}
         self._blocked: dict[tuple[str, str], float] = {}  # until
+        self._forget_at = FORGET_AT
 
     def report(self, worker: int, data: bytes) -> bytes | None:
         """A worker's report line; None if it is not one."""
@@ -143,8 +144,11 @@ class Anvil:
     def auth_failed(self, listener: str, ip: str) -> bytes:
         key = (listener, ip)
         now = self._now()
-        if len(self._failures) >= FORGET_AT:
-            self._forget(now)  # many addresses failed once: what is past goes
+        if len(self._failures) >= self._forget_at:
+            # Many addresses failed: what is past goes, and the next sweep waits until
+            # there are twice as many left (a sweep a failure would cost too much).
+            self._forget(now)
+            self._forget_at = max(FORGET_AT, 2 * len(self._failures))
         failures = self._failures.setdefault(key, deque())
         failures.append(now)
         horizon = now - self.limits.auth_window
@@ -183,6 +187,7 @@ class SharedLimits:
         self._now = clock
         self._full: set[tuple[str, str]] = set()
         self._blocked: dict[tuple[str, str], float] = {}
+        self._forget_at = FORGET_AT
 
     def notice(self, data: bytes) -> bool:
         """Apply a notice line; False if it is not one."""
@@ -195,8 +200,11 @@ class SharedLimits:
         elif found.kind == "room":
             self._full.discard(key)
         else:
-            until = self._now() + found.seconds
-            self._blocked[key] = max(until, self._blocked.get(key, 0.0))
+            now = self._now()
+            if len(self._blocked) >= self._forget_at:
+                self._blocked = {k: u for k, u in self._blocked.items() if u > now}
+                self._forget_at = max(FORGET_AT, 2 * len(self._blocked))
+            self._blocked[key] = max(now + found.seconds, self._blocked.get(key, 0.0))
         return True
 
     def full(self, listener: str, ip: str) -> bool:

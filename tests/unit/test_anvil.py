@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gehirn_ts.mta import anvil as anvil_module
 from gehirn_ts.mta.anvil import NOTICES, REPORTS, Anvil, Limits, SharedLimits, line, parse
 
 
@@ -140,3 +141,21 @@ def test_lines_read_back(kind: str, listener: str, ip: str) -> None:
 def test_blocks_read_back(listener: str, ip: str, seconds: float) -> None:
     found = parse(line("block", listener, ip, seconds).rstrip(b"\n"), NOTICES)
     assert found is not None and abs(found.seconds - seconds) < 0.001
+
+
+def test_what_ran_out_is_forgotten_when_many_addresses_are_known(monkeypatch) -> None:
+    monkeypatch.setattr(anvil_module, "FORGET_AT", 4)
+    clock = _Clock()
+    anvil, shared = _anvil(clock), SharedLimits(clock)
+    for n in range(4):
+        for _ in range(3):
+            notice = anvil.auth_failed("smtp", f"192.0.2.{n}")
+        assert shared.notice(notice.rstrip(b"\n"))
+    clock.now += 601
+    # New addresses come; a sweep drops the old ones when there are twice as many as
+    # the last sweep left (the first came at four), not at every failure.
+    for n in range(100, 105):
+        anvil.auth_failed("smtp", f"192.0.2.{n}")
+        shared.notice(f"block smtp 192.0.2.{n} 10.000".encode())
+    assert sorted(anvil._failures) == [("smtp", f"192.0.2.{n}") for n in range(100, 105)]
+    assert sorted(shared._blocked) == [("smtp", f"192.0.2.{n}") for n in range(100, 105)]
