@@ -139,6 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     kd.add_argument("domain")
     kd.add_argument("selector")
 
+    spool = sub.add_parser("spool", help="received mail not processed yet").add_subparsers(
+        dest="cmd", required=True
+    )
+    spool.add_parser("list", parents=[common], help="messages in spool/incoming, oldest first")
+
     queue = sub.add_parser("queue", help="the outbound queue").add_subparsers(
         dest="cmd", required=True
     )
@@ -255,6 +260,8 @@ async def _run(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
         return await _through_daemon(args)
     if args.group == "queue":
         return await _queue(args, store)
+    if args.group == "spool":
+        return _spool_list()
     raise CliError(f"unknown command {args.group} {args.cmd}")
 
 
@@ -416,6 +423,37 @@ async def _dkim(args: argparse.Namespace, store: Store) -> tuple[Any, str]:
         return rows, text or "no DKIM keys"
     await keys.remove(args.domain.lower(), args.selector.lower())
     return {"removed": f"{args.selector}._domainkey.{args.domain}"}, "key removed"
+
+
+def _spool_list() -> tuple[Any, str]:
+    """Received mail in the spool: normally there for milliseconds; what stays was not
+    processed (the log says why) and is tried again every smtp.spool_retry."""
+    from gehirn_ts.mta.spool import spooled
+
+    rows: list[dict[str, Any]] = []
+    for m in spooled(_config.spool_dir):
+        env = m.envelope
+        rows.append(
+            {
+                "id": m.queue_id,
+                "written_at": _iso(m.written),
+                "size": m.size,
+                "sender": env.sender if env else None,
+                "recipients": [r.address for r in env.recipients] if env else None,
+                "client_ip": env.client_ip if env else None,
+                "listener": env.listener if env else None,
+            }
+        )
+    lines = [
+        f"{r['id']}\t{r['written_at']}\t{r['size']} bytes\t"
+        + (
+            f"<{r['sender']}>\t{len(r['recipients'])} rcpt\t{r['client_ip']}"
+            if r["recipients"] is not None
+            else "no envelope (yet)"
+        )
+        for r in rows
+    ]
+    return rows, "\n".join(lines) or "the spool is empty"
 
 
 async def _queue(args: argparse.Namespace, store: Store) -> tuple[Any, str]:

@@ -278,7 +278,8 @@ class Spool:
             tmp.unlink(missing_ok=True)
         return out
 
-    def _envelope(self, eml: Path) -> Envelope | None:
+    @staticmethod
+    def _envelope(eml: Path) -> Envelope | None:
         try:
             return Envelope.from_json(eml.with_suffix(".json").read_bytes())
         except FileNotFoundError:
@@ -355,3 +356,37 @@ class Spool:
         # An envelope file, where there is one, goes first: the commit point.
         unlink_quietly(f"{self.incoming_dir}/{queue_id}.json")
         unlink_quietly(f"{self.incoming_dir}/{queue_id}.eml")
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A message in incoming/, as ``spooled`` lists it."""
+
+    queue_id: str
+    written: float  # its file's mtime
+    size: int
+    envelope: Envelope | None  # None: none (yet), or one that cannot be read
+
+
+def spooled(root: Path) -> list[Spooled]:
+    """The messages in ``root``/incoming/, oldest first, read only (for the CLI: a
+    ``Spool`` clears tmp/ when it is made, which the daemon's sessions are writing)."""
+    incoming = root / "incoming"
+    out = []
+    try:
+        entries = list(os.scandir(incoming))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not entry.name.endswith(".eml"):
+            continue
+        try:
+            stat = entry.stat()
+        except FileNotFoundError:
+            continue  # processed meanwhile
+        try:
+            envelope = Spool._envelope(Path(entry.path))
+        except (OSError, ValueError, TypeError, KeyError):
+            envelope = None
+        out.append(Spooled(entry.name[: -len(".eml")], stat.st_mtime, stat.st_size, envelope))
+    return sorted(out, key=lambda m: (m.written, m.queue_id))

@@ -55,10 +55,14 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 
 def counter(d: Daemon, name: str, listener: str) -> float:
+    return metric(d, f'{name}{{listener="{listener}"}}')
+
+
+def metric(d: Daemon, sample: str) -> float:
     with urllib.request.urlopen(d.base + "/metrics", timeout=5) as resp:
         text = resp.read().decode()
     for line in text.splitlines():
-        if line.startswith(f'{name}{{listener="{listener}"}} '):
+        if line.startswith(f"{sample} "):
             return float(line.split()[-1])
     return 0.0
 
@@ -230,13 +234,24 @@ def test_a_message_a_worker_spooled_and_never_reported_is_processed_without_a_re
         partial = incoming / f".{qid}.part"
         partial.write_bytes(data)
         os.setxattr(partial, ENVELOPE_ATTRIBUTE, envelope.to_json())
-        os.utime(partial, (time.time() - 120, time.time() - 120))
         os.replace(partial, incoming / f"{qid}.eml")
+        # Written just now: left alone for a minute (it could be on its way), and seen
+        # by the CLI and the gauge meanwhile.
+        [listed] = d.cli("spool", "list")
+        assert (listed["id"], listed["sender"], listed["recipients"]) == (
+            qid,
+            "sender@example.org",
+            ["user@mail.test"],
+        )
+        assert listed["size"] == len(data) and listed["client_ip"] == "192.0.2.7"
+        assert metric(d, "gehirn_spool_messages") == 1.0
+        os.utime(incoming / f"{qid}.eml", (time.time() - 120, time.time() - 120))
         wait_for(lambda: d.call("GET", f"/v1/received/{qid}", token=token)[0] == 200)
         status, event = d.call("GET", f"/v1/events/received.{qid}.acme", token=token)
         assert status == 200 and "left behind" in json.dumps(event)
         wait_for(lambda: not (incoming / f"{qid}.eml").exists())
         assert "processed 1 messages left in the spool" in d.output()
+        assert d.cli("spool", "list") == [] and metric(d, "gehirn_spool_messages") == 0.0
     finally:
         d.stop()
 

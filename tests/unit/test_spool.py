@@ -178,3 +178,33 @@ class SpoolTests(unittest.TestCase):
         assert other.tmp_dir != spool.tmp_dir and spool.load(theirs.queue_id) == theirs
         assert spool.load("0123456789ABCDEF") is None
         assert spool.load("../gehirn-ts.sqlite") is None
+
+    @inline
+    async def test_the_cli_listing_reads_both_layouts_and_moves_nothing(self) -> None:
+        root = Path(self.mktemp())
+        in_attribute = await self._commit(self._attribute_spool(root))
+        in_file = await self._commit(Spool(root, attributes=False))
+        bare = root / "incoming" / "1BARE.eml"
+        bare.write_bytes(MESSAGE)
+        broken = root / "incoming" / "1BROKEN.eml"
+        broken.write_bytes(MESSAGE)
+        os.setxattr(broken, ENVELOPE_ATTRIBUTE, b"{not json")
+        for n, path in enumerate(
+            (
+                root / "incoming" / f"{in_attribute.queue_id}.eml",
+                root / "incoming" / f"{in_file.queue_id}.eml",
+                bare,
+                broken,
+            )
+        ):
+            os.utime(path, (1000.0 + n, 1000.0 + n))
+        listed = spool_module.spooled(root)
+        assert [(m.queue_id, m.envelope) for m in listed] == [
+            (in_attribute.queue_id, in_attribute),
+            (in_file.queue_id, in_file),
+            ("1BARE", None),
+            ("1BROKEN", None),
+        ]
+        assert listed[0].size == len(MESSAGE) and listed[0].written == 1000.0
+        assert bare.exists() and broken.exists()  # nothing moved to orphaned/
+        assert spool_module.spooled(Path(self.mktemp())) == []
