@@ -51,6 +51,12 @@ class Line:
     seconds: float = 0.0
 
 
+def shareable(ip: str) -> bool:
+    """Whether a session's client address can be counted over the workers (a UNIX
+    socket's peer, which has no IP address, is counted by its worker alone)."""
+    return _IP.fullmatch(ip) is not None
+
+
 def line(kind: str, listener: str, ip: str, seconds: float | None = None) -> bytes:
     text = f"{kind} {listener} {ip}" if seconds is None else f"{kind} {listener} {ip} {seconds:.3f}"
     return text.encode("ascii") + b"\n"

@@ -37,7 +37,7 @@ from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
 from gehirn_ts.mta.address import Mailbox, parse_path
-from gehirn_ts.mta.anvil import SharedLimits
+from gehirn_ts.mta.anvil import SharedLimits, shareable
 from gehirn_ts.mta.anvil import line as anvil_line
 from gehirn_ts.mta.params import MailParams, RcptParams, parse_mail, parse_rcpt
 from gehirn_ts.mta.replies import Reply, SmtpError
@@ -786,7 +786,7 @@ class EsmtpFactory(ServerFactory):
         if self.shared is not None and self.shared.full(self.listener, ip):
             return False
         self._connections[ip] = self._connections.get(ip, 0) + 1
-        if self.report is not None:
+        if self.report is not None and shareable(ip):
             self.report(anvil_line("open", self.listener, ip))
         return True
 
@@ -796,12 +796,12 @@ class EsmtpFactory(ServerFactory):
             self._connections.pop(ip, None)
         else:
             self._connections[ip] = left
-        if self.report is not None:
+        if self.report is not None and shareable(ip):
             self.report(anvil_line("close", self.listener, ip))
 
     def auth_failed(self, ip: str) -> None:
         self._auth_failures.setdefault(ip, deque()).append(self.clock.seconds())
-        if self.report is not None:
+        if self.report is not None and shareable(ip):
             self.report(anvil_line("authfail", self.listener, ip))
 
     def auth_blocked(self, ip: str) -> bool:

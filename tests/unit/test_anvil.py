@@ -6,7 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gehirn_ts.mta import anvil as anvil_module
-from gehirn_ts.mta.anvil import NOTICES, REPORTS, Anvil, Limits, SharedLimits, line, parse
+from gehirn_ts.mta.anvil import (
+    NOTICES,
+    REPORTS,
+    Anvil,
+    Limits,
+    SharedLimits,
+    line,
+    parse,
+    shareable,
+)
 
 
 class _Clock:
@@ -159,3 +168,8 @@ def test_what_ran_out_is_forgotten_when_many_addresses_are_known(monkeypatch) ->
         shared.notice(f"block smtp 192.0.2.{n} 10.000".encode())
     assert sorted(anvil._failures) == [("smtp", f"192.0.2.{n}") for n in range(100, 105)]
     assert sorted(shared._blocked) == [("smtp", f"192.0.2.{n}") for n in range(100, 105)]
+
+
+def test_only_an_ip_address_is_counted_over_the_workers() -> None:
+    assert shareable("192.0.2.1") and shareable("2001:db8::1") and shareable("fe80::1%eth0")
+    assert not shareable("UNIXAddress('/run/smtp.sock')") and not shareable("")
