@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gehirn_ts.mta.workers import LISTENERS
+from gehirn_ts.mta.workers import LISTENERS, words_of
 
 # A client address as a session has it: IPv4 or IPv6 text (a zone index included).
 _IP = re.compile(r"[0-9A-Za-z.:%_-]{1,64}")
@@ -64,13 +64,10 @@ def line(kind: str, listener: str, ip: str, seconds: float | None = None) -> byt
 
 def parse(data: bytes, kinds: tuple[str, ...]) -> Line | None:
     """A line of one of ``kinds`` (without its LF); None for anything else."""
-    if len(data) > LINE:
+    words = words_of(data, LINE)
+    if words is None or len(words) not in (3, 4):
         return None
-    try:
-        words = data.decode("ascii").split(" ")
-    except UnicodeDecodeError:
-        return None
-    if len(words) not in (3, 4) or words[0] not in kinds or words[1] not in LISTENERS:
+    if words[0] not in kinds or words[1] not in LISTENERS:
         return None
     if not _IP.fullmatch(words[2]):
         return None

@@ -76,13 +76,21 @@ def count_line(counter: str, listener: str, amount: int) -> bytes:
     return f"count {counter} {listener} {amount}\n".encode("ascii")
 
 
-def parse_report(line: bytes) -> Accepted | Count | None:
-    """A worker's report line (without its LF); None for anything else."""
-    if len(line) > REPORT_LINE:
+def words_of(line: bytes, longest: int) -> list[str] | None:
+    """The words of a line between the processes (ASCII, one space between words);
+    None if it is longer than ``longest`` or not ASCII."""
+    if len(line) > longest:
         return None
     try:
-        words = line.decode("ascii").split(" ")
+        return line.decode("ascii").split(" ")
     except UnicodeDecodeError:
+        return None
+
+
+def parse_report(line: bytes) -> Accepted | Count | None:
+    """A worker's report line (without its LF); None for anything else."""
+    words = words_of(line, REPORT_LINE)
+    if words is None:
         return None
     if len(words) == 2 and words[0] == "accepted" and _QID.fullmatch(words[1]):
         return Accepted(words[1])
