@@ -261,27 +261,19 @@ def test_the_per_ip_limits_hold_over_all_workers(tmp_path: Path) -> None:
         tmp_path, smtp={"workers": 2, "max_connections_per_ip": 2, "auth_failures": 3}
     ).start()
     try:
-        wait_for(lambda: workers_of(d))
-        # Sessions: each one to whichever worker the kernel hands it; the third and
-        # later are refused wherever they land (a worker alone would take two).
-        greetings, held = [], []
-        for _ in range(8):
+        one, other = wait_for(lambda: workers_of(d))
+
+        def only(pid: int) -> None:
+            """Sessions from now on go to worker ``pid``: the other is stopped, after
+            ``pid`` had a moment to read the notices the main process sent it."""
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.3)
+            os.kill(other if pid == one else one, signal.SIGSTOP)
+
+        def session() -> tuple[bytes, socket.socket]:
             sock = socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10)
-            greetings.append(sock.makefile("rb").readline()[:3])
-            held.append(sock)
-            time.sleep(0.3)  # the notice from the main process reaches both workers
-        assert greetings.count(b"220") == 2, greetings
-        assert greetings.count(b"421") == 6
-        for sock in held:
-            sock.close()
+            return sock.makefile("rb").readline()[:3], sock
 
-        def greeted() -> bool:
-            with socket.create_connection(("127.0.0.1", d.smtp_port), timeout=10) as sock:
-                return sock.makefile("rb").readline().startswith(b"220")
-
-        wait_for(greeted)  # room again once they closed
-
-        # AUTH failures on sessions in either worker count together.
         def auth(password: bytes) -> int:
             with smtplib.SMTP_SSL(
                 "127.0.0.1", d.submissions_port, context=insecure(), timeout=10
@@ -290,9 +282,37 @@ def test_the_per_ip_limits_hold_over_all_workers(tmp_path: Path) -> None:
                 plain = base64.b64encode(b"\0someone\0" + password).decode()
                 return s.docmd("AUTH", "PLAIN " + plain)[0]
 
-        for _ in range(3):
-            assert auth(b"wrong") == 535
-            time.sleep(0.3)
-        assert [auth(b"wrong") for _ in range(6)] == [454] * 6
+        # Two sessions in one worker: the other, which has none, refuses a third.
+        only(one)
+        first, second = session(), session()
+        assert (first[0], second[0]) == (b"220", b"220")
+        only(other)
+        third = session()
+        assert third[0] == b"421"
+        for _, sock in (first, second, third):
+            sock.close()
+        # Three failed AUTH attempts in one worker: the other refuses AUTH too.
+        only(one)
+        assert [auth(b"wrong") for _ in range(3)] == [535] * 3
+        only(other)
+        assert auth(b"wrong") == 454
+
+        # A limit changed by SIGHUP holds over the workers too.
+        for pid in (one, other):
+            os.kill(pid, signal.SIGCONT)
+        assert d.proc is not None
+        d.config.write_text(
+            d.config.read_text().replace("max_connections_per_ip = 2", "max_connections_per_ip = 1")
+        )
+        d.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: d.output().count("reloaded the configuration") == 3)  # and workers
+        only(one)
+        held = session()
+        assert held[0] == b"220"
+        only(other)
+        assert session()[0] == b"421"
+        held[1].close()
     finally:
+        for pid in workers_of(d) or []:
+            os.kill(pid, signal.SIGCONT)
         d.stop()
