@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -693,7 +693,33 @@ def _outbound(
     return queue, outbound
 
 
-class _Resume(Service):
+class _Periodic(Service):
+    """A service with a coroutine run every so often on its clock, from ``_every`` on
+    until the service stops."""
+
+    _loop: LoopingCall | None = None
+
+    def _every(
+        self,
+        interval: float,
+        job: Callable[[], Coroutine[Any, Any, Any]],
+        clock: Any,
+        now: bool,
+        what: str,
+    ) -> None:
+        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(job()))
+        self._loop.clock = clock
+        self._loop.start(interval, now=now).addErrback(
+            lambda f: log.failure("{what} stopped", f, what=what)
+        )
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+class _Resume(_Periodic):
     """At start, processes the received mail a previous run left in the spool; then,
     every ``interval`` seconds, what is still there ``STALE_AFTER`` seconds after it
     was written (docs/mta.md, "Durability")."""
@@ -702,7 +728,6 @@ class _Resume(Service):
         self._inbound = inbound
         self._interval = interval
         self._clock = clock
-        self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -712,18 +737,8 @@ class _Resume(Service):
         d.addBoth(lambda _: self._start_loop())
 
     def _start_loop(self) -> None:
-        if not self.running or self._interval <= 0:
-            return
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.retry()))
-        self._loop.clock = self._clock
-        self._loop.start(self._interval, now=False).addErrback(
-            lambda f: log.failure("looking through the spool stopped", f)
-        )
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self.running and self._interval > 0:
+            self._every(self._interval, self.retry, self._clock, False, "looking through the spool")
 
     async def _resume(self) -> None:
         n = await self._inbound.resume()
@@ -741,7 +756,7 @@ class _Resume(Service):
         return n
 
 
-class _Retention(Service):
+class _Retention(_Periodic):
     """Deletes received mail past its retention, hourly."""
 
     def __init__(self, routes: RouteStore, kvs: Path, retention: float, clock: Any) -> None:
@@ -749,19 +764,10 @@ class _Retention(Service):
         self._kvs = kvs
         self._retention = retention
         self._clock = clock
-        self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(lambda: Deferred.fromCoroutine(self.expire()))
-        self._loop.clock = self._clock
-        d = self._loop.start(3600, now=True)
-        d.addErrback(lambda f: log.failure("retention stopped", f))
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._every(3600, self.expire, self._clock, True, "retention")
 
     def _unlink(self, objects: list[str]) -> None:
         for obj in objects:
