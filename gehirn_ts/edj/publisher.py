@@ -33,11 +33,13 @@ class Publisher:
         if conflict is not None:
             raise conflict
 
-    def publish_many(self, events: Sequence[Event]) -> Deferred[list[Conflict | None]]:
+    def publish_many(
+        self, events: Sequence[Event], with_store: Callable[[Cursor], object] | None = None
+    ) -> Deferred[list[Conflict | None]]:
         """Publish events together (one store and one bus interaction for all). For each
         event in order: None when it is published, or the Conflict of an id taken by
-        another event. Fires when all are durable."""
-        return Deferred.fromCoroutine(self._publish_many(events))
+        another event. Fires when all are durable. ``with_store`` as in ``publish``."""
+        return Deferred.fromCoroutine(self._publish_many(events, with_store))
 
     async def _publish_many(
         self, events: Sequence[Event], with_store: Callable[[Cursor], object] | None = None

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from sqlite3 import Cursor
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
@@ -71,6 +74,23 @@ def _copy_object(source: str, target: str) -> None:
     os.replace(tmp, target)
     fsync_directory(os.path.dirname(target))
 
+
+@dataclass
+class _Prepared:
+    """A received message ready for the store: what ``Inbound._settle`` needs after it."""
+
+    envelope: Envelope
+    linked: bool  # its KVS object is a new name in the KVS directory
+    relayed: list[Recipient]
+    forwarded: dict[str, list[NewRecipient]]
+    accounts: list[str]
+    published: list[tuple[Event, Callable[[Cursor], object]]] = field(default_factory=list)
+    unowned: list[Received] = field(default_factory=list)
+    failed: Exception | None = None
+
+
+# Received messages processed together (``Inbound.accepted``).
+BATCH = 64
 
 OwnerLookup = Callable[[str], Awaitable[str | None]]
 AccountId = Callable[[str], Awaitable[int | None]]
@@ -127,16 +147,21 @@ class Inbound:
         # The KVS directory's new names on disk, many messages' in one fsync.
         self._kvs_names = DirectorySync(spool.threads, self._kvs_dir)
         self._active: set[str] = set()
+        # Received messages waiting for the batch being processed to end.
+        self._waiting: list[Envelope] = []
+        self._draining = False
 
     def accepted(self, envelope: Envelope, kinds: dict[str, str] | None = None) -> None:
-        d = Deferred.fromCoroutine(self.process(envelope))
-        d.addErrback(
-            lambda f: log.failure(
-                "processing received {qid} failed; it stays spooled and is tried again later",
-                f,
-                qid=envelope.queue_id,
+        """A message was spooled (its 250 is sent): processed with those that come in
+        while the batch before them is being stored. A message alone goes at once;
+        under load, one store transaction, one bus interaction and one fsync of the
+        KVS directory serve many (docs/performance.md, session 21)."""
+        self._waiting.append(envelope)
+        if not self._draining:
+            self._draining = True
+            Deferred.fromCoroutine(self._drain()).addErrback(
+                lambda f: log.failure("processing received messages failed", f)
             )
-        )
 
     async def resume(self) -> int:
         pending = self._spool.pending()
@@ -187,16 +212,93 @@ class Inbound:
                 return done
 
     async def process(self, envelope: Envelope) -> None:
+        """Process one spooled message (at a start, at a look at the spool)."""
         qid = envelope.queue_id
         if qid in self._active:
             return
         self._active.add(qid)
         try:
-            await self._process(envelope)
+            (failed,) = await self._process_many([envelope])
+            if failed is not None:
+                raise failed
         finally:
             self._active.discard(qid)
 
-    async def _process(self, envelope: Envelope) -> None:
+    async def _drain(self) -> None:
+        """Process what was received, a batch at a time, until nothing waits."""
+        try:
+            while self._waiting:
+                batch = [e for e in self._waiting[:BATCH] if e.queue_id not in self._active]
+                del self._waiting[:BATCH]
+                qids = {e.queue_id for e in batch}
+                self._active.update(qids)
+                try:
+                    outcomes = await self._process_many(batch)
+                except Exception:
+                    log.failure(
+                        "processing {n} received messages failed; they stay spooled and are "
+                        "tried again later",
+                        n=len(batch),
+                    )
+                else:
+                    for envelope, failed in zip(batch, outcomes, strict=True):
+                        if failed is not None:
+                            log.failure(
+                                "processing received {qid} failed; it stays spooled and is "
+                                "tried again later",
+                                Failure(failed),
+                                qid=envelope.queue_id,
+                            )
+                finally:
+                    self._active.difference_update(qids)
+        finally:
+            self._draining = False
+
+    async def _process_many(self, envelopes: list[Envelope]) -> list[Exception | None]:
+        """Process messages together: their index rows and events go in one store
+        transaction and one bus interaction. For each, in order: None when it is
+        processed (and unspooled), else what failed it (it stays spooled)."""
+        prepared = []
+        outcomes: list[Exception | None] = []
+        for envelope in envelopes:
+            try:
+                prepared.append(await self._prepare(envelope))
+                outcomes.append(None)
+            except Exception as e:
+                outcomes.append(e)
+        if any(p.linked for p in prepared):
+            # The KVS objects' new names on disk, in one directory fsync for all.
+            await self._kvs_names.sync()
+        published = [(p, event, tx) for p in prepared for event, tx in p.published]
+        if published:
+            txs = [tx for _, _, tx in published]
+
+            def with_store(cur: Cursor) -> None:
+                for tx in txs:
+                    tx(cur)
+
+            conflicts = await self._publisher.publish_many(
+                [event for _, event, _ in published], with_store=with_store
+            )
+            for (p, _, _), conflict in zip(published, conflicts, strict=True):
+                if conflict is not None:
+                    p.failed = conflict
+        for p in prepared:
+            if p.failed is not None:
+                continue
+            try:
+                await self._settle(p)
+            except Exception as e:
+                p.failed = e
+        failed = {p.envelope.queue_id: p.failed for p in prepared}
+        return [
+            o if o is not None else failed.get(e.queue_id)
+            for e, o in zip(envelopes, outcomes, strict=True)
+        ]
+
+    async def _prepare(self, envelope: Envelope) -> _Prepared:
+        """The routes of a message's recipients, its summary and DKIM results, its KVS
+        object, and the index rows and events to store."""
         qid = envelope.queue_id
         by_account: dict[str | None, list[dict[str, Any]]] = {}
         relayed: list[Recipient] = []
@@ -226,8 +328,9 @@ class Inbound:
         spf_data = envelope.extra.get("spf")
         spf = SpfResult(**{**spf_data, "header": ""}) if spf_data else None
         obj = f"{qid}.eml"
+        linked = False
         if envelope.size <= INLINE_BYTES:
-            summary, dkim_results = await self._examine_here(qid, bool(by_account))
+            summary, dkim_results, linked = await self._examine_here(qid, bool(by_account))
         else:
             # One trip to a thread for the reading, the checks and the KVS object.
             summary, dkim_results = await self._spool.threads.run(
@@ -238,6 +341,9 @@ class Inbound:
         # (RFC 8601) is kept here and put on top when the raw message is read.
         results_field = (
             authentication_results(self._hostname, spf, dkim_results).decode() if by_account else ""
+        )
+        prepared = _Prepared(
+            envelope, linked, relayed, forwarded, sorted(a or "postmaster" for a in by_account)
         )
         for account, rcpts in by_account.items():
             meta = {
@@ -264,17 +370,26 @@ class Inbound:
                 meta=meta,
             )
             if account is None:
-                await self._mail.record_received(received)
+                prepared.unowned.append(received)
             else:
                 # The index row and the event in one transaction: a received message
                 # is listed exactly when its event is stored (and one store round trip
                 # a message fewer).
-                await self._publisher.publish(
-                    self._event(envelope, account, rcpts, meta),
-                    with_store=self._mail.received_tx(received),
+                prepared.published.append(
+                    (self._event(envelope, account, rcpts, meta), self._mail.received_tx(received))
                 )
-        if relayed or forwarded:
-            await self._queue_onwards(envelope, self._spool.message_path(qid), relayed, forwarded)
+        return prepared
+
+    async def _settle(self, p: _Prepared) -> None:
+        """After the store: the postmaster's rows, the mail to pass on, and the spool."""
+        envelope = p.envelope
+        qid = envelope.queue_id
+        for received in p.unowned:
+            await self._mail.record_received(received)
+        if p.relayed or p.forwarded:
+            await self._queue_onwards(
+                envelope, self._spool.message_path(qid), p.relayed, p.forwarded
+            )
         if envelope.size <= INLINE_BYTES:
             self._spool.remove(qid)  # two small files: metadata work, as the renames
         else:
@@ -283,8 +398,8 @@ class Inbound:
         log.info(
             "received {qid} stored for {accounts}{relay}",
             qid=qid,
-            accounts=sorted(a or "postmaster" for a in by_account),
-            relay=f", {len(relayed)} recipients relayed" if relayed else "",
+            accounts=p.accounts,
+            relay=f", {len(p.relayed)} recipients relayed" if p.relayed else "",
         )
 
     async def _queue_onwards(
@@ -368,7 +483,9 @@ class Inbound:
             },
         )
 
-    async def _examine_here(self, qid: str, store: bool) -> tuple[dict[str, Any], list[DkimResult]]:
+    async def _examine_here(
+        self, qid: str, store: bool
+    ) -> tuple[dict[str, Any], list[DkimResult], bool]:
         """``_examine`` for a small message: the reading and the summary here, on the
         reactor thread (page-cache work, as the DATA lines were), and the KVS object's
         link; only a DKIM check (it asks DNS) and the directory's fsync go to a thread,
@@ -383,13 +500,13 @@ class Inbound:
         if self._dkim_verify is not None and is_signed(whole):
             dkim_results = await threads.run(self._dkim_verify, whole)
         summary = summarize(whole[:SUMMARY_BYTES])
+        linked = False
         if store:
             target = f"{self._kvs_dir}/{qid}.eml"
-            if _link_object(source, target):
-                await self._kvs_names.sync()
-            else:
+            linked = _link_object(source, target)
+            if not linked:
                 await threads.run(_copy_object, source, target)
-        return summary, dkim_results
+        return summary, dkim_results, linked
 
     def _examine(self, qid: str, store: bool) -> tuple[dict[str, Any], list[DkimResult]]:
         """Summary and DKIM results of a spooled message, and its KVS object when

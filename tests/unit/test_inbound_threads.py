@@ -31,11 +31,11 @@ class _Publisher:
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    def publish(self, event: Any, with_store: Any = None) -> Any:
+    def publish_many(self, events: list[Any], with_store: Any = None) -> Any:
         if with_store is not None:
             with_store(None)  # in the store's transaction
-        self.events.append(event)
-        return succeed(None)
+        self.events.extend(events)
+        return succeed([None] * len(events))
 
 
 def acme_inbound(spool: Spool, kvs: Path, mail: Any, publisher: Any, **kw: Any) -> Inbound:

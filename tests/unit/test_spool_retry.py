@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import inbound as inbound_module
 from gehirn_ts.mta.spool import Envelope, Spool
+from gehirn_ts.store.db import Conflict
 from gehirn_ts.tap import STALE_AFTER, _Resume
 from tests.support import inline, recording_workers, spooled_envelope, until
 from tests.unit.test_inbound_threads import _Mail, acme_inbound
@@ -27,21 +28,26 @@ class _FlakyPublisher:
     def __init__(self, failures: int = 0) -> None:
         self.failures = failures
         self.events: list[Any] = []
-        self.held: list[Deferred[None]] = []
+        self.held: list[Deferred[list[Any]]] = []
         self.hold = False
+        self.calls: list[int] = []  # how many events each publish carried
+        self.conflicting: set[str] = set()  # subjects whose event id is taken
 
-    def publish(self, event: Any, with_store: Any = None) -> Deferred[None]:
+    def publish_many(self, events: list[Any], with_store: Any = None) -> Deferred[list[Any]]:
+        self.calls.append(len(events))
         if self.failures:
             self.failures -= 1
             return fail(OSError("disk I/O error"))
         if with_store is not None:
             with_store(None)
-        self.events.append(event)
+        taken = [e.data["subject"] in self.conflicting for e in events]
+        self.events.extend(e for e, t in zip(events, taken, strict=True) if not t)
+        done = [Conflict("id", "taken") if t else None for t in taken]
         if self.hold:
-            d: Deferred[None] = Deferred()
+            d: Deferred[list[None]] = Deferred()
             self.held.append(d)
             return d
-        return succeed(None)
+        return succeed(done)
 
 
 class SpoolRetryTests(unittest.TestCase):
@@ -122,7 +128,7 @@ class SpoolRetryTests(unittest.TestCase):
         await until(lambda: self.publisher.held)
         assert await self.inbound.retry(time.time()) == 0
         assert self._subjects() == ["busy"]  # published once
-        self.publisher.held[0].callback(None)
+        self.publisher.held[0].callback([None])
         await first
         assert list(self.spool.incoming.iterdir()) == []
 

@@ -1,0 +1,91 @@
+"""Received messages are processed in batches: those spooled while one batch is being
+stored go together in the next (``Inbound.accepted``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from twisted.trial import unittest
+
+from gehirn_ts.mta.spool import Envelope, Spool
+from tests.support import inline, recording_workers, spooled_envelope, until
+from tests.unit.test_inbound_threads import _Mail, acme_inbound
+from tests.unit.test_spool_retry import _FlakyPublisher
+
+
+class BatchTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.workers, _ = recording_workers(self)
+        root = Path(self.mktemp())
+        self.spool = Spool(root / "spool", self.workers)
+        self.kvs = root / "kvs"
+        self.mail, self.publisher = _Mail(), _FlakyPublisher()
+        self.inbound = acme_inbound(self.spool, self.kvs, self.mail, self.publisher)
+
+    async def _spooled(self, subject: str) -> Envelope:
+        incoming = self.spool.begin()
+        incoming.write(f"From: a@x.test\r\nSubject: {subject}\r\n\r\nbody\r\n".encode())
+        envelope: Envelope = spooled_envelope(incoming)
+        await incoming.commit(envelope)
+        return envelope
+
+    def _subjects(self) -> list[str]:
+        return [e.data["subject"] for e in self.publisher.events]
+
+    def _spooled_now(self) -> list[str]:
+        return sorted(p.name for p in self.spool.incoming.iterdir() if p.suffix == ".eml")
+
+    @inline
+    async def test_what_comes_in_while_a_batch_is_stored_goes_in_the_next(self) -> None:
+        self.publisher.hold = True
+        first = await self._spooled("m0")
+        self.inbound.accepted(first)
+        await until(lambda: self.publisher.held)
+        later = [await self._spooled(f"m{n}") for n in range(1, 4)]
+        for envelope in later:
+            self.inbound.accepted(envelope)
+        assert self.publisher.calls == [1]  # the three wait for the first
+        self.publisher.hold = False
+        self.publisher.held[0].callback([None])
+        await until(lambda: len(self.publisher.calls) == 2)
+        assert self.publisher.calls == [1, 3]  # one store interaction for the three
+        assert self._subjects() == ["m0", "m1", "m2", "m3"]
+        await until(lambda: self._spooled_now() == [])
+        for envelope in [first, *later]:
+            assert (self.kvs / f"{envelope.queue_id}.eml").exists()
+        assert [r.id for r in self.mail.received] == [e.queue_id for e in [first, *later]]
+
+    @inline
+    async def test_a_message_whose_event_fails_alone_stays_spooled_alone(self) -> None:
+        self.publisher.hold = True
+        self.inbound.accepted(await self._spooled("m0"))
+        await until(lambda: self.publisher.held)
+        self.publisher.conflicting = {"bad"}
+        bad = await self._spooled("bad")
+        for envelope in (await self._spooled("m1"), bad, await self._spooled("m2")):
+            self.inbound.accepted(envelope)
+        self.publisher.hold = False
+        self.publisher.held[0].callback([None])
+        await until(lambda: self._spooled_now() == [f"{bad.queue_id}.eml"])
+        assert self.publisher.calls == [1, 3]
+        assert self._subjects() == ["m0", "m1", "m2"]
+        assert len(self.flushLoggedErrors()) == 1  # that message's failure, logged
+
+    @inline
+    async def test_a_store_that_fails_leaves_the_batch_spooled_for_the_retry(self) -> None:
+        self.publisher.hold = True
+        self.inbound.accepted(await self._spooled("m0"))
+        await until(lambda: self.publisher.held)
+        for n in (1, 2, 3):
+            self.inbound.accepted(await self._spooled(f"m{n}"))
+        self.publisher.hold = False
+        self.publisher.failures = 1  # the second batch's store fails
+        self.publisher.held[0].callback([None])
+        await until(lambda: len(self.publisher.calls) == 2)
+        await until(lambda: not self.inbound._draining)
+        assert len(self._spooled_now()) == 3
+        assert len(self.flushLoggedErrors(OSError)) == 1  # one traceback for the batch
+        assert await self.inbound.retry(time.time() + 60) == 3
+        assert self._subjects() == ["m0", "m1", "m2", "m3"]
+        assert self._spooled_now() == []
