@@ -164,14 +164,10 @@ class Inbound:
             )
 
     async def resume(self) -> int:
+        """Process what the spool holds (at a start), a batch at a time."""
         pending = self._spool.pending()
-        for envelope in pending:
-            try:
-                await self.process(envelope)
-            except Exception:
-                log.failure(
-                    "processing spooled {qid} failed; it stays spooled", qid=envelope.queue_id
-                )
+        for start in range(0, len(pending), BATCH):
+            await self._process_logged(pending[start : start + BATCH])
         return len(pending)
 
     async def _refresh_gauges(self) -> None:
@@ -228,31 +224,38 @@ class Inbound:
         """Process what was received, a batch at a time, until nothing waits."""
         try:
             while self._waiting:
-                batch = [e for e in self._waiting[:BATCH] if e.queue_id not in self._active]
+                batch = self._waiting[:BATCH]
                 del self._waiting[:BATCH]
-                qids = {e.queue_id for e in batch}
-                self._active.update(qids)
-                try:
-                    outcomes = await self._process_many(batch)
-                except Exception:
-                    log.failure(
-                        "processing {n} received messages failed; they stay spooled and are "
-                        "tried again later",
-                        n=len(batch),
-                    )
-                else:
-                    for envelope, failed in zip(batch, outcomes, strict=True):
-                        if failed is not None:
-                            log.failure(
-                                "processing received {qid} failed; it stays spooled and is "
-                                "tried again later",
-                                Failure(failed),
-                                qid=envelope.queue_id,
-                            )
-                finally:
-                    self._active.difference_update(qids)
+                await self._process_logged(batch)
         finally:
             self._draining = False
+
+    async def _process_logged(self, envelopes: list[Envelope]) -> None:
+        """``_process_many`` for those not being processed already, with what failed
+        logged: a store that failed once for the batch, else each message that failed.
+        What failed stays spooled, for the spool's next look or the next start."""
+        batch = [e for e in envelopes if e.queue_id not in self._active]
+        qids = {e.queue_id for e in batch}
+        self._active.update(qids)
+        try:
+            outcomes = await self._process_many(batch)
+        except Exception:
+            log.failure(
+                "processing {n} spooled messages failed; they stay spooled and are tried "
+                "again later",
+                n=len(batch),
+            )
+        else:
+            for envelope, failed in zip(batch, outcomes, strict=True):
+                if failed is not None:
+                    log.failure(
+                        "processing spooled {qid} failed; it stays spooled and is tried "
+                        "again later",
+                        Failure(failed),
+                        qid=envelope.queue_id,
+                    )
+        finally:
+            self._active.difference_update(qids)
 
     async def _process_many(self, envelopes: list[Envelope]) -> list[Exception | None]:
         """Process messages together: their index rows and events go in one store

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
+from gehirn_ts.mta import inbound as inbound_module
 from gehirn_ts.mta.spool import Envelope, Spool
 from tests.support import inline, recording_workers, spooled_envelope, until
 from tests.unit.test_inbound_threads import _Mail, acme_inbound
@@ -88,4 +89,19 @@ class BatchTests(unittest.TestCase):
         assert len(self.flushLoggedErrors(OSError)) == 1  # one traceback for the batch
         assert await self.inbound.retry(time.time() + 60) == 3
         assert self._subjects() == ["m0", "m1", "m2", "m3"]
+        assert self._spooled_now() == []
+
+    @inline
+    async def test_a_start_processes_the_spool_a_batch_at_a_time(self) -> None:
+        self.patch(inbound_module, "BATCH", 2)
+        for n in range(5):
+            await self._spooled(f"m{n}")
+        self.publisher.failures = 1  # the first batch's store fails: it stays spooled
+        assert await self.inbound.resume() == 5
+        assert self.publisher.calls == [2, 2, 1]
+        assert sorted(self._subjects()) == ["m2", "m3", "m4"]
+        assert len(self._spooled_now()) == 2
+        assert len(self.flushLoggedErrors(OSError)) == 1  # one traceback for the batch
+        assert await self.inbound.resume() == 2
+        assert sorted(self._subjects()) == ["m0", "m1", "m2", "m3", "m4"]
         assert self._spooled_now() == []
