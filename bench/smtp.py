@@ -1,11 +1,13 @@
 """SMTP receiving benchmark (make bench): messages/s accepted, 20 sessions, 1 KiB and
-100 KiB, load from Postfix's smtp-source, beside aiosmtpd (write + fsync per message)
-and a Postfix instance accepting into its own queue, all in one run. Also the
+100 KiB, load from Postfix's smtp-source, beside two stock servers that write and
+fsync each message and do nothing else (aiosmtpd; twisted.mail's ESMTP, the stack
+gehirn-ts is built on) and a Postfix instance accepting into its own queue, all in one
+run. Also the
 gehirn-ts daemon's peak RSS, and its RSS with 100 sessions open. gehirn-ts runs twice a
 round: as one process (the default), and with one SMTP worker process (``[smtp]
 workers = 1``, docs/operations.md).
 
-The three take turns, ``BENCH_ROUNDS`` times (3): on a shared machine the rate of one
+They take turns, ``BENCH_ROUNDS`` times (3): on a shared machine the rate of one
 run moves by a third from one minute to the next, and a peer measured minutes apart
 compares the minutes, not the servers. The table has each column's median; the
 ratios to Postfix are given round by round. After a part that deleted many files the
@@ -41,6 +43,7 @@ RUNS = [
 ]
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WORKERS_ROW = "  1 SMTP worker"
+TWISTED_ROW = "twisted.mail (fsync)"
 # A row: 1 KiB rate, 100 KiB rate, CPU ms a 1 KiB message, peak RSS, RSS with 100
 # sessions; None where not measured.
 Row = list[float | None]
@@ -230,11 +233,21 @@ def gehirn(workers: int = 0) -> Row:
 
 
 def aiosmtpd() -> Row:
-    work = workdir("bench-aiosmtpd-")
+    return sink("aiosmtpd_sink.py")
+
+
+def twisted_mail() -> Row:
+    return sink("twisted_sink.py")
+
+
+def sink(script: str) -> Row:
+    """A peer that writes and fsyncs each message and does nothing else."""
+    work = workdir("bench-sink-")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "aiosmtpd_sink.py"), str(port), str(work)],
+        [sys.executable, str(ROOT / "bench" / script), str(port), str(work)],
         stdout=subprocess.PIPE,
+        env=ENV,
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
@@ -343,6 +356,7 @@ def main() -> None:
         "gehirn-ts": [],
         WORKERS_ROW: [],
         "aiosmtpd (fsync)": [],
+        TWISTED_ROW: [],
         "Postfix (queue)": [],
     }
     settle()  # after whatever ran before (make bench: the event benchmark)
@@ -350,6 +364,8 @@ def main() -> None:
         rounds["gehirn-ts"].append(gehirn())
         rounds[WORKERS_ROW].append(gehirn(workers=1))
         rounds["aiosmtpd (fsync)"].append(aiosmtpd())
+        rounds[TWISTED_ROW].append(twisted_mail())
+        settle()
         peer = postfix()
         if peer is not None:
             rounds["Postfix (queue)"].append(peer)
@@ -376,7 +392,7 @@ def main() -> None:
             )
         )
     if rounds["Postfix (queue)"]:
-        for name in ("gehirn-ts", WORKERS_ROW):
+        for name in ("gehirn-ts", WORKERS_ROW, TWISTED_ROW):
             for i, label in enumerate(("1 KiB", "100 KiB")):
                 ratios = [
                     f"{(ours[i] or 0.0) / (theirs[i] or 1.0):.0%}"
@@ -388,7 +404,8 @@ def main() -> None:
         "also in the KVS with its mail.received event. CPU ms: the process's CPU time per "
         "1 KiB message (Postfix runs many processes: not measured). RSS in MB. "
         f"{WORKERS_ROW.strip()}: [smtp] workers = 1, CPU and RSS of its two processes "
-        "added up."
+        "added up. aiosmtpd and twisted.mail: the stock servers writing and fsyncing each "
+        "message before the 250, and nothing else."
     )
 
 
