@@ -4,36 +4,13 @@ stored go together in the next (``Inbound.accepted``)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-from twisted.trial import unittest
 
 from gehirn_ts.mta import inbound as inbound_module
-from gehirn_ts.mta.spool import Envelope, Spool
-from tests.support import inline, recording_workers, spooled_envelope, until
-from tests.unit.test_inbound_threads import _Mail, acme_inbound
-from tests.unit.test_spool_retry import _FlakyPublisher
+from tests.support import inline, until
+from tests.unit.test_spool_retry import SpoolCase
 
 
-class BatchTests(unittest.TestCase):
-    def setUp(self) -> None:
-        self.workers, _ = recording_workers(self)
-        root = Path(self.mktemp())
-        self.spool = Spool(root / "spool", self.workers)
-        self.kvs = root / "kvs"
-        self.mail, self.publisher = _Mail(), _FlakyPublisher()
-        self.inbound = acme_inbound(self.spool, self.kvs, self.mail, self.publisher)
-
-    async def _spooled(self, subject: str) -> Envelope:
-        incoming = self.spool.begin()
-        incoming.write(f"From: a@x.test\r\nSubject: {subject}\r\n\r\nbody\r\n".encode())
-        envelope: Envelope = spooled_envelope(incoming)
-        await incoming.commit(envelope)
-        return envelope
-
-    def _subjects(self) -> list[str]:
-        return [e.data["subject"] for e in self.publisher.events]
-
+class BatchTests(SpoolCase):
     def _spooled_now(self) -> list[str]:
         return sorted(p.name for p in self.spool.incoming.iterdir() if p.suffix == ".eml")
 

@@ -50,7 +50,9 @@ class _FlakyPublisher:
         return succeed(done)
 
 
-class SpoolRetryTests(unittest.TestCase):
+class SpoolCase(unittest.TestCase):
+    """A spool, a KVS and an Inbound on them that publishes to a ``_FlakyPublisher``."""
+
     def setUp(self) -> None:
         self.workers, _ = recording_workers(self)
         root = Path(self.mktemp())
@@ -75,6 +77,8 @@ class SpoolRetryTests(unittest.TestCase):
     def _subjects(self) -> list[str]:
         return [e.data["subject"] for e in self.publisher.events]
 
+
+class SpoolRetryTests(SpoolCase):
     @inline
     async def test_stale_lists_the_old_committed_messages_oldest_first(self) -> None:
         older = await self._spooled("older", age=300)
