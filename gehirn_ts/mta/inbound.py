@@ -19,7 +19,7 @@ from pathlib import Path
 from sqlite3 import Cursor
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.python.failure import Failure
 
 from gehirn_ts.edj.publisher import Publisher
@@ -77,7 +77,7 @@ def _copy_object(source: str, target: str) -> None:
 
 @dataclass
 class _Prepared:
-    """A received message ready for the store: what ``Inbound._settle`` needs after it."""
+    """A received message ready for the store, and what ``Inbound._settle`` needs after."""
 
     envelope: Envelope
     linked: bool  # its KVS object is a new name in the KVS directory
@@ -86,10 +86,9 @@ class _Prepared:
     accounts: list[str]
     published: list[tuple[Event, Callable[[Cursor], object]]] = field(default_factory=list)
     unowned: list[Received] = field(default_factory=list)
-    failed: Exception | None = None
 
 
-# Received messages processed together (``Inbound.accepted``).
+# Messages whose rows and events are stored in one call, at most (``Inbound._store``).
 BATCH = 64
 
 OwnerLookup = Callable[[str], Awaitable[str | None]]
@@ -147,27 +146,36 @@ class Inbound:
         # The KVS directory's new names on disk, many messages' in one fsync.
         self._kvs_names = DirectorySync(spool.threads, self._kvs_dir)
         self._active: set[str] = set()
-        # Received messages waiting for the batch being processed to end.
-        self._waiting: list[Envelope] = []
-        self._draining = False
+        # Messages waiting for the store call under way to end (``_store``).
+        self._to_store: list[tuple[_Prepared, Deferred[None]]] = []
+        self._storing = False
 
     def accepted(self, envelope: Envelope, kinds: dict[str, str] | None = None) -> None:
-        """A message was spooled (its 250 is sent): processed with those that come in
-        while the batch before them is being stored. A message alone goes at once;
-        under load, one store transaction, one bus interaction and one fsync of the
-        KVS directory serve many (docs/performance.md, session 21)."""
-        self._waiting.append(envelope)
-        if not self._draining:
-            self._draining = True
-            Deferred.fromCoroutine(self._drain()).addErrback(
-                lambda f: log.failure("processing received messages failed", f)
+        d = Deferred.fromCoroutine(self.process(envelope))
+        d.addErrback(
+            lambda f: log.failure(
+                "processing received {qid} failed; it stays spooled and is tried again later",
+                f,
+                qid=envelope.queue_id,
             )
+        )
 
     async def resume(self) -> int:
-        """Process what the spool holds (at a start), a batch at a time."""
+        """Process what the spool holds (at a start), many at a time: their rows and
+        events are stored together (``_store``)."""
         pending = self._spool.pending()
         for start in range(0, len(pending), BATCH):
-            await self._process_logged(pending[start : start + BATCH])
+            chunk = pending[start : start + BATCH]
+            results = await DeferredList(
+                [Deferred.fromCoroutine(self.process(e)) for e in chunk], consumeErrors=True
+            )
+            for envelope, (ok, failure) in zip(chunk, results, strict=True):
+                if not ok:
+                    log.failure(
+                        "processing spooled {qid} failed; it stays spooled",
+                        failure,
+                        qid=envelope.queue_id,
+                    )
         return len(pending)
 
     async def _refresh_gauges(self) -> None:
@@ -208,96 +216,66 @@ class Inbound:
                 return done
 
     async def process(self, envelope: Envelope) -> None:
-        """Process one spooled message (at a start, at a look at the spool)."""
         qid = envelope.queue_id
         if qid in self._active:
             return
         self._active.add(qid)
         try:
-            (failed,) = await self._process_many([envelope])
-            if failed is not None:
-                raise failed
+            prepared = await self._prepare(envelope)
+            if prepared.linked:
+                await self._kvs_names.sync()
+            if prepared.published:
+                await self._store(prepared)
+            await self._settle(prepared)
         finally:
             self._active.discard(qid)
 
-    async def _drain(self) -> None:
-        """Process what was received, a batch at a time, until nothing waits."""
-        try:
-            while self._waiting:
-                batch = self._waiting[:BATCH]
-                del self._waiting[:BATCH]
-                await self._process_logged(batch)
-        finally:
-            self._draining = False
-
-    async def _process_logged(self, envelopes: list[Envelope]) -> None:
-        """``_process_many`` for those not being processed already, with what failed
-        logged: a store that failed once for the batch, else each message that failed.
-        What failed stays spooled, for the spool's next look or the next start."""
-        batch = [e for e in envelopes if e.queue_id not in self._active]
-        qids = {e.queue_id for e in batch}
-        self._active.update(qids)
-        try:
-            outcomes = await self._process_many(batch)
-        except Exception:
-            log.failure(
-                "processing {n} spooled messages failed; they stay spooled and are tried "
-                "again later",
-                n=len(batch),
+    def _store(self, prepared: _Prepared) -> Deferred[None]:
+        """Store a message's index rows and events, and put the events on the bus,
+        together with those of the messages that come while a store is under way: one
+        store call and one bus interaction for all of them (as a group commit). Each
+        message's own waits (a DKIM key's lookup, a large file read in a thread) stay
+        its own. Fires when they are durable; fails with the Conflict of an event id
+        taken by another event, or with what failed the store call."""
+        d: Deferred[None] = Deferred()
+        self._to_store.append((prepared, d))
+        if not self._storing:
+            self._storing = True
+            Deferred.fromCoroutine(self._store_waiting()).addErrback(
+                lambda f: log.failure("storing received messages failed", f)
             )
-        else:
-            for envelope, failed in zip(batch, outcomes, strict=True):
-                if failed is not None:
-                    log.failure(
-                        "processing spooled {qid} failed; it stays spooled and is tried "
-                        "again later",
-                        Failure(failed),
-                        qid=envelope.queue_id,
+        return d
+
+    async def _store_waiting(self) -> None:
+        try:
+            while self._to_store:
+                batch = self._to_store[:BATCH]
+                del self._to_store[:BATCH]
+                published = [(d, event, tx) for p, d in batch for event, tx in p.published]
+                txs = [tx for _, _, tx in published]
+
+                def with_store(cur: Cursor, txs: list[Callable[[Cursor], object]] = txs) -> None:
+                    for tx in txs:
+                        tx(cur)
+
+                try:
+                    conflicts = await self._publisher.publish_many(
+                        [event for _, event, _ in published], with_store=with_store
                     )
+                except Exception:
+                    failure = Failure()
+                    for _, d in batch:
+                        d.errback(failure)
+                    continue
+                failed = {id(d): c for (d, _, _), c in zip(published, conflicts, strict=True) if c}
+                for _, d in batch:
+                    conflict = failed.get(id(d))
+                    if conflict is None:
+                        d.callback(None)
+                    else:
+                        d.errback(conflict)
         finally:
-            self._active.difference_update(qids)
-
-    async def _process_many(self, envelopes: list[Envelope]) -> list[Exception | None]:
-        """Process messages together: their index rows and events go in one store
-        transaction and one bus interaction. For each, in order: None when it is
-        processed (and unspooled), else what failed it (it stays spooled)."""
-        prepared = []
-        outcomes: list[Exception | None] = []
-        for envelope in envelopes:
-            try:
-                prepared.append(await self._prepare(envelope))
-                outcomes.append(None)
-            except Exception as e:
-                outcomes.append(e)
-        if any(p.linked for p in prepared):
-            # The KVS objects' new names on disk, in one directory fsync for all.
-            await self._kvs_names.sync()
-        published = [(p, event, tx) for p in prepared for event, tx in p.published]
-        if published:
-            txs = [tx for _, _, tx in published]
-
-            def with_store(cur: Cursor) -> None:
-                for tx in txs:
-                    tx(cur)
-
-            conflicts = await self._publisher.publish_many(
-                [event for _, event, _ in published], with_store=with_store
-            )
-            for (p, _, _), conflict in zip(published, conflicts, strict=True):
-                if conflict is not None:
-                    p.failed = conflict
-        for p in prepared:
-            if p.failed is not None:
-                continue
-            try:
-                await self._settle(p)
-            except Exception as e:
-                p.failed = e
-        failed = {p.envelope.queue_id: p.failed for p in prepared}
-        return [
-            o if o is not None else failed.get(e.queue_id)
-            for e, o in zip(envelopes, outcomes, strict=True)
-        ]
+            self._storing = False
 
     async def _prepare(self, envelope: Envelope) -> _Prepared:
         """The routes of a message's recipients, its summary and DKIM results, its KVS

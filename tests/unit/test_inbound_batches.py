@@ -1,11 +1,12 @@
-"""Received messages are processed in batches: those spooled while one batch is being
-stored go together in the next (``Inbound.accepted``)."""
+"""Received messages are stored in batches: the rows and events of those that come while
+one store call is under way go together in the next (``Inbound._store``)."""
 
 from __future__ import annotations
 
 import time
 
-from gehirn_ts.mta import inbound as inbound_module
+from twisted.internet.defer import Deferred
+
 from tests.support import inline, until
 from tests.unit.test_spool_retry import SpoolCase
 
@@ -23,7 +24,8 @@ class BatchTests(SpoolCase):
         later = [await self._spooled(f"m{n}") for n in range(1, 4)]
         for envelope in later:
             self.inbound.accepted(envelope)
-        assert self.publisher.calls == [1]  # the three wait for the first
+        await until(lambda: len(self.inbound._to_store) == 3)  # they wait for the first
+        assert self.publisher.calls == [1]
         self.publisher.hold = False
         self.publisher.held[0].callback([None])
         await until(lambda: len(self.publisher.calls) == 2)
@@ -43,6 +45,7 @@ class BatchTests(SpoolCase):
         bad = await self._spooled("bad")
         for envelope in (await self._spooled("m1"), bad, await self._spooled("m2")):
             self.inbound.accepted(envelope)
+        await until(lambda: len(self.inbound._to_store) == 3)
         self.publisher.hold = False
         self.publisher.held[0].callback([None])
         await until(lambda: self._spooled_now() == [f"{bad.queue_id}.eml"])
@@ -57,28 +60,34 @@ class BatchTests(SpoolCase):
         await until(lambda: self.publisher.held)
         for n in (1, 2, 3):
             self.inbound.accepted(await self._spooled(f"m{n}"))
+        await until(lambda: len(self.inbound._to_store) == 3)
         self.publisher.hold = False
         self.publisher.failures = 1  # the second batch's store fails
         self.publisher.held[0].callback([None])
         await until(lambda: len(self.publisher.calls) == 2)
-        await until(lambda: not self.inbound._draining)
+        await until(lambda: len(self.flushLoggedErrors(OSError)) == 3)  # each message's
+        assert self.publisher.calls == [1, 3]
         assert len(self._spooled_now()) == 3
-        assert len(self.flushLoggedErrors(OSError)) == 1  # one traceback for the batch
         assert await self.inbound.retry(time.time() + 60) == 3
         assert self._subjects() == ["m0", "m1", "m2", "m3"]
         assert self._spooled_now() == []
 
     @inline
-    async def test_a_start_processes_the_spool_a_batch_at_a_time(self) -> None:
-        self.patch(inbound_module, "BATCH", 2)
+    async def test_a_start_stores_the_spooled_messages_together(self) -> None:
         for n in range(5):
             await self._spooled(f"m{n}")
-        self.publisher.failures = 1  # the first batch's store fails: it stays spooled
-        assert await self.inbound.resume() == 5
-        assert self.publisher.calls == [2, 2, 1]
-        assert sorted(self._subjects()) == ["m2", "m3", "m4"]
-        assert len(self._spooled_now()) == 2
-        assert len(self.flushLoggedErrors(OSError)) == 1  # one traceback for the batch
-        assert await self.inbound.resume() == 2
+        self.publisher.hold = True
+        started = Deferred.fromCoroutine(self.inbound.resume())
+        await until(lambda: self.publisher.held)
+        await until(lambda: len(self.inbound._to_store) == 4)
+        self.publisher.hold = False
+        self.publisher.failures = 1  # the second store call fails: those four stay spooled
+        self.publisher.held[0].callback([None])
+        assert await started == 5
+        assert self.publisher.calls == [1, 4]
+        assert len(self.flushLoggedErrors(OSError)) == 4  # each message's, logged
+        assert len(self._spooled_now()) == 4
+        assert await self.inbound.resume() == 4
+        assert sum(self.publisher.calls[2:]) == 4  # each of the four stored once
         assert sorted(self._subjects()) == ["m0", "m1", "m2", "m3", "m4"]
         assert self._spooled_now() == []
