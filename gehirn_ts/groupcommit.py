@@ -33,27 +33,25 @@ T = TypeVar("T")
 Outcomes = list[tuple[bool, Any]]
 
 
-class GroupCommit(Generic[T]):
-    """``submit(item)`` fires with the item's value when ``work(*args, items)`` has run
-    over a list that holds ``item``; ``work`` runs in a thread, one job at a time, over
-    the items submitted while the job before it ran (at most ``max_batch``). A job
-    that raises fails all its items. The store's SQLite group commit
-    (``store/batch.py``) is one."""
+class Group(Generic[T]):
+    """``submit(item)`` fires with the item's value when ``start(items)`` has run over a
+    list that holds ``item``; one call at a time, over the items submitted while the
+    call before it ran (at most ``max_batch``). ``start`` returns a Deferred of each
+    item's outcome; one that fails fails all its items."""
 
     def __init__(
-        self,
-        threads: ThreadRunner,
-        work: Callable[..., Outcomes],
-        *args: object,
-        max_batch: int | None = None,
+        self, start: Callable[[list[T]], Deferred[Outcomes]], max_batch: int | None = None
     ) -> None:
-        self._threads = threads
-        self._work = work
-        self._args = args
+        self._start = start
         self._max = max_batch
         self.busy = False
         self._items: list[T] = []
         self._waiters: list[Deferred[Any]] = []
+
+    @property
+    def waiting(self) -> int:
+        """How many items wait for the call under way to end."""
+        return len(self._items)
 
     def submit(self, item: T) -> Deferred[Any]:
         d: Deferred[Any] = Deferred()
@@ -71,8 +69,7 @@ class GroupCommit(Generic[T]):
         n = len(self._items) if self._max is None else self._max
         items, self._items = self._items[:n], self._items[n:]
         waiters, self._waiters = self._waiters[:n], self._waiters[n:]
-        job = self._threads.run(self._work, *self._args, items)
-        job.addBoth(self._done, waiters)
+        self._start(items).addBoth(self._done, waiters)
 
     def _done(self, outcomes: Outcomes | Failure, waiters: list[Deferred[Any]]) -> None:
         # The callbacks first: what they submit goes with the next job.
@@ -86,6 +83,20 @@ class GroupCommit(Generic[T]):
             else:
                 d.errback(value if isinstance(value, Failure) else Failure(value))
         self._next()
+
+
+class GroupCommit(Group[T]):
+    """A ``Group`` whose call is ``work(*args, items)`` in a thread. The store's SQLite
+    group commit (``store/batch.py``) is one."""
+
+    def __init__(
+        self,
+        threads: ThreadRunner,
+        work: Callable[..., Outcomes],
+        *args: object,
+        max_batch: int | None = None,
+    ) -> None:
+        super().__init__(lambda items: threads.run(work, *args, items), max_batch)
 
 
 def fsync_directory(path: str) -> None:

@@ -20,11 +20,10 @@ from sqlite3 import Cursor
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.python.failure import Failure
 
 from gehirn_ts.edj.publisher import Publisher
 from gehirn_ts.events import MAIL_RECEIVED, Event
-from gehirn_ts.groupcommit import DirectorySync, fsync_directory
+from gehirn_ts.groupcommit import DirectorySync, Group, Outcomes, fsync_directory
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta.dkim import DkimResult, is_signed
@@ -88,7 +87,7 @@ class _Prepared:
     unowned: list[Received] = field(default_factory=list)
 
 
-# Messages whose rows and events are stored in one call, at most (``Inbound._store``).
+# Messages whose rows and events are stored in one call, at most (``Inbound._store_many``).
 BATCH = 64
 
 OwnerLookup = Callable[[str], Awaitable[str | None]]
@@ -146,9 +145,8 @@ class Inbound:
         # The KVS directory's new names on disk, many messages' in one fsync.
         self._kvs_names = DirectorySync(spool.threads, self._kvs_dir)
         self._active: set[str] = set()
-        # Messages waiting for the store call under way to end (``_store``).
-        self._to_store: list[tuple[_Prepared, Deferred[None]]] = []
-        self._storing = False
+        # Received messages' rows and events, stored together as a group commit.
+        self._stores: Group[_Prepared] = Group(self._store_many, BATCH)
 
     def accepted(self, envelope: Envelope, kinds: dict[str, str] | None = None) -> None:
         d = Deferred.fromCoroutine(self.process(envelope))
@@ -162,7 +160,7 @@ class Inbound:
 
     async def resume(self) -> int:
         """Process what the spool holds (at a start), many at a time: their rows and
-        events are stored together (``_store``)."""
+        events are stored together (``_store_many``)."""
         pending = self._spool.pending()
         for start in range(0, len(pending), BATCH):
             chunk = pending[start : start + BATCH]
@@ -225,57 +223,32 @@ class Inbound:
             if prepared.linked:
                 await self._kvs_names.sync()
             if prepared.published:
-                await self._store(prepared)
+                await self._stores.submit(prepared)
             await self._settle(prepared)
         finally:
             self._active.discard(qid)
 
-    def _store(self, prepared: _Prepared) -> Deferred[None]:
-        """Store a message's index rows and events, and put the events on the bus,
-        together with those of the messages that come while a store is under way: one
-        store call and one bus interaction for all of them (as a group commit). Each
-        message's own waits (a DKIM key's lookup, a large file read in a thread) stay
-        its own. Fires when they are durable; fails with the Conflict of an event id
-        taken by another event, or with what failed the store call."""
-        d: Deferred[None] = Deferred()
-        self._to_store.append((prepared, d))
-        if not self._storing:
-            self._storing = True
-            Deferred.fromCoroutine(self._store_waiting()).addErrback(
-                lambda f: log.failure("storing received messages failed", f)
-            )
-        return d
+    def _store_many(self, batch: list[_Prepared]) -> Deferred[Outcomes]:
+        """The index rows and events of the messages that came while the store call
+        before ran, in one store call and one bus interaction (``self._stores``). Each
+        message's own waits before it (a DKIM key's lookup, a large file read in a
+        thread) stay its own. For each message: stored, or the Conflict of an event id
+        taken by another event."""
+        return Deferred.fromCoroutine(self._publish_batch(batch))
 
-    async def _store_waiting(self) -> None:
-        try:
-            while self._to_store:
-                batch = self._to_store[:BATCH]
-                del self._to_store[:BATCH]
-                published = [(d, event, tx) for p, d in batch for event, tx in p.published]
-                txs = [tx for _, _, tx in published]
+    async def _publish_batch(self, batch: list[_Prepared]) -> Outcomes:
+        published = [(n, event, tx) for n, p in enumerate(batch) for event, tx in p.published]
+        txs = [tx for _, _, tx in published]
 
-                def with_store(cur: Cursor, txs: list[Callable[[Cursor], object]] = txs) -> None:
-                    for tx in txs:
-                        tx(cur)
+        def with_store(cur: Cursor) -> None:
+            for tx in txs:
+                tx(cur)
 
-                try:
-                    conflicts = await self._publisher.publish_many(
-                        [event for _, event, _ in published], with_store=with_store
-                    )
-                except Exception:
-                    failure = Failure()
-                    for _, d in batch:
-                        d.errback(failure)
-                    continue
-                failed = {id(d): c for (d, _, _), c in zip(published, conflicts, strict=True) if c}
-                for _, d in batch:
-                    conflict = failed.get(id(d))
-                    if conflict is None:
-                        d.callback(None)
-                    else:
-                        d.errback(conflict)
-        finally:
-            self._storing = False
+        conflicts = await self._publisher.publish_many(
+            [event for _, event, _ in published], with_store=with_store
+        )
+        taken = {n: c for (n, _, _), c in zip(published, conflicts, strict=True) if c}
+        return [(False, taken[n]) if n in taken else (True, None) for n in range(len(batch))]
 
     async def _prepare(self, envelope: Envelope) -> _Prepared:
         """The routes of a message's recipients, its summary and DKIM results, its KVS

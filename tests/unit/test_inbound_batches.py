@@ -1,5 +1,5 @@
 """Received messages are stored in batches: the rows and events of those that come while
-one store call is under way go together in the next (``Inbound._store``)."""
+one store call is under way go together in the next (``Inbound._store_many``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class BatchTests(SpoolCase):
         later = [await self._spooled(f"m{n}") for n in range(1, 4)]
         for envelope in later:
             self.inbound.accepted(envelope)
-        await until(lambda: len(self.inbound._to_store) == 3)  # they wait for the first
+        await until(lambda: self.inbound._stores.waiting == 3)  # they wait for the first
         assert self.publisher.calls == [1]
         self.publisher.hold = False
         self.publisher.held[0].callback([None])
@@ -45,7 +45,7 @@ class BatchTests(SpoolCase):
         bad = await self._spooled("bad")
         for envelope in (await self._spooled("m1"), bad, await self._spooled("m2")):
             self.inbound.accepted(envelope)
-        await until(lambda: len(self.inbound._to_store) == 3)
+        await until(lambda: self.inbound._stores.waiting == 3)
         self.publisher.hold = False
         self.publisher.held[0].callback([None])
         await until(lambda: self._spooled_now() == [f"{bad.queue_id}.eml"])
@@ -60,7 +60,7 @@ class BatchTests(SpoolCase):
         await until(lambda: self.publisher.held)
         for n in (1, 2, 3):
             self.inbound.accepted(await self._spooled(f"m{n}"))
-        await until(lambda: len(self.inbound._to_store) == 3)
+        await until(lambda: self.inbound._stores.waiting == 3)
         self.publisher.hold = False
         self.publisher.failures = 1  # the second batch's store fails
         self.publisher.held[0].callback([None])
@@ -79,7 +79,7 @@ class BatchTests(SpoolCase):
         self.publisher.hold = True
         started = Deferred.fromCoroutine(self.inbound.resume())
         await until(lambda: self.publisher.held)
-        await until(lambda: len(self.inbound._to_store) == 4)
+        await until(lambda: self.inbound._stores.waiting == 4)
         self.publisher.hold = False
         self.publisher.failures = 1  # the second store call fails: those four stay spooled
         self.publisher.held[0].callback([None])
