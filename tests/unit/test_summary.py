@@ -7,7 +7,9 @@ from email import message_from_bytes
 from email.header import Header
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import formataddr, getaddresses, parseaddr
+from typing import Any
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from gehirn_ts.mta.summary import (
     BODY_BYTES,
     EXCERPT_CHARS,
     FIELD_CHARS,
+    _summarize_parsed,
     excerpt,
     header_fields,
     header_message,
@@ -334,3 +337,106 @@ _WHITESPACE = st.sampled_from(
 def test_the_excerpt_is_the_start_of_the_whole_text_made_plain(pieces: list[str]) -> None:
     text = "".join(pieces)
     assert excerpt(text) == " ".join(text.split())[:EXCERPT_CHARS]
+
+
+# A message of one part is read without the email package's objects
+# (``_one_part_excerpt``): its summary must be the parser's, or it steps aside.
+_CONTENT_TYPE = st.one_of(
+    st.sampled_from(
+        [
+            "text/plain",
+            "TEXT/Plain",
+            "text/plain; charset=utf-8",
+            'text/plain; charset="ISO-8859-1"',
+            "text/plain;charset=us-ascii; format=flowed",
+            'text/html; charset="utf-8"',
+            "text/html",
+            'text/plain; charset=""',
+            "text/plain; charset=no-such-charset",
+            'text/plain; charset="a;b"',
+            "text/plain; charset*=utf-8''x",
+            "text/plain; charset = utf-8",
+            "text/plain;",
+            "text/plain (comment)",
+            "text/enriched",
+            "application/octet-stream",
+            "image/png; name=a.png",
+            "text",
+            "text/plain/x",
+            "multipart/mixed; boundary=b",
+            "text/plain; charset=caf\udcc3\udca9",
+            "  text/plain  ;  charset=utf-8  ",
+            "text/plain;\r\n charset=utf-8",
+        ]
+    ),
+    st.from_regex(r"\A[a-zA-Z/; =\"\-0-9]{0,30}\Z"),
+)
+_TRANSFER = st.sampled_from(
+    ["", "7bit", "8bit", "binary", "quoted-printable", "Quoted-Printable", "base64", "x-uue"]
+)
+_DISPOSITION = st.sampled_from(
+    ["", "inline", "attachment", "Attachment; filename=a.txt", " attachment", "caf\udcc3\udca9"]
+)
+_BODY = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from([b"caf=C3=A9 =\r\nsoft break\r\n", b"<p>Hello <b>you</b></p>\r\n", b""]),
+    st.text(max_size=200).map(lambda t: t.encode("utf-8")),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(st.none(), _CONTENT_TYPE),
+    _TRANSFER,
+    _DISPOSITION,
+    _BODY,
+    st.sampled_from(["From: A <a@b.test>\r\nSubject: hi\r\n", "Subject: x\r\n", ""]),
+)
+def test_a_message_of_one_part_is_summarized_as_the_parser_reads_it(
+    ctype: str | None, cte: str, disposition: str, body: bytes, other: str
+) -> None:
+    head = other
+    if ctype is not None:
+        head += f"Content-Type: {ctype}\r\n"
+    if cte:
+        head += f"Content-Transfer-Encoding: {cte}\r\n"
+    if disposition:
+        head += f"Content-Disposition: {disposition}\r\n"
+    data = (head + "X-End: 1\r\n\r\n").encode("ascii", "surrogateescape") + body
+    assert summarize_bytes(data) == _summarize_parsed(data)
+
+
+def test_a_plain_message_is_summarized_without_the_parser(monkeypatch: Any) -> None:
+    import gehirn_ts.mta.summary as summary
+
+    def refused(*args: Any) -> Any:
+        raise AssertionError("the parser was used")
+
+    monkeypatch.setattr(summary, "_summarize_parsed", refused)
+    message = (
+        b"Received: from client.test ([127.0.0.1])\r\n\tby mx (gehirn-ts) with ESMTP id Q\r\n"
+        b"From: <sender@example.org>\r\nTo: <user@bench.test>\r\nSubject: hi\r\n"
+        b"Content-Type: text/plain; charset=utf-8; format=flowed\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9  au\r\n  lait\r\n"
+    )
+    got = summarize_bytes(message)
+    assert got["excerpt"] == "café au lait"
+    assert (got["from"], got["to"], got["subject"]) == (
+        "sender@example.org",
+        "user@bench.test",
+        "hi",
+    )
+    # A multipart message needs the parser, and takes it.
+    with pytest.raises(AssertionError, match="the parser was used"):
+        summarize_bytes(b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b--\r\n")
+
+
+def test_an_eight_bit_disposition_does_not_lose_the_summary() -> None:
+    # compat32 gives an 8-bit value as a Header object, which has no strip(): the
+    # summary raised, and the message was published without one.
+    got = summarize_bytes(
+        "Subject: hi\r\nContent-Disposition: caf\udcc3\udca9\r\n\r\nthe text\r\n".encode(
+            "ascii", "surrogateescape"
+        )
+    )
+    assert (got["subject"], got["excerpt"]) == ("hi", "the text")
