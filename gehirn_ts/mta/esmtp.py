@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import ServerFactory
 from twisted.mail import smtp
 
+from gehirn_ts.eager import run_eagerly
 from gehirn_ts.logs import Logger
 from gehirn_ts.metrics import Metrics
 from gehirn_ts.mta import replies
@@ -549,7 +550,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
             size_limit=self.settings.max_message_size,
             allowed=self._allowed(MAIL_PARAMS),
         )
-        return Deferred.fromCoroutine(self._sender(mailbox, params))
+        return run_eagerly(self._sender(mailbox, params))
 
     async def _sender(self, mailbox: Mailbox | None, params: MailParams) -> None:
         verdict = await self.f.policy.check_sender(mailbox, self.session)
@@ -569,7 +570,7 @@ class Esmtp(smtp.ESMTP):  # type: ignore[misc]
         mailbox, rest = parse_path(arg[3:], kind="recipient", allow_postmaster=True)
         assert mailbox is not None
         params = parse_rcpt(rest, allowed=self._allowed(RCPT_PARAMS))
-        return Deferred.fromCoroutine(self._recipient(mailbox, params))
+        return run_eagerly(self._recipient(mailbox, params))
 
     async def _recipient(self, mailbox: Mailbox, params: RcptParams) -> None:
         tx = self.tx
