@@ -30,7 +30,7 @@ from gehirn_ts.mta.dkim import DkimResult, is_signed
 from gehirn_ts.mta.headers import authentication_results
 from gehirn_ts.mta.outbound import Outbound
 from gehirn_ts.mta.spf import SpfResult
-from gehirn_ts.mta.spool import Envelope, Recipient, Spool
+from gehirn_ts.mta.spool import Envelope, Recipient, Spool, read_all
 from gehirn_ts.mta.summary import summarize_bytes
 from gehirn_ts.stamps import rfc3339
 from gehirn_ts.store.db import MailStore, Received
@@ -43,6 +43,9 @@ SUMMARY_BYTES = 256 * 1024  # what is parsed for headers and the excerpt
 # check); a larger read would hold the reactor up (256 KiB: about 0.1 ms from the page
 # cache).
 INLINE_BYTES = 256 * 1024
+# What the spooled file holds beyond the message's DATA: the trace fields added on
+# receipt (Received, Received-SPF), about; a longer one costs one read more.
+RECEIVED_FIELDS_BYTES = 1024
 
 
 def _link_object(source: str, target: str) -> bool:
@@ -220,7 +223,8 @@ class Inbound:
         self._active.add(qid)
         try:
             prepared = await self._prepare(envelope)
-            if prepared.linked:
+            if prepared.linked and not prepared.published:
+                # (With events, the store call makes the name durable: _publish_batch.)
                 await self._kvs_names.sync()
             if prepared.published:
                 await self._stores.submit(prepared)
@@ -239,8 +243,14 @@ class Inbound:
     async def _publish_batch(self, batch: list[_Prepared]) -> Outcomes:
         published = [(n, event, tx) for n, p in enumerate(batch) for event, tx in p.published]
         txs = [tx for _, _, tx in published]
+        linked = any(p.linked for p in batch)
 
         def with_store(cur: Cursor) -> None:
+            if linked:
+                # The KVS objects' new names durable before the rows and events that
+                # name them commit: their directory's fsync here, in the store's
+                # thread, instead of a thread job of its own for each batch.
+                fsync_directory(self._kvs_dir)
             for tx in txs:
                 tx(cur)
 
@@ -284,7 +294,9 @@ class Inbound:
         obj = f"{qid}.eml"
         linked = False
         if envelope.size <= INLINE_BYTES:
-            summary, dkim_results, linked = await self._examine_here(qid, bool(by_account))
+            summary, dkim_results, linked = await self._examine_here(
+                qid, envelope.size, bool(by_account)
+            )
         else:
             # One trip to a thread for the reading, the checks and the KVS object.
             summary, dkim_results = await self._spool.threads.run(
@@ -438,7 +450,7 @@ class Inbound:
         )
 
     async def _examine_here(
-        self, qid: str, store: bool
+        self, qid: str, size: int, store: bool
     ) -> tuple[dict[str, Any], list[DkimResult], bool]:
         """``_examine`` for a small message: the reading and the summary here, on the
         reactor thread (page-cache work, as the DATA lines were), and the KVS object's
@@ -448,8 +460,13 @@ class Inbound:
         reactor thread waits for it (docs/performance.md)."""
         threads = self._spool.threads
         source = f"{self._spool.incoming_dir}/{qid}.eml"
-        with open(source, "rb") as f:
-            whole = f.read()
+        # os.open and os.read: Python's open() and read() add four system calls
+        # (``Incoming``).
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            whole = read_all(fd, size + RECEIVED_FIELDS_BYTES)
+        finally:
+            os.close(fd)
         dkim_results: list[DkimResult] = []
         if self._dkim_verify is not None and is_signed(whole):
             dkim_results = await threads.run(self._dkim_verify, whole)

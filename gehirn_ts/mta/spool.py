@@ -25,7 +25,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 
@@ -88,8 +88,9 @@ class Envelope:
         return cls(**data)
 
 
-# Made once: json.dumps with options makes an encoder for every call.
-_ENCODER = json.JSONEncoder(sort_keys=True)
+# Made once: json.dumps with options makes an encoder for every call. Compact, the
+# fields in their order (sorted keys took half of the encoding).
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def unlink_quietly(path: str) -> None:
@@ -146,32 +147,76 @@ def keeps_attributes(directory: str) -> bool:
         os.unlink(probe)
 
 
+# What a message being received gathers before it is written: Python's buffered file
+# would write every 4 KiB; a 100 KiB message in a few writes instead, and at most this
+# much held for each session in DATA.
+WRITE_BLOCK = 32 * 1024
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``data`` written to ``fd`` whole (a write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def read_all(fd: int, expected: int) -> bytes:
+    """What ``fd`` holds from where it stands to its end; ``expected``: about how much."""
+    chunks = [os.read(fd, expected + 1)]
+    while chunks[-1]:
+        chunks.append(os.read(fd, max(expected, 64 * 1024)))
+    return b"".join(chunks)
+
+
 class Incoming:
-    """One message being written to ``tmp/``."""
+    """One message being written to ``tmp/``.
+
+    The file is an ``os.open`` descriptor, its data gathered here and written a block
+    at a time. Python's ``open()`` adds an fstat, an ioctl and an lseek to the open,
+    and under load each system call on the reactor thread is a turn of the
+    interpreter lock given away and waited for (docs/performance.md)."""
 
     def __init__(self, spool: Spool, queue_id: str) -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.path = f"{spool.tmp_dir}/{queue_id}.eml"
-        self._file: IO[bytes] | None = open(self.path, "xb")
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        assert self._file is not None
-        self._file.write(data)
+        assert self._fd is not None
+        self._pending.append(data)
+        self._pending_size += len(data)
         self.size += len(data)
+        if self._pending_size >= WRITE_BLOCK:
+            self._write_pending(self._fd)
+
+    def _write_pending(self, fd: int) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        write_all(fd, data)
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._pending.clear()
         unlink_quietly(self.path)
 
     def commit(self, envelope: Envelope) -> Deferred[None]:
         """Make the message durable; fires once it is (see ``Spool.commit``)."""
-        f, self._file = self._file, None
-        assert f is not None
-        return Deferred.fromCoroutine(self.spool.commit(f, self.path, envelope))
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        try:
+            self._write_pending(fd)
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(self.path)
+            raise
+        return Deferred.fromCoroutine(self.spool.commit(fd, self.path, envelope))
 
 
 class Spool:
@@ -213,10 +258,10 @@ class Spool:
     def begin(self) -> Incoming:
         return Incoming(self, new_queue_id())
 
-    async def commit(self, f: IO[bytes], path: str, envelope: Envelope) -> None:
-        """The message (``f``, written to ``path`` in tmp/) with its envelope, fsync'd,
-        then renamed into incoming/ (an envelope file after the message) and the
-        directory fsync'd.
+    async def commit(self, fd: int, path: str, envelope: Envelope) -> None:
+        """The message (``fd``, written to ``path`` in tmp/; closed here) with its
+        envelope, fsync'd, then renamed into incoming/ (an envelope file after the
+        message) and the directory fsync'd.
 
         Writes and closes only reach the page cache, and run here, on the reactor
         thread, as the DATA lines did. What waits for the disk goes to a worker thread,
@@ -227,9 +272,8 @@ class Spool:
         data = envelope.to_json()
         try:
             try:
-                f.flush()
                 if self.attributes and len(data) <= ATTRIBUTE_BYTES:
-                    await self._commits.submit(_Commit((f.fileno(),), ((path, eml),), data))
+                    await self._commits.submit(_Commit((fd,), ((path, eml),), data))
                 else:
                     env_tmp = f"{self.tmp_dir}/{qid}.json"
                     env = f"{self.incoming_dir}/{qid}.json"
@@ -238,9 +282,9 @@ class Spool:
                         e.write(data)
                         e.flush()
                         moves = ((path, eml), (env_tmp, env))
-                        await self._commits.submit(_Commit((f.fileno(), e.fileno()), moves, None))
+                        await self._commits.submit(_Commit((fd, e.fileno()), moves, None))
             finally:
-                f.close()
+                os.close(fd)
         except BaseException:
             # Not acknowledged: nothing of it may be processed at the next start.
             for leftover in written:

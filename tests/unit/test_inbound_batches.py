@@ -4,9 +4,11 @@ one store call is under way go together in the next (``Inbound._store_many``).""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
 
+from gehirn_ts.mta import inbound as inbound_module
 from tests.support import inline, until
 from tests.unit.test_spool_retry import SpoolCase
 
@@ -91,3 +93,30 @@ class BatchTests(SpoolCase):
         assert sum(self.publisher.calls[2:]) == 4  # each of the four stored once
         assert sorted(self._subjects()) == ["m0", "m1", "m2", "m3", "m4"]
         assert self._spooled_now() == []
+
+    @inline
+    async def test_the_kvs_names_are_durable_before_the_rows_that_name_them(self) -> None:
+        # A stored row (and its event) names a KVS object: the object's directory entry
+        # must be on disk first, or a crash leaves a row without its object. The
+        # directory is fsync'd in the store's transaction, before that batch's rows.
+        order: list[str] = []
+        real_fsync = inbound_module.fsync_directory
+
+        def fsync_directory(path: str) -> None:
+            order.append(f"fsync {Path(path).name}")
+            real_fsync(path)
+
+        self.patch(inbound_module, "fsync_directory", fsync_directory)
+        self.patch(self.mail, "received_tx", lambda r: lambda cur: order.append(f"row {r.sender}"))
+        self.publisher.hold = True
+        self.inbound.accepted(await self._spooled("m0"))
+        await until(lambda: self.publisher.held)
+        for n in (1, 2):
+            self.inbound.accepted(await self._spooled(f"m{n}"))
+        await until(lambda: self.inbound._stores.waiting == 2)
+        self.publisher.hold = False
+        self.publisher.held[0].callback([None])
+        await until(lambda: self._spooled_now() == [])
+        # One fsync a store call, each before its rows; no thread job of its own.
+        assert order == ["fsync kvs", "row a@x.test", "fsync kvs", "row a@x.test", "row a@x.test"]
+        assert [name for name, _ in self.jobs if name == "_sync_directory"] == []

@@ -54,7 +54,7 @@ class SpoolCase(unittest.TestCase):
     """A spool, a KVS and an Inbound on them that publishes to a ``_FlakyPublisher``."""
 
     def setUp(self) -> None:
-        self.workers, _ = recording_workers(self)
+        self.workers, self.jobs = recording_workers(self)
         root = Path(self.mktemp())
         self.spool = Spool(root / "spool", self.workers)
         self.kvs = root / "kvs"
