@@ -2,7 +2,8 @@
 
 It takes twistd's options and runs the same service as ``twistd gehirn-ts`` does
 (`twisted/plugins/gehirn_ts_plugin.py`, which stays for twistd users). Two things
-differ, both for memory (docs/decisions.md, "Memory"):
+differ, both for memory (docs/decisions.md, "Memory"), and the reactor is
+gehirn-ts's (``gehirn_ts/reactor.py``) unless one is named with ``--reactor``:
 - twistd finds its commands by loading every plugin in ``twisted.plugins``. Twisted's
   own are among them, and trial's name interfaces whose module imports ``unittest``
   (1 MB the daemon never uses). Here the one plugin is named directly.
@@ -14,12 +15,14 @@ differ, both for memory (docs/decisions.md, "Memory"):
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 from twisted.application import app
 from twisted.scripts.twistd import ServerOptions, runApp  # type: ignore[attr-defined]
 
+from gehirn_ts import reactor
 from twisted.plugins.gehirn_ts_plugin import gehirnTs
 
 M_ARENA_MAX = -8  # glibc's malloc.h
@@ -42,9 +45,16 @@ class Options(ServerOptions):  # type: ignore[misc]
         yield gehirnTs
 
 
+def names_a_reactor(argv: list[str]) -> bool:
+    """Whether twistd's arguments choose a reactor (``-r``/``--reactor``)."""
+    return any(a in ("-r", "--reactor") or a.startswith(("-r", "--reactor=")) for a in argv)
+
+
 def main() -> None:
     # Before any thread exists: an arena is made when a thread first allocates.
     one_malloc_arena()
+    if not names_a_reactor(sys.argv[1:]):
+        reactor.install()  # gehirn_ts/reactor.py
     app.run(runApp, Options)
 
 

@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gehirn-ts SMTP worker {args.index}: {e}", file=sys.stderr)
         return 2
     globalLogBeginner.beginLoggingTo([WorkerLineObserver(sys.stderr)], redirectStandardIO=False)
+    from gehirn_ts import reactor as our_reactor
+
+    our_reactor.install()
     from twisted.internet import reactor
 
     from gehirn_ts.tap import build_smtp_worker
