@@ -1,9 +1,9 @@
 """``gehirn-tsd``: twistd with gehirn-ts's plugin alone, and one malloc arena.
 
 It takes twistd's options and runs the same service as ``twistd gehirn-ts`` does
-(`twisted/plugins/gehirn_ts_plugin.py`, which stays for twistd users). Two things
-differ, both for memory (docs/decisions.md, "Memory"), and the reactor is
-gehirn-ts's (``gehirn_ts/reactor.py``) unless one is named with ``--reactor``:
+(`twisted/plugins/gehirn_ts_plugin.py`, which stays for twistd users). The reactor is
+gehirn-ts's (``gehirn_ts/reactor.py``) unless ``--reactor`` names one, and two things
+differ for memory (docs/decisions.md, "Memory"):
 - twistd finds its commands by loading every plugin in ``twisted.plugins``. Twisted's
   own are among them, and trial's name interfaces whose module imports ``unittest``
   (1 MB the daemon never uses). Here the one plugin is named directly.
@@ -22,7 +22,7 @@ from typing import Any
 from twisted.application import app
 from twisted.scripts.twistd import ServerOptions, runApp  # type: ignore[attr-defined]
 
-from gehirn_ts import reactor
+from gehirn_ts import reactor as gehirn_reactor
 from twisted.plugins.gehirn_ts_plugin import gehirnTs
 
 M_ARENA_MAX = -8  # glibc's malloc.h
@@ -54,7 +54,7 @@ def main() -> None:
     # Before any thread exists: an arena is made when a thread first allocates.
     one_malloc_arena()
     if not names_a_reactor(sys.argv[1:]):
-        reactor.install()  # gehirn_ts/reactor.py
+        gehirn_reactor.install()
     app.run(runApp, Options)
 
 

@@ -9,8 +9,8 @@ command's read, the thread pipe's wake-ups); without the context its CPU fell by
 (docs/performance.md). What still holds: an exception out of a handler is logged and
 the loop goes on, as ``callWithLogger`` did.
 
-Installed by ``gehirn-tsd`` (``gehirn_ts.launcher``) and the SMTP worker processes,
-unless twistd is given a reactor by name.
+Installed by ``gehirn-tsd`` (``gehirn_ts.launcher``; not when twistd's ``--reactor``
+names one) and by the SMTP worker processes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 from twisted.internet import epollreactor
 from twisted.internet.main import installReactor
-from twisted.logger import Logger
+
+from gehirn_ts.logs import Logger
 
 log = Logger()
 

@@ -196,9 +196,10 @@ def summarize_bytes(head: bytes) -> dict[str, Any]:
     if end >= 0:
         fields = header_fields(head[: end + 4].decode("ascii", "surrogateescape"))
         if fields is not None:
-            out, first = _header_summary(fields)
+            first, hops = _first_values(fields)
             text = _one_part_excerpt(first, head[end + 4 : end + 4 + BODY_BYTES])
             if text is not None:
+                out = _header_summary(first, hops)
                 out["excerpt"] = text
                 return out
     return _summarize_parsed(head)
@@ -219,18 +220,16 @@ def _summarize_parsed(head: bytes) -> dict[str, Any]:
         message.set_payload(body.decode("ascii", "surrogateescape"))
     # The stored values (raw_items): compat32's get() turns 8-bit values into Header
     # objects.
-    out, _ = _header_summary(message.raw_items())
+    out = _header_summary(*_first_values(message.raw_items()))
     part = _body_part(message)
     if part is not None:
         out["excerpt"] = _excerpt_of(_content(part), part.get_content_subtype())
     return out
 
 
-def _header_summary(
-    items: Iterable[tuple[str, Any]],
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The summary's header fields and loop count from a message's stored fields, and
-    each field's first value by its lower-cased name (what compat32's ``get`` gives)."""
+def _first_values(items: Iterable[tuple[str, Any]]) -> tuple[dict[str, str], list[str]]:
+    """Each field's first value by its lower-cased name (what compat32's ``get``
+    gives), and the loop marker's values, from a message's stored fields."""
     first: dict[str, str] = {}
     hops = []
     for name, value in items:
@@ -238,6 +237,11 @@ def _header_summary(
         if key == _LOOP_KEY:
             hops.append(raw.strip())
         first.setdefault(key, raw)
+    return first, hops
+
+
+def _header_summary(first: dict[str, str], hops: list[str]) -> dict[str, Any]:
+    """The summary's header fields and loop count; the excerpt empty."""
     out: dict[str, Any] = {
         "from": None,
         "to": None,
@@ -254,7 +258,7 @@ def _header_summary(
             continue
         value = _addresses(found) if name in _ADDRESS_FIELDS else _text(found)
         out[name] = value[:FIELD_CHARS]
-    return out, first
+    return out
 
 
 def _excerpt_of(text: str, subtype: str) -> str:
