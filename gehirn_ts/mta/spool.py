@@ -207,15 +207,11 @@ class Incoming:
         unlink_quietly(self.path)
 
     def commit(self, envelope: Envelope) -> Deferred[None]:
-        """Make the message durable; fires once it is (see ``Spool.commit``)."""
+        """Make the message durable; fires once it is (see ``Spool.commit``). A write
+        that fails raises here, and the file is left to ``discard``."""
+        assert self._fd is not None
+        self._write_pending(self._fd)
         fd, self._fd = self._fd, None
-        assert fd is not None
-        try:
-            self._write_pending(fd)
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(self.path)
-            raise
         return Deferred.fromCoroutine(self.spool.commit(fd, self.path, envelope))
 
 

@@ -168,10 +168,12 @@ def header_fields(section: str) -> list[tuple[str, str]] | None:
     return fields
 
 
-def _header_message(section: bytes) -> Message:
-    """The header section as a ``Message`` with no body (compat32, as
-    ``message_from_bytes`` makes it)."""
-    return header_message(section) or message_from_bytes(section)
+def _fields_message(fields: list[tuple[str, str]]) -> Message:
+    """``header_fields``' fields as a ``Message`` with no body, as compat32 stores them."""
+    message = Message()
+    for name, value in fields:
+        message.set_raw(name, value)
+    return message
 
 
 def header_message(data: bytes) -> Message | None:
@@ -182,17 +184,13 @@ def header_message(data: bytes) -> Message | None:
     if end < 0:
         return None
     fields = header_fields(data[: end + 4].decode("ascii", "surrogateescape"))
-    if fields is None:
-        return None
-    message = Message()
-    for name, value in fields:
-        message.set_raw(name, value)
-    return message
+    return None if fields is None else _fields_message(fields)
 
 
 def summarize_bytes(head: bytes) -> dict[str, Any]:
     """From, To, Cc, Subject, Message-ID, Date, a text excerpt and the loop count."""
     end = head.find(b"\r\n\r\n")
+    fields = None
     if end >= 0:
         fields = header_fields(head[: end + 4].decode("ascii", "surrogateescape"))
         if fields is not None:
@@ -202,16 +200,20 @@ def summarize_bytes(head: bytes) -> dict[str, Any]:
                 out = _header_summary(first, hops)
                 out["excerpt"] = text
                 return out
-    return _summarize_parsed(head)
+    return _summarize_parsed(head, fields)
 
 
-def _summarize_parsed(head: bytes) -> dict[str, Any]:
-    """``summarize_bytes`` by the email package's parser: any structure, any line ends."""
+def _summarize_parsed(head: bytes, fields: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """``summarize_bytes`` by the email package's parser: any structure, any line ends.
+    ``fields``: the header section's, when ``header_fields`` read it already."""
     end, gap = head.find(b"\r\n\r\n"), 4
     if end < 0:
         end, gap = head.find(b"\n\n"), 2
     body = head[end + gap : end + gap + BODY_BYTES] if end >= 0 else b""
-    message = _header_message(head[: end + gap]) if end >= 0 else message_from_bytes(head)
+    if fields is not None:
+        message = _fields_message(fields)
+    else:
+        message = message_from_bytes(head[: end + gap] if end >= 0 else head)
     if message.get_content_maintype() == "multipart":
         # The parts and their boundaries need the parser.
         message = message_from_bytes(head[: end + gap] + body)

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from gehirn_ts.logs import Logger, event_from_worker
 from gehirn_ts.metrics import Metrics
+from gehirn_ts.mta.spool import write_all
 
 if TYPE_CHECKING:
     from gehirn_ts.mta.anvil import Anvil
@@ -202,8 +203,7 @@ class MainChannel(Service):
 
     def _write(self, data: bytes) -> None:
         try:
-            while data:
-                data = data[os.write(self._fd, data) :]
+            write_all(self._fd, data)
         except OSError:
             # The main process is gone: what was spooled is resumed by its next start.
             log.warn("the main process is gone; this SMTP worker stops")
