@@ -170,6 +170,32 @@ class ProtocolTests(unittest.TestCase):
         assert env.recipients[0].notify == ["SUCCESS", "DELAY"]
         assert env.recipients[0].orcpt == ["rfc822", "u@local.test"]
 
+    @inline
+    async def test_a_disk_that_fails_at_the_end_of_data_gets_a_451_and_leaves_nothing(
+        self,
+    ) -> None:
+        # The message's last block is written at the commit: a full disk there is a
+        # temporary failure (RFC 3463 4.3.0), nothing of the message stays, and the
+        # session goes on.
+        import errno
+
+        from gehirn_ts.mta import spool as spool_module
+
+        def full(fd: int, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(spool_module, "write_all", full)
+        h = Harness(self)
+        proto, t = h.connect()
+        send(proto, b"EHLO c.test", b"MAIL FROM:<a@remote.test>", b"RCPT TO:<u@local.test>")
+        send(proto, b"DATA", *MESSAGE)
+        await until(lambda: "451 4.3.0 Local error in processing, try again later" in codes(t))
+        assert list(h.spool.tmp.iterdir()) == [] and list(h.spool.incoming.iterdir()) == []
+        assert h.accepted == []
+        send(proto, b"NOOP")
+        assert codes(t)[-1].startswith("250 ")
+        assert len(self.flushLoggedErrors(OSError)) == 1
+
     def test_every_reply_after_ehlo_has_an_enhanced_code(self) -> None:
         proto, t = Harness(self).connect()
         send(proto, b"EHLO c.test")
